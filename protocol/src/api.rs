@@ -1,0 +1,441 @@
+//! The engine ⇄ agent API carried over vmletd's Unix socket.
+//!
+//! A connection starts with [`Request::Hello`], which negotiates the protocol
+//! version; every other request carries a client-chosen [`RequestId`] that
+//! the agent echoes in each reply, so one connection carries many requests
+//! and streams at once. Single-shot requests get exactly one reply; streams
+//! ([`Request::Attach`], [`Request::Logs`] with follow, [`Request::Events`])
+//! get any number of replies and end with [`Response::StreamEnd`] or an
+//! error, or when the client sends [`Request::Cancel`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// The newest API version this crate speaks.
+pub const API_VERSION: u32 = 1;
+/// The oldest API version this crate still speaks.
+pub const MIN_API_VERSION: u32 = 1;
+
+/// Identifies one request on one connection.
+pub type RequestId = u64;
+
+/// A frame sent by a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    /// Chosen by the client, unique among its requests in flight.
+    pub id: RequestId,
+    /// The request.
+    pub body: Request,
+}
+
+/// A frame sent by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerMessage {
+    /// The request this answers.
+    pub id: RequestId,
+    /// The answer.
+    pub body: Response,
+}
+
+/// What a client can ask of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must be the first request; the agent answers with the version it
+    /// picked from the range, or an error if none overlaps.
+    Hello {
+        /// Oldest version the client speaks.
+        min_version: u32,
+        /// Newest version the client speaks.
+        max_version: u32,
+        /// Free-form client name, for the agent's logs.
+        client: String,
+    },
+    /// The agent's version and capabilities.
+    Version,
+    /// Creates a VM without starting it. Answer: [`Response::Created`].
+    Create(CreateSpec),
+    /// Starts a created VM; answers once the container process runs.
+    Start {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Create and start in one call. Answer: [`Response::Created`].
+    Run(CreateSpec),
+    /// Streams the VM's output; with `stdin`, the client may then send
+    /// [`Request::Stdin`] referring to this request's id.
+    Attach(AttachSpec),
+    /// Bytes for the stdin of the VM attached by request `attach`.
+    Stdin {
+        /// Id of the attach request.
+        attach: RequestId,
+        /// The bytes, at most [`crate::frame::MAX_CHUNK`].
+        data: Vec<u8>,
+    },
+    /// Closes the container's stdin (end of input).
+    CloseStdin {
+        /// Id of the attach request.
+        attach: RequestId,
+    },
+    /// Waits until the VM has exited. Answer: [`Response::Exited`].
+    Wait {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Asks the container to stop (SIGTERM), then kills the VM once
+    /// `timeout_ms` has passed.
+    Stop {
+        /// VM id or name.
+        vm: String,
+        /// Grace period before the VM is killed.
+        timeout_ms: u64,
+    },
+    /// Sends a signal to the container process.
+    Kill {
+        /// VM id or name.
+        vm: String,
+        /// Signal number (9 for SIGKILL).
+        signal: i32,
+    },
+    /// Removes a VM and everything it owns. A running VM needs `force`.
+    Remove {
+        /// VM id or name.
+        vm: String,
+        /// Kill it first if it is still running.
+        force: bool,
+    },
+    /// Lists VMs; exited ones only with `all`.
+    List {
+        /// Include VMs that are not running.
+        all: bool,
+    },
+    /// Everything the agent knows of one VM.
+    Inspect {
+        /// VM id or name.
+        vm: String,
+    },
+    /// The VM's stored output; with `follow`, a stream that goes on until
+    /// the VM exits.
+    Logs {
+        /// VM id or name.
+        vm: String,
+        /// Keep streaming new output until the VM exits.
+        follow: bool,
+    },
+    /// A stream of every VM's state changes.
+    Events,
+    /// Ends the stream started by request `request`.
+    Cancel {
+        /// Id of the stream request.
+        request: RequestId,
+    },
+}
+
+/// What a container VM should run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSpec {
+    /// Optional unique name (`[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}`).
+    pub name: Option<String>,
+    /// Image name or digest.
+    pub image: String,
+    /// The command and its arguments; empty means the image's default.
+    pub argv: Vec<String>,
+    /// `KEY=value` pairs added to the environment.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub workdir: Option<String>,
+    /// Keep stdin open so attached clients can write to it.
+    pub stdin_open: bool,
+    /// Remove the VM as soon as it has exited and its output was delivered.
+    pub auto_remove: bool,
+    /// Guest memory in MiB; the agent's default if `None`.
+    pub memory_mib: Option<u32>,
+    /// Virtual CPUs; the agent's default if `None`.
+    pub vcpus: Option<u32>,
+}
+
+/// What an attach streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachSpec {
+    /// VM id or name.
+    pub vm: String,
+    /// The client will send stdin.
+    pub stdin: bool,
+    /// Stream stdout.
+    pub stdout: bool,
+    /// Stream stderr.
+    pub stderr: bool,
+    /// Start from the first byte the VM ever wrote rather than from now.
+    /// `vmlet run` attaches this way so nothing written before the attach
+    /// reached the agent is missed.
+    pub replay: bool,
+}
+
+/// The agent's answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello {
+        /// The version picked.
+        version: u32,
+        /// The agent's name and build.
+        agent: String,
+    },
+    /// Answer to [`Request::Version`].
+    Version(VersionInfo),
+    /// A VM was created.
+    Created {
+        /// Its id.
+        id: String,
+    },
+    /// The request succeeded and has nothing to return.
+    Done,
+    /// The VM has exited.
+    Exited(ExitInfo),
+    /// Answer to [`Request::List`].
+    List(Vec<VmSummary>),
+    /// Answer to [`Request::Inspect`].
+    Inspect(Box<VmInfo>),
+    /// A chunk of container output.
+    Output {
+        /// Which stream it was written to.
+        stream: Stream,
+        /// When the agent received it, in nanoseconds since the epoch.
+        timestamp_ns: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A state change, on an [`Request::Events`] stream.
+    Event(Event),
+    /// The stream is over; `exit` is set when it ended because the VM
+    /// exited.
+    StreamEnd {
+        /// The VM's exit, if that ended the stream.
+        exit: Option<ExitInfo>,
+    },
+    /// The request failed.
+    Error(ApiError),
+}
+
+/// A container output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// The agent's version and what its host can do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The agent's crate version.
+    pub agent: String,
+    /// API version of this connection.
+    pub api_version: u32,
+    /// The VMM backend and its version.
+    pub vmm: String,
+    /// The accelerator VMs use (`kvm` or `tcg`).
+    pub accel: String,
+    /// The guest kernel in use.
+    pub kernel: String,
+}
+
+/// A VM's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// Created, not started.
+    Created,
+    /// Booting its VM.
+    Starting,
+    /// Its container process runs.
+    Running,
+    /// Its process or VM has ended; output is kept until removal.
+    Exited,
+    /// Removed; only seen in events.
+    Removed,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Exited => "exited",
+            VmState::Removed => "removed",
+        })
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// The exit code in shell convention: the process's exit code, or 128
+    /// plus the signal that killed it; 255 when the VM ended without the
+    /// guest reporting a status.
+    pub code: i32,
+    /// The signal that killed the process, if one did.
+    pub signal: Option<i32>,
+    /// Why it ended, as a sentence.
+    pub reason: String,
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+}
+
+/// The phases of a start, in order. Every start records when it reached
+/// each, so a slow start explains itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Phase {
+    /// The agent received the start.
+    Accepted,
+    /// Admission control let it through.
+    Admitted,
+    /// The VM config was cloned from its template.
+    ConfigCloned,
+    /// The image's disks were attached.
+    DisksAttached,
+    /// The VMM process runs.
+    VmmSpawned,
+    /// The guest's tether said hello.
+    GuestBooted,
+    /// The container process runs.
+    ProcessStarted,
+    /// The first output byte arrived.
+    FirstOutput,
+    /// The container has exited.
+    Exited,
+}
+
+impl Phase {
+    /// All phases, in order.
+    pub const ALL: [Phase; 9] = [
+        Phase::Accepted,
+        Phase::Admitted,
+        Phase::ConfigCloned,
+        Phase::DisksAttached,
+        Phase::VmmSpawned,
+        Phase::GuestBooted,
+        Phase::ProcessStarted,
+        Phase::FirstOutput,
+        Phase::Exited,
+    ];
+
+    /// The phase's name in traces, `inspect` and the benchmark.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Accepted => "accepted",
+            Phase::Admitted => "admitted",
+            Phase::ConfigCloned => "config-cloned",
+            Phase::DisksAttached => "disks-attached",
+            Phase::VmmSpawned => "vmm-spawned",
+            Phase::GuestBooted => "guest-booted",
+            Phase::ProcessStarted => "process-started",
+            Phase::FirstOutput => "first-output",
+            Phase::Exited => "exited",
+        }
+    }
+}
+
+/// When a start reached a phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    /// The phase.
+    pub phase: Phase,
+    /// Microseconds since [`Phase::Accepted`].
+    pub at_us: u64,
+}
+
+/// One line of `vmlet ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// The VM's id.
+    pub id: String,
+    /// Its name, if it has one.
+    pub name: Option<String>,
+    /// The image it runs.
+    pub image: String,
+    /// The command it runs.
+    pub argv: Vec<String>,
+    /// Its state.
+    pub state: VmState,
+    /// Creation time, milliseconds since the epoch.
+    pub created_ms: u64,
+    /// How it ended, once it has.
+    pub exit: Option<ExitInfo>,
+}
+
+/// Boot timings the guest reports in its hello.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestBoot {
+    /// Microseconds from kernel start to the tether's first instruction.
+    pub kernel_us: u64,
+    /// Microseconds the tether spent loading kernel modules.
+    pub modules_us: u64,
+    /// Microseconds from kernel start to the hello.
+    pub hello_us: u64,
+}
+
+/// Everything the agent knows of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The summary `ps` shows.
+    pub summary: VmSummary,
+    /// The full create spec.
+    pub spec: CreateSpec,
+    /// Timings of the start, phase by phase.
+    pub phases: Vec<PhaseTiming>,
+    /// What the guest reported of its boot.
+    pub guest_boot: Option<GuestBoot>,
+    /// The guest's vsock context id.
+    pub cid: u32,
+    /// Process id of the VMM, while it runs.
+    pub vmm_pid: Option<u32>,
+    /// The accelerator (`kvm` or `tcg`).
+    pub accel: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Bytes of stdout and stderr stored in the log.
+    pub log_bytes: u64,
+}
+
+/// A VM state change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The VM's id.
+    pub vm: String,
+    /// Its new state.
+    pub state: VmState,
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+    /// How it ended, for [`VmState::Exited`].
+    pub exit: Option<ExitInfo>,
+}
+
+/// Picks the newest version both sides speak.
+pub fn negotiate(min: u32, max: u32) -> Option<u32> {
+    let hi = max.min(API_VERSION);
+    (hi >= min.max(MIN_API_VERSION)).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(API_VERSION));
+        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn phase_names_are_distinct_and_ordered() {
+        let names: std::collections::HashSet<_> = Phase::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(names.len(), Phase::ALL.len());
+        assert!(Phase::ALL.windows(2).all(|w| w[0] < w[1]));
+    }
+}

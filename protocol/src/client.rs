@@ -1,0 +1,316 @@
+//! The engine's client for vmletd.
+//!
+//! One [`Client`] is one connection. It negotiates the version on
+//! [`Client::connect`], then multiplexes any number of requests and streams
+//! over the connection: a reader task routes each reply to the request that
+//! awaits it by id.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::aio::{read_frame, write_frame};
+use crate::api::{
+    ClientMessage, CreateSpec, ExitInfo, Request, RequestId, Response, ServerMessage, VersionInfo,
+    VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
+};
+use crate::error::{ApiError, ErrorCode};
+use crate::frame::{FrameError, MAX_FRAME_LEN};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not reach the agent's socket.
+    #[error("cannot connect to vmletd at {path}")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("connection to vmletd failed")]
+    Frame(#[from] FrameError),
+    /// The agent closed the connection.
+    #[error("vmletd closed the connection")]
+    Closed,
+    /// The agent refused the request.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The agent answered with something this request does not expect.
+    #[error("unexpected reply from vmletd: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    /// Whether retrying later can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::Api(e) => e.retryable(),
+            ClientError::Connect { .. } | ClientError::Closed | ClientError::Frame(_) => true,
+            ClientError::Unexpected(_) => false,
+        }
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Response>>>>;
+
+/// A connection to vmletd.
+#[derive(Debug)]
+pub struct Client {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    routes: Routes,
+    next: AtomicU64,
+    version: u32,
+    agent: String,
+}
+
+/// The replies to one streaming request.
+#[derive(Debug)]
+pub struct ResponseStream {
+    /// The request's id, for [`Client::stdin`] and [`Client::cancel`].
+    pub id: RequestId,
+    rx: mpsc::UnboundedReceiver<Response>,
+}
+
+impl ResponseStream {
+    /// The next reply; `None` once the stream has ended (after
+    /// [`Response::StreamEnd`] or an error) or the connection closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped call loses no reply.
+    pub async fn next(&mut self) -> Option<Response> {
+        self.rx.recv().await
+    }
+}
+
+impl Client {
+    /// Connects to the agent at `path` and negotiates the API version.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Self::handshake(stream, "vmlet-client").await
+    }
+
+    /// Negotiates the API version on an open stream.
+    pub async fn handshake(stream: UnixStream, name: &str) -> Result<Client, ClientError> {
+        let (mut rd, mut wr) = stream.into_split();
+        write_frame(
+            &mut wr,
+            &ClientMessage {
+                id: 0,
+                body: Request::Hello {
+                    min_version: MIN_API_VERSION,
+                    max_version: API_VERSION,
+                    client: name.to_string(),
+                },
+            },
+        )
+        .await?;
+        let reply: ServerMessage = read_frame(&mut rd, MAX_FRAME_LEN)
+            .await?
+            .ok_or(ClientError::Closed)?;
+        let (version, agent) = match reply.body {
+            Response::Hello { version, agent } => (version, agent),
+            Response::Error(e) => return Err(e.into()),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        let routes: Routes = Arc::default();
+        let r2 = routes.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame::<_, ServerMessage>(&mut rd, MAX_FRAME_LEN).await {
+                    Ok(Some(msg)) => {
+                        let done = matches!(msg.body, Response::StreamEnd { .. });
+                        let mut routes = r2.lock();
+                        if let Some(tx) = routes.get(&msg.id) {
+                            let _ = tx.send(msg.body);
+                        }
+                        if done {
+                            routes.remove(&msg.id);
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        // Dropping every sender wakes every waiter with `None`.
+                        r2.lock().clear();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Client {
+            writer: tokio::sync::Mutex::new(wr),
+            routes,
+            next: AtomicU64::new(1),
+            version,
+            agent,
+        })
+    }
+
+    /// The negotiated API version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The agent's self-description from the handshake.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    async fn send(&self, id: RequestId, body: Request) -> Result<(), ClientError> {
+        let mut w = self.writer.lock().await;
+        write_frame(&mut *w, &ClientMessage { id, body }).await?;
+        Ok(())
+    }
+
+    /// Sends a request and returns the stream of its replies.
+    pub async fn stream(&self, body: Request) -> Result<ResponseStream, ClientError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.routes.lock().insert(id, tx);
+        if let Err(e) = self.send(id, body).await {
+            self.routes.lock().remove(&id);
+            return Err(e);
+        }
+        Ok(ResponseStream { id, rx })
+    }
+
+    /// Sends a request and waits for its single reply.
+    pub async fn call(&self, body: Request) -> Result<Response, ClientError> {
+        let mut s = self.stream(body).await?;
+        let r = s.next().await.ok_or(ClientError::Closed)?;
+        self.routes.lock().remove(&s.id);
+        match r {
+            Response::Error(e) => Err(e.into()),
+            r => Ok(r),
+        }
+    }
+
+    /// Sends stdin bytes for the attach request `attach`.
+    pub async fn stdin(&self, attach: RequestId, data: Vec<u8>) -> Result<(), ClientError> {
+        self.send(0, Request::Stdin { attach, data }).await
+    }
+
+    /// Closes stdin of the attach request `attach`.
+    pub async fn close_stdin(&self, attach: RequestId) -> Result<(), ClientError> {
+        self.send(0, Request::CloseStdin { attach }).await
+    }
+
+    /// Ends the stream `request`.
+    pub async fn cancel(&self, request: RequestId) -> Result<(), ClientError> {
+        self.send(0, Request::Cancel { request }).await
+    }
+
+    /// Creates a VM and returns its id.
+    pub async fn create(&self, spec: CreateSpec) -> Result<String, ClientError> {
+        expect_created(self.call(Request::Create(spec)).await?)
+    }
+
+    /// Creates and starts a VM, and returns its id.
+    pub async fn run(&self, spec: CreateSpec) -> Result<String, ClientError> {
+        expect_created(self.call(Request::Run(spec)).await?)
+    }
+
+    /// Starts a created VM.
+    pub async fn start(&self, vm: &str) -> Result<(), ClientError> {
+        expect_done(self.call(Request::Start { vm: vm.into() }).await?)
+    }
+
+    /// Waits for a VM to exit.
+    pub async fn wait(&self, vm: &str) -> Result<ExitInfo, ClientError> {
+        match self.call(Request::Wait { vm: vm.into() }).await? {
+            Response::Exited(e) => Ok(e),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Stops a VM, killing it after `timeout_ms`.
+    pub async fn stop(&self, vm: &str, timeout_ms: u64) -> Result<(), ClientError> {
+        expect_done(
+            self.call(Request::Stop {
+                vm: vm.into(),
+                timeout_ms,
+            })
+            .await?,
+        )
+    }
+
+    /// Sends `signal` to a VM's process.
+    pub async fn kill(&self, vm: &str, signal: i32) -> Result<(), ClientError> {
+        expect_done(
+            self.call(Request::Kill {
+                vm: vm.into(),
+                signal,
+            })
+            .await?,
+        )
+    }
+
+    /// Removes a VM.
+    pub async fn remove(&self, vm: &str, force: bool) -> Result<(), ClientError> {
+        expect_done(
+            self.call(Request::Remove {
+                vm: vm.into(),
+                force,
+            })
+            .await?,
+        )
+    }
+
+    /// Lists VMs.
+    pub async fn list(&self, all: bool) -> Result<Vec<VmSummary>, ClientError> {
+        match self.call(Request::List { all }).await? {
+            Response::List(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Inspects a VM.
+    pub async fn inspect(&self, vm: &str) -> Result<VmInfo, ClientError> {
+        match self.call(Request::Inspect { vm: vm.into() }).await? {
+            Response::Inspect(v) => Ok(*v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The agent's version.
+    pub async fn agent_version(&self) -> Result<VersionInfo, ClientError> {
+        match self.call(Request::Version).await? {
+            Response::Version(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+fn expect_created(r: Response) -> Result<String, ClientError> {
+    match r {
+        Response::Created { id } => Ok(id),
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+fn expect_done(r: Response) -> Result<(), ClientError> {
+    match r {
+        Response::Done => Ok(()),
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+impl From<ErrorCode> for ApiError {
+    fn from(code: ErrorCode) -> Self {
+        ApiError::new(code, code.to_string())
+    }
+}

@@ -1,0 +1,106 @@
+//! The agent ⇄ tether protocol, carried over one vsock stream per guest.
+//!
+//! The tether connects to the host (CID 2) on [`TETHER_PORT`] once its
+//! devices are up and sends [`GuestMessage::Hello`]. The agent answers with
+//! [`HostMessage::Spec`]; the tether assembles the root filesystem, starts
+//! the process and reports [`GuestMessage::Started`], then both sides stream
+//! stdio until [`GuestMessage::Exited`], which the agent acknowledges with
+//! [`HostMessage::ExitAck`] once the output is safely stored. Then the
+//! tether powers the VM off.
+//!
+//! Everything a guest sends is untrusted: the agent decodes guest frames
+//! with [`MAX_GUEST_FRAME`] as the limit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::GuestBoot;
+
+/// The guest protocol version, sent in the hello.
+pub const GUEST_PROTOCOL_VERSION: u32 = 1;
+/// The vsock port the host listens on for tethers.
+pub const TETHER_PORT: u32 = 1024;
+/// The largest frame the agent accepts from a guest: one stdio chunk plus
+/// framing, with headroom. A guest cannot make the agent buffer more per
+/// frame than this.
+pub const MAX_GUEST_FRAME: u32 = 128 * 1024;
+
+/// Guest → host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// The tether is up.
+    Hello {
+        /// [`GUEST_PROTOCOL_VERSION`] of the tether.
+        version: u32,
+        /// Boot timings.
+        boot: GuestBoot,
+    },
+    /// The container process runs.
+    Started {
+        /// Its pid inside the guest.
+        pid: i32,
+    },
+    /// Bytes the process wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes the process wrote to stderr.
+    Stderr(Vec<u8>),
+    /// The process could not be started or the root filesystem not set up.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Exit code to report (127: command not found, 126: not
+        /// executable, 125: the tether itself failed).
+        code: i32,
+    },
+    /// The process has exited and all its output was sent.
+    Exited {
+        /// Its exit code, if it exited.
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+}
+
+/// Host → guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// What to run.
+    Spec(ProcessSpec),
+    /// Bytes for the process's stdin.
+    Stdin(Vec<u8>),
+    /// End of stdin.
+    CloseStdin,
+    /// Deliver a signal to the process.
+    Signal(i32),
+    /// The agent has stored everything; the tether may power off.
+    ExitAck,
+}
+
+/// A disk holding one read-only image layer, or the writable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The disk's virtio-blk serial number, which the tether uses to find
+    /// its device (device names depend on probe order; serials do not).
+    pub serial: String,
+    /// Filesystem type (`ext4`, `erofs`).
+    pub fstype: String,
+}
+
+/// The container process and its root filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// Read-only layers, lowest first. Merged with overlayfs.
+    pub layers: Vec<DiskSpec>,
+    /// The writable upper layer; a tmpfs when `None`.
+    pub writable: Option<DiskSpec>,
+    /// Command and arguments.
+    pub argv: Vec<String>,
+    /// Full environment as `KEY=value`.
+    pub env: Vec<String>,
+    /// Working directory; `/` when `None`.
+    pub workdir: Option<String>,
+    /// Whether stdin stays open for [`HostMessage::Stdin`]; when false the
+    /// process's stdin is `/dev/null`.
+    pub stdin: bool,
+    /// Hostname of the guest.
+    pub hostname: String,
+}
