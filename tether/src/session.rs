@@ -1,0 +1,283 @@
+//! One guest's life as the host sees it: hello, spec, root filesystem,
+//! process, stdio, exit report, acknowledgement.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::net::unix::pipe;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tokio_vsock::{VsockAddr, VsockStream, VMADDR_CID_HOST};
+use vmlet_protocol::api::GuestBoot;
+use vmlet_protocol::guest::{GuestMessage, HostMessage, GUEST_PROTOCOL_VERSION, TETHER_PORT};
+
+use crate::console::{boottime_us, chain};
+use crate::link::{self, Connector, Outbox, Policy};
+use crate::pump::{self, Output, StdinOp};
+use crate::{log, process, rootfs};
+
+/// How long the first connection may take: the vsock transport comes up
+/// with its modules, and the agent's listener is there before QEMU starts,
+/// so a guest that cannot connect in this time never will.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// Frames queued between the pumps and the link writer.
+const OUTBOX_QUEUE: usize = 8;
+/// Host messages queued between the link reader and the dispatcher.
+const INBOUND_QUEUE: usize = 16;
+/// Host stdin chunks queued for the stdin pipe.
+const STDIN_QUEUE: usize = 16;
+/// How long the output pipes may take to reach end of file once every
+/// process is killed (only a process stuck in the kernel holds them).
+const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the exit report may wait for a host to (re)connect. VMs outlive
+/// the agent; a restarted agent re-adopts them within this time or loses
+/// the report.
+const DELIVERY_PATIENCE: Duration = Duration::from_secs(120);
+/// How long to wait for the host to acknowledge the exit report.
+const ACK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Why the session could not go on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("cannot reach the host on vsock port {TETHER_PORT}")]
+    Connect(#[source] io::Error),
+    #[error("the host link ended before a spec arrived")]
+    NoSpec,
+    #[error("cannot watch for exiting children")]
+    Sigchld(#[source] io::Error),
+    #[error("cannot attach to the process's pipes")]
+    Pipes(#[source] io::Error),
+    #[error(transparent)]
+    Closed(#[from] link::Closed),
+}
+
+/// Connects to the host over AF_VSOCK (CID 2, the host).
+#[derive(Debug)]
+struct Vsock;
+
+impl Connector for Vsock {
+    type Stream = VsockStream;
+    fn connect(&mut self) -> impl Future<Output = io::Result<VsockStream>> + Send {
+        VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, TETHER_PORT))
+    }
+}
+
+/// Runs the session to its end. Returns once the host has the exit report
+/// (or could not be told); the caller then powers off.
+pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
+    let policy = Policy::default();
+    let mut vsock = Vsock;
+    let first = link::connect_within(&mut vsock, &policy, CONNECT_PATIENCE)
+        .await
+        .map_err(Error::Connect)?;
+    let hello_us = boottime_us();
+    log!("connected; hello after kernel {kernel_us} us, modules {modules_us} us, hello {hello_us} us");
+    let hello = GuestMessage::Hello {
+        version: GUEST_PROTOCOL_VERSION,
+        boot: GuestBoot {
+            kernel_us,
+            modules_us,
+            hello_us,
+        },
+    };
+    let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
+    let (out, _link) = link::start(vsock, first, &hello, in_tx, policy, OUTBOX_QUEUE);
+
+    // A pooled VM waits here until it is handed a container.
+    let spec = loop {
+        match inbound.recv().await {
+            Some(HostMessage::Spec(s)) => break s,
+            Some(other) => log!("ignoring {other:?} before the spec"),
+            None => return Err(Error::NoSpec),
+        }
+    };
+    log!("spec: argv {:?}", spec.argv);
+
+    if let Err(e) = rootfs::assemble(&spec) {
+        return fail(&out, inbound, chain(&e), 125).await;
+    }
+    // Watch SIGCHLD before the child exists, so no exit can be missed.
+    let mut sigchld = signal(SignalKind::child()).map_err(Error::Sigchld)?;
+    let child = match process::spawn(&spec, Path::new(rootfs::ROOT)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = e.code();
+            return fail(&out, inbound, chain(&e), code).await;
+        }
+    };
+    let pid = child.pid;
+    out.send(&GuestMessage::Started { pid: pid.as_raw() })
+        .await?;
+    log!("process {pid} started");
+
+    let stdout = pipe::Receiver::from_owned_fd(child.stdout).map_err(Error::Pipes)?;
+    let stderr = pipe::Receiver::from_owned_fd(child.stderr).map_err(Error::Pipes)?;
+    let stdin = child
+        .stdin
+        .map(pipe::Sender::from_owned_fd)
+        .transpose()
+        .map_err(Error::Pipes)?;
+    let pumps = [
+        tokio::spawn(pump::output(stdout, Output::Stdout, out.clone())),
+        tokio::spawn(pump::output(stderr, Output::Stderr, out.clone())),
+    ];
+    let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+    tokio::spawn(pump::stdin(stdin, stdin_rx));
+    let exited = Arc::new(AtomicBool::new(false));
+    let (ack_tx, mut ack_rx) = mpsc::channel(1);
+    tokio::spawn(dispatch(inbound, stdin_tx, pid, exited.clone(), ack_tx));
+
+    let (code, sig) = loop {
+        if let Some(status) = reap(pid) {
+            break status;
+        }
+        if sigchld.recv().await.is_none() {
+            // The signal driver is gone; poll instead.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    exited.store(true, Ordering::Relaxed);
+    log!("process exited: code {code:?}, signal {sig:?}");
+
+    // End whatever the container left behind, as the end of its PID
+    // namespace would, so the output pipes reach end of file.
+    match kill(Pid::from_raw(-1), Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => log!("cannot kill the remaining processes: {e}"),
+    }
+    tokio::spawn(async move {
+        loop {
+            reap(Pid::from_raw(0));
+            if sigchld.recv().await.is_none() {
+                return;
+            }
+        }
+    });
+    for p in pumps {
+        if timeout(DRAIN_PATIENCE, p).await.is_err() {
+            log!("output did not end within {DRAIN_PATIENCE:?}; reporting the exit anyway");
+        }
+    }
+
+    let written = out
+        .send_confirmed(&GuestMessage::Exited { code, signal: sig })
+        .await?;
+    finish(written, async move {
+        ack_rx.recv().await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Reports a process that could not start, then waits for the host's
+/// acknowledgement like a normal exit.
+async fn fail(
+    out: &Outbox,
+    mut inbound: mpsc::Receiver<HostMessage>,
+    message: String,
+    code: i32,
+) -> Result<(), Error> {
+    log!("cannot start the process (exit code {code}): {message}");
+    let written = out
+        .send_confirmed(&GuestMessage::Failed { message, code })
+        .await?;
+    finish(written, async move {
+        while let Some(m) = inbound.recv().await {
+            if m == HostMessage::ExitAck {
+                return;
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Waits for the final report to reach a connection, then (briefly) for the
+/// host's acknowledgement that it stored everything.
+async fn finish(written: oneshot::Receiver<()>, ack: impl Future<Output = ()>) {
+    match timeout(DELIVERY_PATIENCE, written).await {
+        Ok(Ok(())) => {}
+        _ => {
+            log!("the exit report could not be delivered within {DELIVERY_PATIENCE:?}");
+            return;
+        }
+    }
+    match timeout(ACK_PATIENCE, ack).await {
+        Ok(()) => log!("exit acknowledged"),
+        Err(_) => log!("no exit acknowledgement within {ACK_PATIENCE:?}"),
+    }
+}
+
+/// Routes host messages while the process runs.
+async fn dispatch(
+    mut inbound: mpsc::Receiver<HostMessage>,
+    stdin: mpsc::Sender<StdinOp>,
+    pid: Pid,
+    exited: Arc<AtomicBool>,
+    ack: mpsc::Sender<()>,
+) {
+    while let Some(m) = inbound.recv().await {
+        match m {
+            // Waits while the stdin queue is full: the host is then slowed
+            // down, as a writer to a pipe would be.
+            HostMessage::Stdin(bytes) => {
+                let _ = stdin.send(StdinOp::Data(bytes)).await;
+            }
+            HostMessage::CloseStdin => {
+                let _ = stdin.send(StdinOp::Close).await;
+            }
+            HostMessage::Signal(n) => {
+                if exited.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Err(e) = send_signal(pid, n) {
+                    log!("cannot send signal {n} to {pid}: {e}");
+                }
+            }
+            HostMessage::ExitAck => {
+                let _ = ack.try_send(());
+            }
+            HostMessage::Spec(_) => log!("ignoring a second spec"),
+        }
+    }
+}
+
+/// `kill(pid, n)` for any signal number, real-time ones included (nix's
+/// `Signal` names only the standard ones).
+fn send_signal(pid: Pid, n: i32) -> Result<(), Errno> {
+    if !(1..=64).contains(&n) {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: kill takes plain integers; `pid` is the container's main
+    // process (positive), never 0 or -1, and `n` is a valid signal number.
+    Errno::result(unsafe { libc::kill(pid.as_raw(), n) }).map(drop)
+}
+
+/// Reaps every child that has exited (PID 1 inherits every orphan) and
+/// returns `main`'s exit code or signal if it was among them.
+fn reap(main: Pid) -> Option<(Option<i32>, Option<i32>)> {
+    let mut status = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, code)) if p == main => status = Some((Some(code), None)),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p == main => {
+                status = Some((None, Some(sig as i32)))
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return status,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                log!("waitpid failed: {e}");
+                return status;
+            }
+        }
+    }
+}
