@@ -1,1 +1,236 @@
-//! The VMM abstraction.
+//! The VMM abstraction vmletd drives, and its QEMU microvm backend.
+//!
+//! The trait is shaped by its one consumer, the agent: it hands a fully cloned [`VmConfig`]
+//! to [`Vmm::start`] and gets back a [`VmHandle`] it can wait on from several tasks, stop,
+//! kill, pause and clean up after. Nothing QEMU-specific appears here: Firecracker and Cloud
+//! Hypervisor fit the same shape (their hybrid vsock is the convention [`VmConfig::vsock_uds`]
+//! describes). What only some VMMs can do has a default body returning
+//! [`Error::Unsupported`], and [`Vmm::capabilities`] says which of those a backend has.
+//!
+//! VMM processes outlive the agent: they run in their own session, dropping a handle does
+//! not kill them, and a handle's background task only reaps them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub mod accel;
+mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod vsock_backend;
+
+pub use accel::{detect_accel, Accel, ParseAccelError};
+pub use qemu::{Qemu, VmPaths};
+
+/// A block device given to the guest as a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The raw image on the host.
+    pub path: PathBuf,
+    /// The serial the guest sees (`/sys/block/vdX/serial`): how the tether tells disks apart.
+    /// At most 20 bytes of `[A-Za-z0-9._-]` (virtio-blk's limit).
+    pub serial: String,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+/// Everything one start needs. The agent clones it from a compiled template, so it holds
+/// no handles, only values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The VM's id, for logs and the process name.
+    pub id: String,
+    /// The per-VM runtime directory the agent created; the shim puts `qmp.sock`,
+    /// `vhost-vsock.sock`, `console.log` and `vmm.log` there.
+    pub dir: PathBuf,
+    /// The guest kernel: an uncompressed PVH ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// Extra kernel arguments, appended to the backend's base arguments.
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// The guest's vsock context id (3 or more).
+    pub cid: u32,
+    /// Disks, in the order the guest enumerates them.
+    pub disks: Vec<Disk>,
+    /// The accelerator.
+    pub accel: Accel,
+    /// The hybrid-vsock host socket: the host reaches guest port P by connecting here and
+    /// writing `CONNECT P\n`; a guest connecting to CID 2 port P reaches a listener the agent
+    /// bound at `"<vsock_uds>_P"`.
+    pub vsock_uds: PathBuf,
+}
+
+/// How the VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// The exit status, if it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// A sentence for people.
+    pub description: String,
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+/// What a backend can do beyond start, wait, stop and kill.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// [`VmHandle::pause`] and [`VmHandle::resume`] work.
+    pub pause: bool,
+    /// [`VmHandle::snapshot`] works.
+    pub snapshot: bool,
+    /// The guest's vsock is reached through [`VmConfig::vsock_uds`] (hybrid vsock), not
+    /// `AF_VSOCK`.
+    pub hybrid_vsock: bool,
+}
+
+/// Errors of the VMM abstraction.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend cannot do this.
+    #[error("this VMM does not support the operation")]
+    Unsupported,
+    /// The configuration cannot be started as it is.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+    /// A program the backend drives is not installed.
+    #[error("cannot find {name} (looked in PATH, ~/.cargo/bin and /usr/local/cargo/bin)")]
+    BinaryNotFound {
+        /// The program's name.
+        name: &'static str,
+    },
+    /// Starting failed part-way; whatever had been spawned was killed.
+    #[error("starting VM {id} failed while {stage}{}", log_suffix(.log_tail))]
+    Start {
+        /// The VM's id.
+        id: String,
+        /// What the start was doing.
+        stage: &'static str,
+        /// The last lines of `vmm.log`, where QEMU and the vsock backend write their errors.
+        log_tail: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The VMM process has already exited.
+    #[error("the VMM process has exited ({0})")]
+    Exited(VmExit),
+    /// The VMM did not exit in time even after SIGKILL.
+    #[error("the VMM process did not exit within {0:?}")]
+    Timeout(Duration),
+    /// Talking to QEMU's monitor failed.
+    #[error("the QMP conversation failed")]
+    Qmp(#[from] qmp::Error),
+    /// The vsock backend failed.
+    #[error("the vsock backend failed")]
+    VsockBackend(#[from] vsock_backend::Error),
+    /// A file or process operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn log_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; vmm.log ends with:\n{}", tail.trim_end())
+    }
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// A virtual machine monitor: starts VMs.
+#[async_trait]
+pub trait Vmm: Send + Sync + fmt::Debug {
+    /// A short name, such as `qemu`.
+    fn name(&self) -> &str;
+    /// The VMM's version, for `vmlet info`.
+    fn version(&self) -> String;
+    /// What the backend can do beyond the lifecycle every backend has.
+    fn capabilities(&self) -> Capabilities;
+    /// Starts a VM and returns once the VMM answers on its control channel (for QEMU, QMP).
+    /// The guest is still booting then. On error nothing that was spawned is left running.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a start dropped part-way may leave its processes running (they are
+    /// reaped, not killed, since VMs outlive their handles). Bound it with the timeouts it
+    /// already has rather than by dropping it.
+    async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error>;
+}
+
+/// A started VM. Dropping the handle leaves the VM running.
+#[async_trait]
+pub trait VmHandle: Send + Sync + fmt::Debug {
+    /// The VMM process's pid.
+    fn pid(&self) -> Option<u32>;
+
+    /// Pids of helper processes the backend runs for this VM (for QEMU, its
+    /// vhost-device-vsock), so the agent can record everything the VM owns.
+    fn helper_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// Resolves once the VMM process has exited; any number of tasks may wait at once, and
+    /// later calls return the same result at once.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn wait(&self) -> VmExit;
+
+    /// Asks the VMM to quit (the guest gets no notice: a graceful guest shutdown goes through
+    /// the guest agent first), then SIGKILLs it if it has not exited within `timeout`.
+    /// Returns once it has exited. Ok if it had already exited.
+    async fn stop(&self, timeout: Duration) -> Result<(), Error>;
+
+    /// SIGKILLs the VMM process. Ok if it had already exited. Does not wait for the exit.
+    async fn kill(&self) -> Result<(), Error>;
+
+    /// The VMM's view of the guest, such as `running` or `paused` (QMP `query-status`).
+    async fn status(&self) -> Result<String, Error>;
+
+    /// Stops the guest's vCPUs.
+    async fn pause(&self) -> Result<(), Error> {
+        Err(Error::Unsupported)
+    }
+
+    /// Resumes paused vCPUs.
+    async fn resume(&self) -> Result<(), Error> {
+        Err(Error::Unsupported)
+    }
+
+    /// Saves the VM's state into `dir`.
+    async fn snapshot(&self, _dir: &Path) -> Result<(), Error> {
+        Err(Error::Unsupported)
+    }
+
+    /// Releases what the backend owns for this VM once it has exited: kills helper processes
+    /// and removes the sockets the backend created (logs stay). Kills the VMM too if it is
+    /// still running, since without its sockets nothing could reach it. Idempotent.
+    async fn cleanup(&self);
+}

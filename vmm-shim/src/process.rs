@@ -1,0 +1,194 @@
+//! A child process that outlives its handle: spawned in its own session, reaped by a task,
+//! signalled only while it is known not to have been reaped (so a recycled pid is never hit).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How a child ended, or why waiting for it failed.
+pub(crate) type Exit = Result<ExitStatus, String>;
+
+/// A supervised child process.
+#[derive(Debug)]
+pub(crate) struct Process {
+    pid: u32,
+    exit: watch::Receiver<Option<Exit>>,
+    signals: mpsc::UnboundedSender<(Signal, oneshot::Sender<bool>)>,
+}
+
+impl Process {
+    /// Spawns `program args` in a new session with stdin from /dev/null and stdout and stderr
+    /// appended to `log`. The child is not killed when this value drops.
+    pub(crate) fn spawn(
+        name: &'static str,
+        program: &std::path::Path,
+        args: &[String],
+        log: &File,
+    ) -> io::Result<Self> {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+        // which is async-signal-safe and touches no memory of the parent. A new session keeps
+        // the VMM away from the agent's terminal signals (^C, hangup): VMs outlive the agent.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().expect("a child that was just spawned has a pid");
+        let (exit_tx, exit) = watch::channel(None);
+        let (signals, mut rx) = mpsc::unbounded_channel::<(Signal, oneshot::Sender<bool>)>();
+        tokio::spawn(async move {
+            // Signals go through this task, the only one that reaps the child: while it handles
+            // one, the child has not been reaped, so its pid cannot belong to anyone else.
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    Some((sig, done)) = rx.recv() => {
+                        let sent = match child.id() {
+                            Some(pid) => nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                sig,
+                            )
+                            .is_ok(),
+                            None => false,
+                        };
+                        let _ = done.send(sent);
+                    }
+                }
+            };
+            let exit = status.map_err(|e| format!("cannot wait for the process: {e}"));
+            tracing::debug!(process = name, pid, exit = ?exit, "process exited");
+            exit_tx.send_replace(Some(exit));
+        });
+        Ok(Process { pid, exit, signals })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The exit, if the child has exited.
+    pub(crate) fn exited(&self) -> Option<Exit> {
+        self.exit.borrow().clone()
+    }
+
+    /// Sends `sig`; false if the child had already exited.
+    pub(crate) async fn signal(&self, sig: Signal) -> bool {
+        if self.exited().is_some() {
+            return false;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.signals.send((sig, tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Waits for the exit. Cancel safe.
+    pub(crate) async fn wait(&self) -> Exit {
+        let mut rx = self.exit.clone();
+        let r = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match r {
+            Ok(v) => v.expect("wait_for returned a value it was asked for"),
+            // The reaper task is gone without a result: its runtime shut down.
+            Err(_) => self.exited().unwrap_or_else(|| {
+                Err("the task reaping the process stopped (runtime shut down)".into())
+            }),
+        }
+    }
+
+    /// Waits at most `timeout` for the exit.
+    pub(crate) async fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
+        tokio::time::timeout(timeout, self.wait()).await.ok()
+    }
+
+    /// SIGKILLs the child and waits (bounded) for it to be reaped.
+    pub(crate) async fn kill_and_reap(&self, timeout: Duration) -> Option<Exit> {
+        self.signal(Signal::SIGKILL).await;
+        self.wait_timeout(timeout).await
+    }
+}
+
+/// A sentence for an exit.
+pub(crate) fn describe(name: &str, exit: &Exit) -> String {
+    match exit {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => format!("{name} exited with status {c}"),
+            (None, Some(s)) => {
+                let sig = Signal::try_from(s)
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|_| format!("signal {s}"));
+                format!("{name} was killed by {sig}")
+            }
+            (None, None) => format!("{name} ended ({st})"),
+        },
+        Err(e) => format!("{name}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("log"))
+            .unwrap();
+        (dir, f)
+    }
+
+    #[tokio::test]
+    async fn reaps_and_reports_the_status_to_every_waiter() {
+        let (_d, log) = log();
+        let p = Process::spawn(
+            "sh",
+            "/bin/sh".as_ref(),
+            &["-c".into(), "exit 7".into()],
+            &log,
+        )
+        .unwrap();
+        let (a, b) = tokio::join!(p.wait(), p.wait());
+        assert_eq!(a.unwrap().code(), Some(7));
+        assert_eq!(b.unwrap().code(), Some(7));
+        assert_eq!(p.wait().await.unwrap().code(), Some(7));
+        assert!(!p.signal(Signal::SIGKILL).await, "no signal after the exit");
+        assert_eq!(
+            describe("sh", &p.exited().unwrap()),
+            "sh exited with status 7"
+        );
+    }
+
+    #[tokio::test]
+    async fn kills_and_runs_in_its_own_session() {
+        let (_d, log) = log();
+        let p = Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log).unwrap();
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(p.pid() as i32))).unwrap();
+        assert_eq!(
+            sid.as_raw(),
+            p.pid() as i32,
+            "the child leads its own session"
+        );
+        let exit = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.kill_and_reap(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(exit.as_ref().unwrap().signal(), Some(libc::SIGKILL));
+        assert_eq!(describe("sleep", &exit), "sleep was killed by SIGKILL");
+    }
+}

@@ -1,0 +1,861 @@
+//! The QEMU microvm backend.
+//!
+//! One VM is one `qemu-system-x86_64 -M microvm` process booting a PVH `vmlinux` with
+//! virtio-mmio disks and a vhost-user vsock device served by its own `vhost-device-vsock`.
+//! Both run in their own session and outlive the agent; QMP drives QEMU.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::process::{self, Process};
+use crate::qmp::{self, QmpClient};
+use crate::vsock_backend::{self, VsockBackend};
+use crate::{Accel, Capabilities, Error, VmConfig, VmExit, VmHandle, Vmm};
+
+/// Kernel arguments every guest gets, before [`VmConfig::cmdline`]. `panic=-1 reboot=t`:
+/// a panicking or rebooting guest triple-faults, and `-no-reboot` turns that into QEMU's exit.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet";
+
+/// Timer hints for TCG: without them the kernel spends seconds (or hangs) calibrating clocks
+/// against emulated hardware. Under KVM the host's real TSC frequency comes from kvmclock,
+/// and forcing 2 GHz there would mis-state it, so they are left out.
+pub const TCG_TIMER_HINTS: &str = "tsc_early_khz=2000000 lpj=4000000 no_timer_check";
+
+/// Longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where the shim puts one VM's files, all in [`VmConfig::dir`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// The vhost-user socket between QEMU and vhost-device-vsock.
+    pub vhost_vsock: PathBuf,
+    /// The guest's serial console.
+    pub console: PathBuf,
+    /// stdout and stderr of QEMU and the vsock backend, appended.
+    pub log: PathBuf,
+}
+
+impl VmPaths {
+    /// The standard names in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        VmPaths {
+            qmp: dir.join("qmp.sock"),
+            vhost_vsock: dir.join("vhost-vsock.sock"),
+            console: dir.join("console.log"),
+            log: dir.join("vmm.log"),
+        }
+    }
+}
+
+/// QEMU's option syntax splits on commas; a literal comma in a value is written twice.
+fn opt_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The kernel command line for `cfg`: base arguments, TCG timer hints, then the caller's.
+pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let mut s = String::from("console=ttyS0");
+    if cfg.accel == Accel::Tcg {
+        s.push(' ');
+        s.push_str(TCG_TIMER_HINTS);
+    }
+    s.push(' ');
+    s.push_str(BASE_CMDLINE.trim_start_matches("console=ttyS0 "));
+    let extra = cfg.cmdline.trim();
+    if !extra.is_empty() {
+        s.push(' ');
+        s.push_str(extra);
+    }
+    s
+}
+
+/// QEMU's arguments (without the program) for `cfg`.
+///
+/// `acpi` is whether the machine describes its devices with ACPI. Debian's cloud kernel finds
+/// virtio-mmio devices only through ACPI (it lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), so it
+/// needs ACPI on. A kernel built without ACPI needs `acpi=off` on the machine instead, which
+/// makes QEMU list the devices as `virtio_mmio.device=` kernel arguments. `acpi=off` on the
+/// kernel command line is never wanted: with the machine's ACPI on, Debian's kernel then hangs.
+pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
+    let mut a: Vec<String> = Vec::with_capacity(48 + 4 * cfg.disks.len());
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    let mem = format!("{}M", cfg.memory_mib);
+    let machine = format!(
+        "microvm,x-option-roms=off,rtc=on,pit=on,pic=on,memory-backend=mem{}",
+        if acpi { "" } else { ",acpi=off" }
+    );
+    push(&["-name", &format!("vmlet-{}", cfg.id.replace(',', ",,"))]);
+    push(&["-M", &machine]);
+    push(&["-accel", cfg.accel.as_str()]);
+    // TCG's "max" emulates every feature it can; under KVM "host" passes the real CPU through.
+    push(&[
+        "-cpu",
+        match cfg.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        },
+    ]);
+    push(&["-smp", &cfg.vcpus.to_string()]);
+    push(&["-m", &mem]);
+    // vhost-user needs guest memory the backend can map: a shared memfd.
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    push(&["-kernel", &cfg.kernel.display().to_string()]);
+    push(&["-initrd", &cfg.initrd.display().to_string()]);
+    push(&["-append", &kernel_cmdline(cfg)]);
+    // "file:" takes the rest of the argument as the path: no comma doubling here.
+    push(&["-serial", &format!("file:{}", paths.console.display())]);
+    for (i, d) in cfg.disks.iter().enumerate() {
+        push(&[
+            "-drive",
+            &format!(
+                "id=d{i},file={},format=raw,if=none,readonly={},cache=writeback",
+                opt_value(&d.path),
+                if d.read_only { "on" } else { "off" }
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive=d{i},serial={}", d.serial),
+        ]);
+    }
+    push(&[
+        "-chardev",
+        &format!("socket,id=vs0,path={}", opt_value(&paths.vhost_vsock)),
+    ]);
+    push(&["-device", "vhost-user-vsock-device,chardev=vs0"]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", opt_value(&paths.qmp)),
+    ]);
+    a
+}
+
+/// Rejects what QEMU would reject later, or worse, misread.
+pub fn validate(cfg: &VmConfig, paths: &VmPaths) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::InvalidConfig(m));
+    if cfg.id.is_empty() {
+        return bad("the VM id is empty".into());
+    }
+    if cfg.memory_mib < 32 {
+        return bad(format!("{} MiB of memory is too little", cfg.memory_mib));
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > 255 {
+        return bad(format!("{} vCPUs is out of range 1..=255", cfg.vcpus));
+    }
+    // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+    if cfg.cid < 3 || cfg.cid == u32::MAX {
+        return bad(format!("vsock CID {} is reserved", cfg.cid));
+    }
+    if !cfg.dir.is_dir() {
+        return bad(format!(
+            "the VM directory {} does not exist",
+            cfg.dir.display()
+        ));
+    }
+    for (what, p) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
+        if !p.is_file() {
+            return bad(format!("the {what} {} does not exist", p.display()));
+        }
+    }
+    for p in [&paths.qmp, &paths.vhost_vsock, &cfg.vsock_uds] {
+        if p.as_os_str().len() > MAX_SOCKET_PATH {
+            return bad(format!(
+                "the socket path {} is longer than {MAX_SOCKET_PATH} bytes",
+                p.display()
+            ));
+        }
+    }
+    if cfg.cmdline.contains('\0') {
+        return bad("the kernel command line holds a NUL byte".into());
+    }
+    for d in &cfg.disks {
+        if d.serial.is_empty()
+            || d.serial.len() > 20
+            || !d
+                .serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return bad(format!(
+                "disk serial {:?} is not 1 to 20 characters of [A-Za-z0-9._-]",
+                d.serial
+            ));
+        }
+        if !d.path.exists() {
+            return bad(format!("the disk {} does not exist", d.path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Finds `name` in PATH, then in cargo's bin directories (where `cargo install` puts
+/// vhost-device-vsock).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(c) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(c).join("bin"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(h).join(".cargo/bin"));
+    }
+    dirs.push("/usr/local/cargo/bin".into());
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The QEMU microvm backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+    vsock_backend: PathBuf,
+    acpi: bool,
+    qmp_timeout: Duration,
+    backend_timeout: Duration,
+    version: String,
+}
+
+impl Qemu {
+    /// Finds `qemu-system-x86_64` and `vhost-device-vsock` ([`find_program`]); the
+    /// environment variables `VMLET_QEMU` and `VMLET_VSOCK_BACKEND` name them instead.
+    pub fn new() -> Result<Self, Error> {
+        let find = |var: &str, name: &'static str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .or_else(|| find_program(name))
+                .ok_or(Error::BinaryNotFound { name })
+        };
+        Ok(Self::with_binaries(
+            find("VMLET_QEMU", "qemu-system-x86_64")?,
+            find("VMLET_VSOCK_BACKEND", "vhost-device-vsock")?,
+        ))
+    }
+
+    /// Uses the given programs.
+    pub fn with_binaries(binary: PathBuf, vsock_backend: PathBuf) -> Self {
+        let version = probe_version(&binary).unwrap_or_else(|| "unknown".into());
+        Qemu {
+            binary,
+            vsock_backend,
+            acpi: true,
+            qmp_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(5),
+            version,
+        }
+    }
+
+    /// Whether the machine has ACPI (the default; see [`argv`] for when to turn it off).
+    pub fn with_acpi(mut self, acpi: bool) -> Self {
+        self.acpi = acpi;
+        self
+    }
+
+    /// How long QEMU may take from spawn to answering on QMP (default 10 s).
+    pub fn with_qmp_timeout(mut self, t: Duration) -> Self {
+        self.qmp_timeout = t;
+        self
+    }
+
+    /// How long vhost-device-vsock may take to create its socket (default 5 s).
+    pub fn with_backend_timeout(mut self, t: Duration) -> Self {
+        self.backend_timeout = t;
+        self
+    }
+
+    /// The QEMU program.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The vsock backend program.
+    pub fn vsock_backend(&self) -> &Path {
+        &self.vsock_backend
+    }
+
+    /// Whether the machine has ACPI.
+    pub fn acpi(&self) -> bool {
+        self.acpi
+    }
+}
+
+/// `7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)` from `QEMU emulator version 7.2.22 (Debian ...)`.
+fn probe_version(binary: &Path) -> Option<String> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_version(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let v = line.split_once("version ")?.1.trim();
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+/// The last `max_lines` lines of `path` written at or after byte `from` (at most 4 KiB).
+fn log_tail(path: &Path, from: u64, max_lines: usize) -> String {
+    const MAX: u64 = 4096;
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = from.max(len.saturating_sub(MAX));
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(MAX).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(max_lines)..].join("\n")
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn name(&self) -> &str {
+        "qemu"
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            snapshot: false,
+            hybrid_vsock: true,
+        }
+    }
+
+    async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error> {
+        let paths = VmPaths::new(&cfg.dir);
+        validate(cfg, &paths)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+            .map_err(|e| Error::io(format!("cannot open {}", paths.log.display()), e))?;
+        // Only this start's lines explain its failure.
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let fail = |stage: &'static str, source: Error| Error::Start {
+            id: cfg.id.clone(),
+            stage,
+            log_tail: log_tail(&paths.log, log_start, 20),
+            source: Box::new(source),
+        };
+        let t0 = Instant::now();
+
+        vsock_backend::remove_socket(&paths.qmp).map_err(|e| {
+            fail(
+                "preparing its directory",
+                Error::io(format!("cannot remove {}", paths.qmp.display()), e),
+            )
+        })?;
+        let backend = VsockBackend::spawn(
+            &self.vsock_backend,
+            cfg.cid,
+            &paths.vhost_vsock,
+            &cfg.vsock_uds,
+            &log,
+            self.backend_timeout,
+        )
+        .await
+        .map_err(|e| fail("starting the vsock backend", e.into()))?;
+        let t_backend = t0.elapsed();
+
+        let args = argv(cfg, &paths, self.acpi);
+        tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
+        let qemu = match Process::spawn("qemu", &self.binary, &args, &log) {
+            Ok(p) => p,
+            Err(e) => {
+                backend.shutdown().await;
+                return Err(fail(
+                    "spawning QEMU",
+                    Error::io(format!("cannot run {}", self.binary.display()), e),
+                ));
+            }
+        };
+        let t_spawned = Instant::now();
+
+        let qmp =
+            QmpClient::connect_retry(&paths.qmp, self.qmp_timeout, || qemu.exited().is_some())
+                .await;
+        let qmp = match qmp {
+            Ok(c) => c,
+            Err(e) => {
+                // Exited by itself: its exit (and the log) is the story. Still running: the
+                // QMP error is, and the SIGKILL is only tidying up.
+                let exited = qemu.exited();
+                if exited.is_none() && qemu.kill_and_reap(Duration::from_secs(5)).await.is_none() {
+                    tracing::warn!(id = %cfg.id, pid = qemu.pid(), "QEMU survived SIGKILL for 5 s");
+                }
+                backend.shutdown().await;
+                let _ = vsock_backend::remove_socket(&paths.qmp);
+                let source = match exited {
+                    Some(exit) => Error::Exited(vm_exit(&exit)),
+                    None => e.into(),
+                };
+                return Err(fail("waiting for QEMU's QMP socket", source));
+            }
+        };
+        tracing::debug!(
+            id = %cfg.id,
+            pid = qemu.pid(),
+            backend_ms = t_backend.as_millis() as u64,
+            qmp_ms = t_spawned.elapsed().as_millis() as u64,
+            "QEMU answers on QMP"
+        );
+        Ok(Box::new(QemuHandle {
+            id: cfg.id.clone(),
+            qemu,
+            backend,
+            qmp_path: paths.qmp,
+            qmp: Mutex::new(Some(qmp)),
+        }))
+    }
+}
+
+fn vm_exit(exit: &process::Exit) -> VmExit {
+    use std::os::unix::process::ExitStatusExt;
+    let (code, signal) = match exit {
+        Ok(st) => (st.code(), st.signal()),
+        Err(_) => (None, None),
+    };
+    VmExit {
+        code,
+        signal,
+        description: process::describe("QEMU", exit),
+    }
+}
+
+/// A QEMU VM started by [`Qemu`].
+#[derive(Debug)]
+struct QemuHandle {
+    id: String,
+    qemu: Process,
+    backend: VsockBackend,
+    qmp_path: PathBuf,
+    /// One QMP session at a time (QEMU serves one); None after an error, reconnected lazily.
+    qmp: Mutex<Option<QmpClient>>,
+}
+
+/// How long one QMP command may take before the session is dropped.
+const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl QemuHandle {
+    fn exited_error(&self) -> Option<Error> {
+        self.qemu.exited().map(|e| Error::Exited(vm_exit(&e)))
+    }
+
+    async fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value, Error> {
+        if let Some(e) = self.exited_error() {
+            return Err(e);
+        }
+        let mut guard = self.qmp.lock().await;
+        let r = tokio::time::timeout(QMP_COMMAND_TIMEOUT, async {
+            let c = match guard.take() {
+                Some(c) if !c.is_desynchronized() => guard.insert(c),
+                _ => guard.insert(QmpClient::connect(&self.qmp_path).await?),
+            };
+            c.execute(command, args).await
+        })
+        .await
+        .unwrap_or(Err(qmp::Error::Io(std::io::ErrorKind::TimedOut.into())));
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // The session may be mid-message: start afresh next time.
+                *guard = None;
+                drop(guard);
+                if let qmp::Error::Command { .. } = e {
+                    return Err(e.into());
+                }
+                // A broken connection usually means QEMU is exiting; say so if it has.
+                if let Some(exit) = self.qemu.wait_timeout(Duration::from_millis(200)).await {
+                    return Err(Error::Exited(vm_exit(&exit)));
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl VmHandle for QemuHandle {
+    fn pid(&self) -> Option<u32> {
+        Some(self.qemu.pid())
+    }
+
+    fn helper_pids(&self) -> Vec<u32> {
+        vec![self.backend.pid()]
+    }
+
+    async fn wait(&self) -> VmExit {
+        vm_exit(&self.qemu.wait().await)
+    }
+
+    async fn stop(&self, timeout: Duration) -> Result<(), Error> {
+        if self.qemu.exited().is_some() {
+            return Ok(());
+        }
+        // "quit" makes QEMU flush its disks and exit; the reply may be lost as it goes.
+        if let Err(e) = self.qmp("quit", None).await {
+            tracing::debug!(id = %self.id, error = %e, "QMP quit failed: sending SIGTERM");
+            self.qemu.signal(Signal::SIGTERM).await;
+        }
+        if self.qemu.wait_timeout(timeout).await.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(id = %self.id, ?timeout, "QEMU did not quit in time: SIGKILL");
+        match self.qemu.kill_and_reap(Duration::from_secs(5)).await {
+            Some(_) => Ok(()),
+            None => Err(Error::Timeout(Duration::from_secs(5))),
+        }
+    }
+
+    async fn kill(&self) -> Result<(), Error> {
+        self.qemu.signal(Signal::SIGKILL).await;
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<String, Error> {
+        let r = self.qmp("query-status", None).await?;
+        r.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::Qmp(qmp::Error::BadReply {
+                    command: "query-status".into(),
+                    reply: r.to_string(),
+                })
+            })
+    }
+
+    async fn pause(&self) -> Result<(), Error> {
+        self.qmp("stop", None).await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<(), Error> {
+        self.qmp("cont", None).await.map(drop)
+    }
+
+    async fn cleanup(&self) {
+        if self.qemu.exited().is_none() {
+            tracing::debug!(id = %self.id, "cleanup of a running VM: killing QEMU");
+            if self
+                .qemu
+                .kill_and_reap(Duration::from_secs(5))
+                .await
+                .is_none()
+            {
+                tracing::warn!(id = %self.id, pid = self.qemu.pid(), "QEMU survived SIGKILL for 5 s");
+            }
+        }
+        *self.qmp.lock().await = None;
+        self.backend.shutdown().await;
+        if let Err(e) = vsock_backend::remove_socket(&self.qmp_path) {
+            tracing::warn!(id = %self.id, error = %e, "cannot remove the QMP socket");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Disk;
+
+    fn cfg(accel: Accel) -> VmConfig {
+        VmConfig {
+            id: "vm1".into(),
+            dir: "/run/vmlet/vm1".into(),
+            kernel: "/g/vmlinux".into(),
+            initrd: "/g/initrd".into(),
+            cmdline: " vmlet.port=1024 ".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            cid: 5,
+            disks: vec![
+                Disk {
+                    path: "/img/layer,0.erofs".into(),
+                    serial: "layer0".into(),
+                    read_only: true,
+                },
+                Disk {
+                    path: "/run/vmlet/vm1/rw.img".into(),
+                    serial: "rw".into(),
+                    read_only: false,
+                },
+            ],
+            accel,
+            vsock_uds: "/run/vmlet/vm1/vsock.sock".into(),
+        }
+    }
+
+    /// The value after each occurrence of `flag`.
+    fn values<'a>(a: &'a [String], flag: &str) -> Vec<&'a str> {
+        a.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn argv_for_tcg() {
+        let c = cfg(Accel::Tcg);
+        let a = argv(&c, &VmPaths::new(&c.dir), true);
+        assert_eq!(
+            values(&a, "-M"),
+            ["microvm,x-option-roms=off,rtc=on,pit=on,pic=on,memory-backend=mem"]
+        );
+        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert_eq!(values(&a, "-cpu"), ["max"]);
+        assert_eq!(values(&a, "-smp"), ["2"]);
+        assert_eq!(values(&a, "-m"), ["256M"]);
+        assert_eq!(
+            values(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=256M,share=on"]
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert_eq!(a.iter().filter(|x| *x == flag).count(), 1, "{flag}");
+        }
+        assert_eq!(values(&a, "-display"), ["none"]);
+        assert_eq!(values(&a, "-kernel"), ["/g/vmlinux"]);
+        assert_eq!(values(&a, "-initrd"), ["/g/initrd"]);
+        assert_eq!(
+            values(&a, "-append"),
+            ["console=ttyS0 tsc_early_khz=2000000 lpj=4000000 no_timer_check panic=-1 reboot=t quiet vmlet.port=1024"]
+        );
+        assert_eq!(values(&a, "-serial"), ["file:/run/vmlet/vm1/console.log"]);
+        assert_eq!(
+            values(&a, "-drive"),
+            [
+                // The comma in the path is doubled, as QEMU's option syntax wants.
+                "id=d0,file=/img/layer,,0.erofs,format=raw,if=none,readonly=on,cache=writeback",
+                "id=d1,file=/run/vmlet/vm1/rw.img,format=raw,if=none,readonly=off,cache=writeback",
+            ]
+        );
+        assert_eq!(
+            values(&a, "-device"),
+            [
+                "virtio-blk-device,drive=d0,serial=layer0",
+                "virtio-blk-device,drive=d1,serial=rw",
+                "vhost-user-vsock-device,chardev=vs0",
+            ]
+        );
+        assert_eq!(
+            values(&a, "-chardev"),
+            ["socket,id=vs0,path=/run/vmlet/vm1/vhost-vsock.sock"]
+        );
+        assert_eq!(
+            values(&a, "-qmp"),
+            ["unix:/run/vmlet/vm1/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(values(&a, "-name"), ["vmlet-vm1"]);
+        // Every flag is followed by its value: no value starts a new flag by accident.
+        assert!(!a.iter().any(|x| x.is_empty()));
+    }
+
+    #[test]
+    fn argv_for_kvm_without_acpi() {
+        let mut c = cfg(Accel::Kvm);
+        c.cmdline.clear();
+        c.disks.clear();
+        let a = argv(&c, &VmPaths::new(&c.dir), false);
+        assert_eq!(values(&a, "-accel"), ["kvm"]);
+        assert_eq!(values(&a, "-cpu"), ["host"]);
+        assert!(values(&a, "-M")[0].ends_with(",acpi=off"));
+        assert_eq!(
+            values(&a, "-append"),
+            ["console=ttyS0 panic=-1 reboot=t quiet"]
+        );
+        assert!(values(&a, "-drive").is_empty());
+        assert_eq!(
+            values(&a, "-device"),
+            ["vhost-user-vsock-device,chardev=vs0"]
+        );
+    }
+
+    #[test]
+    fn paths_escape_commas_where_qemu_parses_options() {
+        let mut c = cfg(Accel::Tcg);
+        c.dir = "/r/a,b".into();
+        let a = argv(&c, &VmPaths::new(&c.dir), true);
+        assert_eq!(
+            values(&a, "-qmp"),
+            ["unix:/r/a,,b/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(
+            values(&a, "-chardev"),
+            ["socket,id=vs0,path=/r/a,,b/vhost-vsock.sock"]
+        );
+        // -serial file: takes the path raw (checked against QEMU 7.2).
+        assert_eq!(values(&a, "-serial"), ["file:/r/a,b/console.log"]);
+    }
+
+    #[test]
+    fn validates_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"").unwrap();
+        let good = VmConfig {
+            dir: dir.path().to_owned(),
+            kernel: f.clone(),
+            initrd: f.clone(),
+            disks: vec![Disk {
+                path: f.clone(),
+                serial: "layer-0.x".into(),
+                read_only: true,
+            }],
+            vsock_uds: dir.path().join("vsock.sock"),
+            ..cfg(Accel::Tcg)
+        };
+        let paths = VmPaths::new(&good.dir);
+        validate(&good, &paths).unwrap();
+        type Breakage = (&'static str, fn(&mut VmConfig));
+        let bad: Vec<Breakage> = vec![
+            ("id", |c| c.id.clear()),
+            ("memory", |c| c.memory_mib = 1),
+            ("vcpus", |c| c.vcpus = 0),
+            ("cid", |c| c.cid = 2),
+            ("cid any", |c| c.cid = u32::MAX),
+            ("kernel", |c| c.kernel = "/nonexistent".into()),
+            ("serial comma", |c| c.disks[0].serial = "a,b".into()),
+            ("serial long", |c| c.disks[0].serial = "x".repeat(21)),
+            ("disk", |c| c.disks[0].path = "/nonexistent".into()),
+            ("uds", |c| {
+                c.vsock_uds = PathBuf::from("/").join("x".repeat(120))
+            }),
+            ("nul", |c| c.cmdline = "a\0b".into()),
+        ];
+        for (what, f) in bad {
+            let mut c = good.clone();
+            f(&mut c);
+            assert!(
+                matches!(validate(&c, &paths), Err(Error::InvalidConfig(_))),
+                "{what} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_qemu_version() {
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright (c) 2003-2022 Fabrice Bellard\n").as_deref(),
+            Some("7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+        );
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn tails_only_this_starts_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vmm.log");
+        std::fs::write(&p, "old failure\n").unwrap();
+        let from = std::fs::metadata(&p).unwrap().len();
+        let mut text = String::new();
+        for i in 0..30 {
+            text.push_str(&format!("line {i}\n"));
+        }
+        std::fs::write(&p, format!("old failure\n{text}")).unwrap();
+        let t = log_tail(&p, from, 3);
+        assert_eq!(t, "line 27\nline 28\nline 29");
+        assert_eq!(log_tail(&p, from + text.len() as u64, 3), "");
+        assert_eq!(log_tail(&dir.path().join("absent"), 0, 3), "");
+    }
+
+    #[test]
+    fn start_error_shows_the_log_tail() {
+        let e = Error::Start {
+            id: "vm1".into(),
+            stage: "spawning QEMU",
+            log_tail: "qemu: bad option".into(),
+            source: Box::new(Error::Unsupported),
+        };
+        assert_eq!(
+            e.to_string(),
+            "starting VM vm1 failed while spawning QEMU; vmm.log ends with:\nqemu: bad option"
+        );
+    }
+
+    #[test]
+    fn finds_programs_on_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("no-such-program-vmlet").is_none());
+    }
+
+    /// Start failures are explained and leave nothing behind: a "QEMU" that exits at once.
+    #[tokio::test]
+    async fn start_failure_cleans_up_and_explains() {
+        let Some(backend) = find_program("vhost-device-vsock") else {
+            eprintln!("skipping: vhost-device-vsock is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'qemu: -M microvm: unsupported machine' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let f = dir.path().join("vmlinux");
+        std::fs::write(&f, b"").unwrap();
+        let c = VmConfig {
+            dir: dir.path().to_owned(),
+            kernel: f.clone(),
+            initrd: f.clone(),
+            disks: vec![],
+            vsock_uds: dir.path().join("vsock.sock"),
+            ..cfg(Accel::Tcg)
+        };
+        let q = Qemu::with_binaries(fake, backend);
+        let e = tokio::time::timeout(Duration::from_secs(30), q.start(&c))
+            .await
+            .unwrap()
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("waiting for QEMU's QMP socket"), "{msg}");
+        assert!(msg.contains("unsupported machine"), "{msg}");
+        match &e {
+            Error::Start { source, .. } => match &**source {
+                Error::Exited(x) => assert_eq!(x.code, Some(1)),
+                other => panic!("expected an exit, got {other:?}"),
+            },
+            other => panic!("expected a start error, got {other:?}"),
+        }
+        for s in ["vhost-vsock.sock", "vsock.sock", "qmp.sock"] {
+            assert!(!dir.path().join(s).exists(), "{s} left behind");
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! One `vhost-device-vsock` per VM: the vhost-user backend that gives the guest a virtio-vsock
+//! device and the host a hybrid-vsock Unix socket, with no `AF_VSOCK` on the host.
+//!
+//! The backend keeps serving after QEMU disconnects and leaves its sockets behind when
+//! killed, so whoever spawned it must kill it and remove them ([`VsockBackend::shutdown`]).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::process::{self, Process};
+
+/// Errors of the vsock backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The program could not be run.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It exited before its socket appeared.
+    #[error("vhost-device-vsock ended before creating {socket}: {exit}")]
+    Exited {
+        /// The socket it should have created.
+        socket: PathBuf,
+        /// How it ended.
+        exit: String,
+    },
+    /// Its socket did not appear in time.
+    #[error("vhost-device-vsock did not create {socket} within {timeout:?}")]
+    Timeout {
+        /// The socket.
+        socket: PathBuf,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// A stale socket could not be removed.
+    #[error("cannot remove the stale socket {path}")]
+    RemoveStale {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running vhost-device-vsock serving one VM.
+#[derive(Debug)]
+pub(crate) struct VsockBackend {
+    process: Process,
+    /// The vhost-user socket QEMU connects to.
+    socket: PathBuf,
+    /// The hybrid-vsock host socket.
+    uds: PathBuf,
+}
+
+/// The arguments for one VM's backend.
+pub fn args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
+    vec![
+        "--guest-cid".into(),
+        cid.to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--uds-path".into(),
+        uds.display().to_string(),
+    ]
+}
+
+impl VsockBackend {
+    /// Removes stale sockets, spawns the backend and waits up to `timeout` for its vhost-user
+    /// socket to appear. On error nothing is left running.
+    pub(crate) async fn spawn(
+        program: &Path,
+        cid: u32,
+        socket: &Path,
+        uds: &Path,
+        log: &File,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        // A socket left by an earlier run would end the wait below before the backend binds.
+        for p in [socket, uds] {
+            remove_socket(p).map_err(|source| Error::RemoveStale {
+                path: p.to_owned(),
+                source,
+            })?;
+        }
+        let process = Process::spawn("vhost-device-vsock", program, &args(cid, socket, uds), log)
+            .map_err(|source| Error::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+        let backend = VsockBackend {
+            process,
+            socket: socket.to_owned(),
+            uds: uds.to_owned(),
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            if is_socket(socket) {
+                return Ok(backend);
+            }
+            if let Some(exit) = backend.process.exited() {
+                backend.shutdown().await;
+                return Err(Error::Exited {
+                    socket: socket.to_owned(),
+                    exit: process::describe("vhost-device-vsock", &exit),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                backend.shutdown().await;
+                return Err(Error::Timeout {
+                    socket: socket.to_owned(),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(10));
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Kills the backend, waits (bounded) for it to be reaped, and removes its sockets.
+    /// Idempotent.
+    pub(crate) async fn shutdown(&self) {
+        if self
+            .process
+            .kill_and_reap(Duration::from_secs(5))
+            .await
+            .is_none()
+        {
+            tracing::warn!(
+                pid = self.process.pid(),
+                "vhost-device-vsock did not exit within 5 s of SIGKILL"
+            );
+        }
+        for p in [&self.socket, &self.uds] {
+            if let Err(e) = remove_socket(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove a vsock socket");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn process(&self) -> &Process {
+        &self.process
+    }
+}
+
+fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Removes `p` if it is a socket; a missing file is fine, anything else there is left alone
+/// and reported, since the shim only ever deletes what it would have created.
+pub(crate) fn remove_socket(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ));
+            }
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(dir: &Path) -> File {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("vmm.log"))
+            .unwrap()
+    }
+
+    #[test]
+    fn builds_args() {
+        assert_eq!(
+            args(
+                7,
+                Path::new("/r/vhost-vsock.sock"),
+                Path::new("/r/vsock.sock")
+            ),
+            [
+                "--guest-cid",
+                "7",
+                "--socket",
+                "/r/vhost-vsock.sock",
+                "--uds-path",
+                "/r/vsock.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn removes_only_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&s).unwrap();
+        remove_socket(&s).unwrap();
+        assert!(!s.exists());
+        remove_socket(&s).unwrap();
+        let f = dir.path().join("file");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(remove_socket(&f).is_err());
+        assert!(f.exists());
+    }
+
+    /// A stand-in backend: a shell script that binds nothing reports its exit.
+    #[tokio::test]
+    async fn reports_an_early_exit_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-backend");
+        std::fs::write(&fake, "#!/bin/sh\necho 'no such option' >&2\nexit 2\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let r = VsockBackend::spawn(
+            &fake,
+            3,
+            &dir.path().join("v.sock"),
+            &dir.path().join("u.sock"),
+            &log(dir.path()),
+            Duration::from_secs(10),
+        )
+        .await;
+        match r {
+            Err(Error::Exited { exit, .. }) => assert!(exit.contains("status 2"), "{exit}"),
+            other => panic!("expected an early exit, got {other:?}"),
+        }
+        let logged = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
+        assert!(logged.contains("no such option"));
+    }
+
+    #[tokio::test]
+    async fn times_out_and_kills_a_silent_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-backend");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let r = VsockBackend::spawn(
+            &fake,
+            3,
+            &dir.path().join("v.sock"),
+            &dir.path().join("u.sock"),
+            &log(dir.path()),
+            Duration::from_millis(200),
+        )
+        .await;
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    }
+
+    /// The real backend, when installed: its socket appears, and shutdown removes both.
+    #[tokio::test]
+    async fn real_backend_starts_and_shuts_down() {
+        let Some(program) = crate::qemu::find_program("vhost-device-vsock") else {
+            eprintln!("skipping: vhost-device-vsock is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhost-vsock.sock");
+        let uds = dir.path().join("vsock.sock");
+        // A stale socket from an earlier run must not fool the wait.
+        let _stale = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let b = tokio::time::timeout(
+            Duration::from_secs(20),
+            VsockBackend::spawn(
+                &program,
+                3,
+                &socket,
+                &uds,
+                &log(dir.path()),
+                Duration::from_secs(10),
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(is_socket(&socket));
+        assert!(b.process().exited().is_none());
+        tokio::time::timeout(Duration::from_secs(10), b.shutdown())
+            .await
+            .unwrap();
+        assert!(b.process().exited().is_some());
+        assert!(!socket.exists() && !uds.exists());
+        b.shutdown().await; // idempotent
+    }
+}
