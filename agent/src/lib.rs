@@ -1,1 +1,24 @@
-//! vmletd.
+//! vmletd: the per-host containerVM agent.
+//!
+//! The agent keeps a registry of VMs ([`vm`]), starts each in its own VMM
+//! through `vmm-shim` ([`start`]), carries every guest's stdio through the
+//! log store ([`logstore`]) to whoever is attached, and serves the engine
+//! over a Unix socket ([`server`]).
+//!
+//! Log levels: `error` = a requested action failed; `warn` = something went
+//! wrong that the agent recovered from; `info` = rare state changes (a VM
+//! started or exited, the agent started); `debug` = per-request detail.
+
+pub mod agent;
+pub mod config;
+pub mod ids;
+pub mod image;
+pub mod initrd;
+pub mod logstore;
+pub mod server;
+pub mod start;
+pub mod state;
+pub mod vm;
+
+pub use agent::Agent;
+pub use config::Config;

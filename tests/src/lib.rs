@@ -1,1 +1,312 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: a real vmletd on a temporary
+//! state directory, the real `vmlet` CLI, and checks that nothing leaked.
+//!
+//! The binaries come from the workspace's build (`scripts/test.sh` builds
+//! them, the tether for musl included); the guest kernel from
+//! `scripts/setup-guest.sh`. A missing piece fails the test with a message
+//! saying which command makes it, rather than skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmlet_protocol::client::Client;
+
+/// The directory holding the workspace's binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Where the guest kernel lives.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("VMLET_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vmlet/guest"))
+}
+
+/// The static tether from the musl build.
+pub fn tether() -> PathBuf {
+    let p = bin_dir()
+        .parent()
+        .expect("target")
+        .join("x86_64-unknown-linux-musl/tether/tether");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with scripts/build.sh",
+        p.display()
+    );
+    p
+}
+
+/// A vmletd running on a private state directory, stopped (and every
+/// process it started killed) on drop.
+#[derive(Debug)]
+pub struct TestAgent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The API socket.
+    pub socket: PathBuf,
+}
+
+/// Options for [`TestAgent::start_with`].
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `--boot-timeout` in seconds.
+    pub boot_timeout: f64,
+    /// More arguments.
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            boot_timeout: 120.0,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl TestAgent {
+    /// Starts vmletd with defaults.
+    pub fn start() -> TestAgent {
+        Self::start_with(AgentOptions::default())
+    }
+
+    /// Starts vmletd and waits until its socket answers.
+    pub fn start_with(opts: AgentOptions) -> TestAgent {
+        let kernel = guest_dir().join("vmlinux");
+        assert!(
+            kernel.is_file(),
+            "{} is missing: run scripts/setup-guest.sh",
+            kernel.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("vmlet-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let socket = dir.path().join("api.sock");
+        let log = std::fs::File::create(dir.path().join("vmletd.log")).expect("log file");
+        let child = Command::new(bin("vmletd"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--guest-dir")
+            .arg(guest_dir())
+            .arg("--tether")
+            .arg(tether())
+            .arg("--boot-timeout")
+            .arg(opts.boot_timeout.to_string())
+            .args(&opts.extra)
+            .env("VMLET_LOG", "info,vmlet_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn vmletd");
+        let mut a = TestAgent {
+            child: Some(child),
+            dir,
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !a.socket.exists() {
+            if let Some(st) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "vmletd exited with {st} during startup:\n{}",
+                    a.daemon_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vmletd did not create its socket in 60 s:\n{}",
+                a.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// What vmletd printed so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vmletd.log")).unwrap_or_default()
+    }
+
+    /// A `vmlet` command aimed at this agent.
+    pub fn vmlet(&self) -> Command {
+        let mut c = Command::new(bin("vmlet"));
+        c.env("VMLET_SOCKET", &self.socket);
+        c
+    }
+
+    /// Runs `vmlet args…` to completion, bounded in time.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with_input(args, None)
+    }
+
+    /// Runs `vmlet args…` with `input` on stdin, bounded in time.
+    pub fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Output {
+        let mut c = self.vmlet();
+        c.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = c.spawn().expect("spawn vmlet");
+        if let Some(data) = input {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(data).expect("write stdin");
+        }
+        wait_output(child, Duration::from_secs(240), &format!("vmlet {args:?}"))
+    }
+
+    /// An API client.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect")
+    }
+
+    /// Pids of processes whose command line mentions `path` (QEMU and the
+    /// vsock backend name their VM's directory in their arguments).
+    pub fn processes_mentioning(path: &Path) -> Vec<i32> {
+        let needle = path.to_string_lossy().into_owned();
+        let mut pids = Vec::new();
+        let me = std::process::id() as i32;
+        for ent in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) && !cmd.contains("vmletd") {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// The directory of VM `id`.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.state_dir().join("vms").join(id)
+    }
+
+    /// Waits (bounded) until no process mentions VM `id`'s directory.
+    pub fn assert_no_processes(&self, id: &str) {
+        let dir = self.vm_dir(id);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pids = Self::processes_mentioning(&dir);
+            if pids.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes of VM {id} still alive: {pids:?}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Waits for a child with a deadline, killing it past the deadline.
+pub fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what} did not finish in {limit:?}; stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // VMs outlive the agent by design; a test must not leave them.
+        for pid in Self::processes_mentioning(self.dir.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if std::thread::panicking() {
+            eprintln!("---- vmletd log ----\n{}", self.daemon_log());
+            let vms = self.state_dir().join("vms");
+            for ent in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+                for f in ["console.log", "vmm.log"] {
+                    if let Ok(s) = std::fs::read_to_string(ent.path().join(f)) {
+                        let tail: String = s
+                            .chars()
+                            .rev()
+                            .take(4000)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect();
+                        eprintln!("---- {}/{f} ----\n{tail}", ent.path().display());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stdout of an output as a string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Stderr of an output as a string.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

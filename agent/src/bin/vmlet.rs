@@ -1,1 +1,486 @@
-fn main() {}
+//! vmlet: the command-line client of vmletd.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::io::AsyncReadExt;
+use vmlet_protocol::api::{AttachSpec, CreateSpec, Request, Response, Stream, VmSummary};
+use vmlet_protocol::client::{Client, ClientError};
+use vmlet_protocol::frame::MAX_CHUNK;
+
+/// Run containers in their own lightweight VMs through the local vmletd.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// vmletd's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "VMLET_SOCKET",
+        default_value = "/run/vmlet/vmlet.sock"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Assign a name to the container.
+    #[arg(long)]
+    name: Option<String>,
+    /// Keep stdin open and pass this terminal's stdin to the container.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Set an environment variable (KEY=value).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(short, long)]
+    memory: Option<u32>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// The image.
+    image: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a command in a new containerVM. The container's exit code
+    /// becomes vmlet's; 125 means vmlet itself failed.
+    Run {
+        /// Remove the container when it exits.
+        #[arg(long)]
+        rm: bool,
+        /// Run in the background and print the container id.
+        #[arg(short, long)]
+        detach: bool,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Create a containerVM without starting it; prints its id.
+    Create {
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Start a created containerVM.
+    Start {
+        /// Container id or name.
+        vm: String,
+    },
+    /// Attach to a running containerVM's output (and stdin with -i).
+    Attach {
+        /// Pass this terminal's stdin to the container.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Container id or name.
+        vm: String,
+    },
+    /// List containerVMs.
+    Ps {
+        /// Show all, not just running ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Print only ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print a containerVM's output.
+    Logs {
+        /// Keep printing new output until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Prefix each chunk with its arrival time.
+        #[arg(short, long)]
+        timestamps: bool,
+        /// Container id or name.
+        vm: String,
+    },
+    /// Wait for containerVMs to exit and print their exit codes.
+    Wait {
+        /// Container ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Stop containerVMs: SIGTERM, then kill after the timeout.
+    Stop {
+        /// Seconds to wait before killing.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        /// Container ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Send a signal to containerVMs' processes.
+    Kill {
+        /// Signal name or number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        /// Container ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Remove containerVMs.
+    Rm {
+        /// Kill running ones first.
+        #[arg(short, long)]
+        force: bool,
+        /// Container ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Show everything about a containerVM as JSON, with the start's
+    /// phase timings.
+    Inspect {
+        /// Container id or name.
+        vm: String,
+    },
+    /// Show the versions of vmlet and vmletd.
+    Version,
+    /// Stream state changes of every containerVM.
+    Events,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("i/o failed")]
+    Io(#[from] std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let mut s = format!("vmlet: {e}");
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                s.push_str(&format!(": {c}"));
+                cur = c.source();
+            }
+            eprintln!("{s}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn spec(c: CreateArgs, auto_remove: bool) -> CreateSpec {
+    CreateSpec {
+        name: c.name,
+        image: c.image,
+        argv: c.command,
+        env: c.env,
+        workdir: c.workdir,
+        stdin_open: c.interactive,
+        auto_remove,
+        memory_mib: c.memory,
+        vcpus: c.cpus,
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, CliError> {
+    let client = Client::connect(&cli.socket).await?;
+    match cli.cmd {
+        Cmd::Run { rm, detach, create } => {
+            let interactive = create.interactive;
+            let id = client.create(spec(create, rm)).await?;
+            if detach {
+                client.start(&id).await?;
+                println!("{id}");
+                return Ok(0);
+            }
+            // Attach before starting, replaying from the first byte, so no
+            // output is missed however fast the container is.
+            let stream = client
+                .stream(Request::Attach(AttachSpec {
+                    vm: id.clone(),
+                    stdin: interactive,
+                    stdout: true,
+                    stderr: true,
+                    replay: true,
+                }))
+                .await?;
+            if let Err(e) = client.start(&id).await {
+                if rm {
+                    let _ = client.remove(&id, true).await;
+                }
+                return Err(e.into());
+            }
+            attach(&client, stream, interactive).await
+        }
+        Cmd::Create { create } => {
+            println!("{}", client.create(spec(create, false)).await?);
+            Ok(0)
+        }
+        Cmd::Start { vm } => {
+            client.start(&vm).await?;
+            println!("{vm}");
+            Ok(0)
+        }
+        Cmd::Attach { interactive, vm } => {
+            let stream = client
+                .stream(Request::Attach(AttachSpec {
+                    vm,
+                    stdin: interactive,
+                    stdout: true,
+                    stderr: true,
+                    replay: false,
+                }))
+                .await?;
+            attach(&client, stream, interactive).await
+        }
+        Cmd::Ps { all, quiet } => {
+            let list = client.list(all).await?;
+            if quiet {
+                for v in &list {
+                    println!("{}", v.id);
+                }
+            } else {
+                print_ps(&list);
+            }
+            Ok(0)
+        }
+        Cmd::Logs {
+            follow,
+            timestamps,
+            vm,
+        } => {
+            let mut s = client.stream(Request::Logs { vm, follow }).await?;
+            let mut out = std::io::stdout().lock();
+            let mut err = std::io::stderr().lock();
+            while let Some(r) = s.next().await {
+                match r {
+                    Response::Output {
+                        stream,
+                        timestamp_ns,
+                        data,
+                    } => {
+                        let w: &mut dyn Write = match stream {
+                            Stream::Stdout => &mut out,
+                            Stream::Stderr => &mut err,
+                        };
+                        if timestamps {
+                            write!(w, "{} ", format_ts(timestamp_ns))?;
+                        }
+                        w.write_all(&data)?;
+                        w.flush()?;
+                    }
+                    Response::StreamEnd { .. } => break,
+                    Response::Error(e) => return Err(ClientError::Api(e).into()),
+                    _ => {}
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Wait { vms } => {
+            let mut last = 0;
+            for vm in vms {
+                let e = client.wait(&vm).await?;
+                println!("{}", e.code);
+                last = e.code;
+            }
+            Ok(last.clamp(0, 255) as u8)
+        }
+        Cmd::Stop { time, vms } => {
+            for vm in vms {
+                client.stop(&vm, time * 1000).await?;
+                println!("{vm}");
+            }
+            Ok(0)
+        }
+        Cmd::Kill { signal, vms } => {
+            let sig = parse_signal(&signal)?;
+            for vm in vms {
+                client.kill(&vm, sig).await?;
+                println!("{vm}");
+            }
+            Ok(0)
+        }
+        Cmd::Rm { force, vms } => {
+            for vm in vms {
+                client.remove(&vm, force).await?;
+                println!("{vm}");
+            }
+            Ok(0)
+        }
+        Cmd::Inspect { vm } => {
+            let info = client.inspect(&vm).await?;
+            let mut phases = serde_json::Map::new();
+            for p in &info.phases {
+                phases.insert(
+                    p.phase.name().into(),
+                    serde_json::json!(p.at_us as f64 / 1000.0),
+                );
+            }
+            let v = serde_json::json!({
+                "Id": info.summary.id,
+                "Name": info.summary.name,
+                "Image": info.summary.image,
+                "Command": info.summary.argv,
+                "State": info.summary.state.to_string(),
+                "Created": info.summary.created_ms,
+                "Exit": info.summary.exit.as_ref().map(|e| serde_json::json!({
+                    "Code": e.code, "Signal": e.signal, "Reason": e.reason, "At": e.at_ms,
+                })),
+                "PhasesMs": phases,
+                "GuestBoot": info.guest_boot.as_ref().map(|b| serde_json::json!({
+                    "KernelMs": b.kernel_us as f64 / 1000.0,
+                    "ModulesMs": b.modules_us as f64 / 1000.0,
+                    "HelloMs": b.hello_us as f64 / 1000.0,
+                })),
+                "Cid": info.cid,
+                "VmmPid": info.vmm_pid,
+                "Accel": info.accel,
+                "MemoryMiB": info.memory_mib,
+                "Vcpus": info.vcpus,
+                "LogBytes": info.log_bytes,
+                "Env": info.spec.env,
+                "WorkingDir": info.spec.workdir,
+                "OpenStdin": info.spec.stdin_open,
+                "AutoRemove": info.spec.auto_remove,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            Ok(0)
+        }
+        Cmd::Version => {
+            let v = client.agent_version().await?;
+            println!("vmlet:   {}", env!("CARGO_PKG_VERSION"));
+            println!("vmletd:  {} (API {})", v.agent, v.api_version);
+            println!("vmm:     {}", v.vmm);
+            println!("accel:   {}", v.accel);
+            println!("kernel:  {}", v.kernel);
+            Ok(0)
+        }
+        Cmd::Events => {
+            let mut s = client.stream(Request::Events).await?;
+            while let Some(r) = s.next().await {
+                match r {
+                    Response::Event(e) => {
+                        println!("{} {} {}", e.at_ms, e.vm, e.state);
+                    }
+                    Response::Error(e) => return Err(ClientError::Api(e).into()),
+                    _ => {}
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Copies the attach stream to stdout/stderr (and stdin to the VM) until
+/// the VM exits; returns its exit code.
+async fn attach(
+    client: &Client,
+    mut stream: vmlet_protocol::client::ResponseStream,
+    interactive: bool,
+) -> Result<u8, CliError> {
+    let attach_id = stream.id;
+    let stdin_task = async {
+        if !interactive {
+            return std::future::pending::<Result<(), CliError>>().await;
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                client.close_stdin(attach_id).await?;
+                return std::future::pending().await;
+            }
+            client.stdin(attach_id, buf[..n].to_vec()).await?;
+        }
+    };
+    let output = async {
+        let mut out = std::io::stdout().lock();
+        let mut err = std::io::stderr().lock();
+        while let Some(r) = stream.next().await {
+            match r {
+                Response::Output { stream, data, .. } => {
+                    let w: &mut dyn Write = match stream {
+                        Stream::Stdout => &mut out,
+                        Stream::Stderr => &mut err,
+                    };
+                    w.write_all(&data)?;
+                    w.flush()?;
+                }
+                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
+                Response::StreamEnd { exit: None } => return Ok(0),
+                Response::Error(e) => return Err(ClientError::Api(e).into()),
+                _ => {}
+            }
+        }
+        Err(ClientError::Closed.into())
+    };
+    tokio::select! {
+        r = output => r,
+        r = stdin_task => r.map(|_| 0),
+    }
+}
+
+fn parse_signal(s: &str) -> Result<i32, CliError> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Ok(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    let n = match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        _ => return Err(CliError::Usage(format!("unknown signal {s:?}"))),
+    };
+    Ok(n)
+}
+
+fn format_ts(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    format!("{secs}.{:09}", ns % 1_000_000_000)
+}
+
+fn print_ps(list: &[VmSummary]) {
+    println!(
+        "{:<16}  {:<12}  {:<28}  {:<24}  NAME",
+        "ID", "IMAGE", "COMMAND", "STATUS"
+    );
+    for v in list {
+        let mut cmd = v.argv.join(" ");
+        if cmd.len() > 28 {
+            cmd.truncate(25);
+            cmd.push_str("...");
+        }
+        let status = match &v.exit {
+            Some(e) => format!("{} ({})", v.state, e.code),
+            None => v.state.to_string(),
+        };
+        println!(
+            "{:<16}  {:<12}  {:<28}  {:<24}  {}",
+            v.id,
+            v.image,
+            cmd,
+            status,
+            v.name.as_deref().unwrap_or("")
+        );
+    }
+}

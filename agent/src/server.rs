@@ -1,0 +1,534 @@
+//! The API server: one task per connection reading requests, one writer
+//! task per connection, one task per request in flight.
+//!
+//! A malformed payload gets an error reply and the connection goes on; a
+//! broken frame header (bad magic, unknown framing version, a length over
+//! the limit) gets an error reply and the connection is closed, because the
+//! byte stream can no longer be trusted to be in step. Neither affects any
+//! other connection.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use vmlet_protocol::aio::{read_frame, write_frame};
+use vmlet_protocol::api::{
+    negotiate, AttachSpec, ClientMessage, Request, RequestId, Response, ServerMessage, VersionInfo,
+    VmState, API_VERSION, MIN_API_VERSION,
+};
+use vmlet_protocol::frame::{FrameError, MAX_CHUNK, MAX_FRAME_LEN};
+use vmlet_protocol::guest::HostMessage;
+use vmlet_protocol::{ApiError, ErrorCode};
+
+use crate::agent::Agent;
+use crate::vm::Vm;
+
+/// Replies waiting for a slow client before its streams pause.
+const REPLY_QUEUE: usize = 256;
+/// Time a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests in flight on one connection.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Binds the API socket: removes a stale socket file (after checking
+/// nobody answers on it) and sets its mode.
+pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another agent is serving {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Serves connections until the listener fails.
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(agent, stream).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+type Tx = mpsc::Sender<ServerMessage>;
+
+async fn reply(tx: &Tx, id: RequestId, body: Response) {
+    let _ = tx.send(ServerMessage { id, body }).await;
+}
+
+fn error_body(e: ApiError) -> Response {
+    Response::Error(e)
+}
+
+/// Serves one client connection.
+async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameError> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<ServerMessage>(REPLY_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_frame(&mut wr, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // Version negotiation comes first, within a bounded time.
+    let hello = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        read_frame::<_, ClientMessage>(&mut rd, MAX_FRAME_LEN),
+    )
+    .await;
+    let ok = match hello {
+        Ok(Ok(Some(ClientMessage {
+            id,
+            body:
+                Request::Hello {
+                    min_version,
+                    max_version,
+                    client,
+                },
+        }))) => match negotiate(min_version, max_version) {
+            Some(version) => {
+                tracing::debug!(client = %client, version, "client connected");
+                reply(
+                    &tx,
+                    id,
+                    Response::Hello {
+                        version,
+                        agent: format!("vmletd {}", env!("CARGO_PKG_VERSION")),
+                    },
+                )
+                .await;
+                true
+            }
+            None => {
+                reply(
+                    &tx,
+                    id,
+                    error_body(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "no common API version: the client speaks {min_version}..={max_version}, this agent {MIN_API_VERSION}..={API_VERSION}"
+                        ),
+                    )),
+                )
+                .await;
+                false
+            }
+        },
+        Ok(Ok(Some(m))) => {
+            reply(
+                &tx,
+                m.id,
+                error_body(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "the first request on a connection must be Hello",
+                )),
+            )
+            .await;
+            false
+        }
+        Ok(Ok(None)) => false,
+        Ok(Err(e)) => {
+            reply(&tx, 0, error_body(frame_error(&e))).await;
+            false
+        }
+        Err(_) => {
+            reply(
+                &tx,
+                0,
+                error_body(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "no Hello within 10 s; closing",
+                )),
+            )
+            .await;
+            false
+        }
+    };
+    if !ok {
+        drop(tx);
+        let _ = writer.await;
+        return Ok(());
+    }
+
+    let mut streams: HashMap<RequestId, AbortHandle> = HashMap::new();
+    let mut attached: HashMap<RequestId, Arc<Vm>> = HashMap::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let msg = match read_frame::<_, ClientMessage>(&mut rd, MAX_FRAME_LEN).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) if e.stream_usable() => {
+                reply(&tx, 0, error_body(frame_error(&e))).await;
+                continue;
+            }
+            Err(e) => {
+                reply(&tx, 0, error_body(frame_error(&e))).await;
+                break Err(e);
+            }
+        };
+        streams.retain(|_, h| !h.is_finished());
+        let ClientMessage { id, body } = msg;
+        match body {
+            // Stdin is handled in the read loop so its chunks keep their
+            // order; a full guest queue slows this client's reads.
+            Request::Stdin { attach, data } => {
+                if data.len() > MAX_CHUNK {
+                    reply(
+                        &tx,
+                        attach,
+                        error_body(ApiError::new(
+                            ErrorCode::InvalidArgument,
+                            format!("stdin chunks are at most {MAX_CHUNK} bytes"),
+                        )),
+                    )
+                    .await;
+                    continue;
+                }
+                match attached.get(&attach) {
+                    Some(vm) => {
+                        let _ = vm.to_guest.send(HostMessage::Stdin(data)).await;
+                    }
+                    None => {
+                        reply(&tx, attach, error_body(no_stdin(attach))).await;
+                    }
+                }
+            }
+            Request::CloseStdin { attach } => match attached.remove(&attach) {
+                Some(vm) => {
+                    let _ = vm.to_guest.send(HostMessage::CloseStdin).await;
+                }
+                None => reply(&tx, attach, error_body(no_stdin(attach))).await,
+            },
+            Request::Cancel { request } => {
+                if let Some(h) = streams.remove(&request) {
+                    h.abort();
+                    attached.remove(&request);
+                    reply(&tx, request, Response::StreamEnd { exit: None }).await;
+                }
+            }
+            Request::Hello { .. } => {
+                reply(
+                    &tx,
+                    id,
+                    error_body(ApiError::new(
+                        ErrorCode::Conflict,
+                        "the version was already negotiated",
+                    )),
+                )
+                .await;
+            }
+            body => {
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    reply(
+                        &tx,
+                        id,
+                        error_body(ApiError::new(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "more than {MAX_IN_FLIGHT} requests in flight on this connection"
+                            ),
+                        )),
+                    )
+                    .await;
+                    continue;
+                };
+                if let Request::Attach(AttachSpec {
+                    vm, stdin: true, ..
+                }) = &body
+                {
+                    match agent.resolve(vm) {
+                        Ok(v) if v.record().spec.stdin_open => {
+                            attached.insert(id, v);
+                        }
+                        Ok(v) => {
+                            reply(
+                                &tx,
+                                id,
+                                error_body(ApiError::new(
+                                    ErrorCode::Conflict,
+                                    format!("VM {} was created without an open stdin", v.id),
+                                )),
+                            )
+                            .await;
+                            continue;
+                        }
+                        Err(e) => {
+                            reply(&tx, id, error_body(e)).await;
+                            continue;
+                        }
+                    }
+                }
+                let is_stream = matches!(
+                    body,
+                    Request::Attach(_) | Request::Logs { .. } | Request::Events
+                );
+                let agent = agent.clone();
+                let tx = tx.clone();
+                let h = tokio::spawn(async move {
+                    handle(agent, id, body, &tx).await;
+                    drop(permit);
+                });
+                if is_stream {
+                    streams.insert(id, h.abort_handle());
+                }
+            }
+        }
+    };
+    // Streams end with the connection; single calls (a start, a stop) run
+    // to completion so their VM is left in a defined state.
+    for h in streams.values() {
+        h.abort();
+    }
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn no_stdin(attach: RequestId) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("request {attach} is not an attach with stdin on this connection"),
+    )
+}
+
+fn frame_error(e: &FrameError) -> ApiError {
+    ApiError::new(ErrorCode::InvalidArgument, format!("bad frame: {e}"))
+}
+
+/// Handles one request to completion.
+async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
+    let r = match body {
+        Request::Version => Ok(Response::Version(VersionInfo {
+            agent: env!("CARGO_PKG_VERSION").into(),
+            api_version: API_VERSION,
+            vmm: format!("{} {}", agent.vmm.name(), agent.vmm.version()),
+            accel: agent.config.accel.to_string(),
+            kernel: agent.kernel_release.clone(),
+        })),
+        Request::Create(spec) => agent
+            .create(spec)
+            .map(|vm| Response::Created { id: vm.id.clone() }),
+        Request::Run(spec) => match agent.create(spec) {
+            Ok(vm) => crate::start::start(&agent, &vm)
+                .await
+                .map(|_| Response::Created { id: vm.id.clone() }),
+            Err(e) => Err(e),
+        },
+        Request::Start { vm } => match agent.resolve(&vm) {
+            Ok(vm) => crate::start::start(&agent, &vm)
+                .await
+                .map(|_| Response::Done),
+            Err(e) => Err(e),
+        },
+        Request::Wait { vm } => match agent.resolve(&vm) {
+            Ok(vm) => match vm.wait_exit().await {
+                Some(e) => Ok(Response::Exited(e)),
+                None => Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} was removed before it ran", vm.id),
+                )),
+            },
+            Err(e) => Err(e),
+        },
+        Request::Stop { vm, timeout_ms } => match agent.resolve(&vm) {
+            Ok(vm) => stop(&vm, Duration::from_millis(timeout_ms.min(3_600_000))).await,
+            Err(e) => Err(e),
+        },
+        Request::Kill { vm, signal } => match agent.resolve(&vm) {
+            Ok(vm) => kill(&vm, signal).await,
+            Err(e) => Err(e),
+        },
+        Request::Remove { vm, force } => match agent.resolve(&vm) {
+            Ok(vm) => agent.remove(&vm, force).await.map(|_| Response::Done),
+            Err(e) => Err(e),
+        },
+        Request::List { all } => Ok(Response::List(agent.list(all))),
+        Request::Inspect { vm } => agent
+            .resolve(&vm)
+            .map(|vm| Response::Inspect(Box::new(vm.info(&agent.config.accel.to_string())))),
+        Request::Attach(a) => {
+            return match agent.resolve(&a.vm) {
+                Ok(vm) => output_stream(&vm, id, tx, a.stdout, a.stderr, a.replay, true).await,
+                Err(e) => reply(tx, id, error_body(e)).await,
+            }
+        }
+        Request::Logs { vm, follow } => {
+            return match agent.resolve(&vm) {
+                Ok(vm) => output_stream(&vm, id, tx, true, true, true, follow).await,
+                Err(e) => reply(tx, id, error_body(e)).await,
+            }
+        }
+        Request::Events => {
+            let mut rx = agent.events();
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if tx
+                            .send(ServerMessage {
+                                id,
+                                body: Response::Event(ev),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        reply(
+                            tx,
+                            id,
+                            error_body(ApiError::new(
+                                ErrorCode::Unavailable,
+                                format!("the client fell {n} events behind; the stream was ended"),
+                            )),
+                        )
+                        .await;
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+        Request::Hello { .. }
+        | Request::Stdin { .. }
+        | Request::CloseStdin { .. }
+        | Request::Cancel { .. } => unreachable!("handled in the read loop"),
+    };
+    reply(tx, id, r.unwrap_or_else(error_body)).await;
+}
+
+/// Streams a VM's output from its log.
+async fn output_stream(
+    vm: &Arc<Vm>,
+    id: RequestId,
+    tx: &Tx,
+    stdout: bool,
+    stderr: bool,
+    from_start: bool,
+    follow: bool,
+) {
+    let mut r = match vm.log.reader(from_start) {
+        Ok(r) => r,
+        Err(e) => {
+            return reply(
+                tx,
+                id,
+                error_body(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("cannot read the log: {e}"),
+                )),
+            )
+            .await
+        }
+    };
+    loop {
+        match r.next(follow).await {
+            Ok(Some(rec)) => {
+                let wanted = match rec.stream {
+                    vmlet_protocol::api::Stream::Stdout => stdout,
+                    vmlet_protocol::api::Stream::Stderr => stderr,
+                };
+                if !wanted {
+                    continue;
+                }
+                for chunk in rec.data.chunks(MAX_CHUNK) {
+                    let m = ServerMessage {
+                        id,
+                        body: Response::Output {
+                            stream: rec.stream,
+                            timestamp_ns: rec.timestamp_ns,
+                            data: chunk.to_vec(),
+                        },
+                    };
+                    if tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return reply(
+                    tx,
+                    id,
+                    error_body(ApiError::new(
+                        ErrorCode::Internal,
+                        format!("cannot read the log: {e}"),
+                    )),
+                )
+                .await
+            }
+        }
+    }
+    // The log is sealed just before the VM is marked exited; a follower
+    // waits the moment in between so it can report the exit.
+    let exit = if follow && vm.state() != VmState::Created {
+        vm.wait_exit().await
+    } else {
+        vm.exit()
+    };
+    reply(tx, id, Response::StreamEnd { exit }).await;
+}
+
+async fn stop(vm: &Arc<Vm>, timeout: Duration) -> Result<Response, ApiError> {
+    match vm.state() {
+        VmState::Running | VmState::Starting => {}
+        s => {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("VM {} is {s}, not running", vm.id),
+            ))
+        }
+    }
+    vm.with(|i| i.stopping = true);
+    let _ = vm.to_guest.try_send(HostMessage::Signal(libc::SIGTERM));
+    if tokio::time::timeout(timeout, vm.wait_exit()).await.is_err() {
+        if let Some(h) = vm.handle() {
+            h.kill().await.map_err(|e| {
+                ApiError::new(ErrorCode::Internal, format!("cannot kill the VMM: {e}"))
+            })?;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), vm.wait_exit()).await;
+    }
+    Ok(Response::Done)
+}
+
+async fn kill(vm: &Arc<Vm>, signal: i32) -> Result<Response, ApiError> {
+    if !(1..=64).contains(&signal) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("{signal} is not a signal number"),
+        ));
+    }
+    if vm.state() != VmState::Running {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("VM {} is {}, not running", vm.id, vm.state()),
+        ));
+    }
+    vm.to_guest
+        .send(HostMessage::Signal(signal))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Conflict, format!("VM {} has exited", vm.id)))?;
+    Ok(Response::Done)
+}

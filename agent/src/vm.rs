@@ -1,0 +1,268 @@
+//! One containerVM: its identity, its state machine and what it owns.
+//!
+//! ```text
+//! created ──start──▶ starting ──tether started the process──▶ running
+//!    │                  │                                        │
+//!    │                  └──────── start failed ──────┐           │ process exited,
+//!    │                                               ▼           │ VMM died, stop, kill
+//!    └──────────────────── remove ─────────────▶ exited ◀────────┘
+//!                                                   │
+//!                                                remove ──▶ removed
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use vmlet_protocol::api::{
+    CreateSpec, ExitInfo, GuestBoot, Phase, PhaseTiming, VmInfo, VmState, VmSummary,
+};
+use vmlet_protocol::guest::HostMessage;
+use vmlet_protocol::{ApiError, ErrorCode};
+use vmm_shim::VmHandle;
+
+use crate::logstore::{Log, LogWriter};
+
+/// Messages to the guest that wait while the guest is slow to take them;
+/// senders (stdin writers) are slowed down rather than buffered without end.
+pub const TO_GUEST_QUEUE: usize = 64;
+
+/// What is persisted of a VM in `vms/<id>/vm.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: Option<String>,
+    /// The create spec.
+    pub spec: CreateSpec,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// State.
+    pub state: VmState,
+    /// How it ended.
+    pub exit: Option<ExitInfo>,
+    /// Start timings.
+    pub phases: Vec<PhaseTiming>,
+    /// Guest boot timings.
+    pub guest_boot: Option<GuestBoot>,
+    /// vsock CID.
+    pub cid: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// VMM pid while it runs.
+    pub vmm_pid: Option<u32>,
+}
+
+/// Mutable state of a VM, behind one lock.
+#[derive(Debug)]
+pub struct Inner {
+    /// The persisted part.
+    pub rec: VmRecord,
+    /// When the start was accepted.
+    pub accepted_at: Option<Instant>,
+    /// The running VMM.
+    pub handle: Option<Arc<dyn VmHandle>>,
+    /// The log writer until the guest session takes it.
+    pub log_writer: Option<LogWriter>,
+    /// The receiving end of the to-guest queue until the session takes it.
+    pub to_guest_rx: Option<mpsc::Receiver<HostMessage>>,
+    /// A stop was requested: a VMM kill that follows is the stop's doing.
+    pub stopping: bool,
+}
+
+/// A containerVM.
+#[derive(Debug)]
+pub struct Vm {
+    /// Its id (16 hex digits), the only thing used in paths.
+    pub id: String,
+    /// Its state directory.
+    pub dir: PathBuf,
+    /// Its log.
+    pub log: Log,
+    /// Messages for the guest: stdin, signals.
+    pub to_guest: mpsc::Sender<HostMessage>,
+    inner: Mutex<Inner>,
+    state_tx: watch::Sender<VmState>,
+}
+
+impl Vm {
+    /// Creates the in-memory VM around its record.
+    pub fn new(rec: VmRecord, dir: PathBuf, log: Log, writer: Option<LogWriter>) -> Arc<Vm> {
+        let (to_guest, rx) = mpsc::channel(TO_GUEST_QUEUE);
+        let (state_tx, _) = watch::channel(rec.state);
+        Arc::new(Vm {
+            id: rec.id.clone(),
+            dir,
+            log,
+            to_guest,
+            state_tx,
+            inner: Mutex::new(Inner {
+                rec,
+                accepted_at: None,
+                handle: None,
+                log_writer: writer,
+                to_guest_rx: Some(rx),
+                stopping: false,
+            }),
+        })
+    }
+
+    /// Runs `f` with the state locked.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        f(&mut self.inner.lock())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> VmState {
+        *self.state_tx.borrow()
+    }
+
+    /// A receiver of state changes.
+    pub fn subscribe(&self) -> watch::Receiver<VmState> {
+        self.state_tx.subscribe()
+    }
+
+    /// Moves to `to` if the VM is in one of `from`; a conflict error
+    /// otherwise.
+    pub fn transition(&self, from: &[VmState], to: VmState) -> Result<(), ApiError> {
+        let mut g = self.inner.lock();
+        let cur = g.rec.state;
+        if !from.contains(&cur) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("VM {} is {cur}, so it cannot become {to}", self.id),
+            ));
+        }
+        g.rec.state = to;
+        drop(g);
+        self.state_tx.send_replace(to);
+        Ok(())
+    }
+
+    /// Sets the state unconditionally (used for `exited`, which any live
+    /// state can reach).
+    pub fn set_state(&self, to: VmState) {
+        self.inner.lock().rec.state = to;
+        self.state_tx.send_replace(to);
+    }
+
+    /// Records that the start reached `phase`; returns microseconds since
+    /// accepted. Only the first time counts.
+    pub fn phase(&self, phase: Phase) -> u64 {
+        let mut g = self.inner.lock();
+        let now = Instant::now();
+        let at_us = match phase {
+            Phase::Accepted => {
+                g.accepted_at = Some(now);
+                g.rec.phases.clear();
+                0
+            }
+            _ => g
+                .accepted_at
+                .map(|t| now.duration_since(t).as_micros() as u64)
+                .unwrap_or(0),
+        };
+        if !g.rec.phases.iter().any(|p| p.phase == phase) {
+            g.rec.phases.push(PhaseTiming { phase, at_us });
+            tracing::debug!(vm = %self.id, phase = phase.name(), at_us, "phase reached");
+        }
+        at_us
+    }
+
+    /// Whether the start already reached `phase`.
+    pub fn reached(&self, phase: Phase) -> bool {
+        self.inner
+            .lock()
+            .rec
+            .phases
+            .iter()
+            .any(|p| p.phase == phase)
+    }
+
+    /// A copy of the persisted record.
+    pub fn record(&self) -> VmRecord {
+        self.inner.lock().rec.clone()
+    }
+
+    /// The summary `ps` shows.
+    pub fn summary(&self) -> VmSummary {
+        let g = self.inner.lock();
+        summary_of(&g.rec)
+    }
+
+    /// Everything `inspect` shows.
+    pub fn info(&self, accel: &str) -> VmInfo {
+        let g = self.inner.lock();
+        VmInfo {
+            summary: summary_of(&g.rec),
+            spec: g.rec.spec.clone(),
+            phases: g.rec.phases.clone(),
+            guest_boot: g.rec.guest_boot.clone(),
+            cid: g.rec.cid,
+            vmm_pid: g.handle.as_ref().and_then(|h| h.pid()),
+            accel: accel.to_string(),
+            memory_mib: g.rec.memory_mib,
+            vcpus: g.rec.vcpus,
+            log_bytes: self.log.pos().len,
+        }
+    }
+
+    /// How the VM ended, once it has.
+    pub fn exit(&self) -> Option<ExitInfo> {
+        self.inner.lock().rec.exit.clone()
+    }
+
+    /// The running VMM, if any.
+    pub fn handle(&self) -> Option<Arc<dyn VmHandle>> {
+        self.inner.lock().handle.clone()
+    }
+
+    /// The name, if any.
+    pub fn name(&self) -> Option<String> {
+        self.inner.lock().rec.spec.name.clone()
+    }
+
+    /// Waits until the VM has exited (or was removed) and returns how.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn wait_exit(&self) -> Option<ExitInfo> {
+        let mut rx = self.subscribe();
+        loop {
+            let s = *rx.borrow_and_update();
+            if matches!(s, VmState::Exited | VmState::Removed) {
+                return self.exit();
+            }
+            if rx.changed().await.is_err() {
+                return self.exit();
+            }
+        }
+    }
+}
+
+fn summary_of(rec: &VmRecord) -> VmSummary {
+    VmSummary {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        image: rec.spec.image.clone(),
+        argv: rec.spec.argv.clone(),
+        state: rec.state,
+        created_ms: rec.created_ms,
+        exit: rec.exit.clone(),
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

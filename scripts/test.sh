@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (host packages, the guest
+# kernel, the musl target), builds everything, checks formatting and lints,
+# then runs every test, end-to-end tests on real QEMU guests included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-guest.sh
+scripts/build.sh
+cargo fmt --all -- --check
+cargo clippy -q --workspace --all-targets -- -D warnings
+# TCG guests are CPU-bound: two test threads on two cores keep every boot
+# well inside its timeout.
+cargo test --workspace -- --test-threads="${VMLET_TEST_THREADS:-2}"

@@ -1,0 +1,180 @@
+//! Detached containers: logs, attach, wait, ps, inspect, stop, kill, rm,
+//! and a VMM killed from outside.
+
+use std::time::{Duration, Instant};
+
+use vmlet_tests::{stderr, stdout, wait_output, TestAgent};
+
+fn inspect(a: &TestAgent, id: &str) -> serde_json::Value {
+    let o = a.run(&["inspect", id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("inspect prints JSON")
+}
+
+#[test]
+fn detached_logs_attach_wait_ps_inspect_rm() {
+    let a = TestAgent::start();
+    let o = a.run(&[
+        "run",
+        "-d",
+        "--name",
+        "ticker",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do echo line $i; sleep 1; done; echo bye >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = stdout(&o).trim().to_string();
+    assert_eq!(id.len(), 16, "{id:?}");
+
+    // Two followers at once: `logs -f` and `attach`.
+    let spawn = |args: &[&str]| {
+        a.vmlet()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let logs = spawn(&["logs", "-f", "ticker"]);
+    let attach = spawn(&["attach", &id]);
+    let ps = a.run(&["ps"]);
+    assert!(
+        stdout(&ps).contains(&id),
+        "ps while running: {}",
+        stdout(&ps)
+    );
+
+    let w = a.run(&["wait", &id]);
+    assert_eq!(stdout(&w).trim(), "3");
+    let logs = wait_output(logs, Duration::from_secs(60), "logs -f");
+    let want: String = (1..=5).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout(&logs), want);
+    assert_eq!(stderr(&logs), "bye\n");
+    let attach = wait_output(attach, Duration::from_secs(60), "attach");
+    // The attach began at "now", so it sees a suffix of the same stream,
+    // at least the last line, and ends with the container's exit code.
+    let att = stdout(&attach);
+    assert!(want.ends_with(&att) && att.contains("line 5"), "{att:?}");
+    assert_eq!(attach.status.code(), Some(3));
+
+    // After the exit: ps shows it only with -a; logs still has everything.
+    assert!(!stdout(&a.run(&["ps"])).contains(&id));
+    let psa = stdout(&a.run(&["ps", "-a"]));
+    assert!(psa.contains(&id) && psa.contains("exited (3)"), "{psa}");
+    assert_eq!(stdout(&a.run(&["logs", &id])), want);
+
+    // inspect shows every phase of the start, in order.
+    let info = inspect(&a, &id);
+    assert_eq!(info["State"], "exited");
+    assert_eq!(info["Exit"]["Code"], 3);
+    let phases = info["PhasesMs"].as_object().unwrap();
+    let names = [
+        "accepted",
+        "admitted",
+        "config-cloned",
+        "disks-attached",
+        "vmm-spawned",
+        "guest-booted",
+        "process-started",
+        "first-output",
+        "exited",
+    ];
+    let mut last = 0.0;
+    for n in names {
+        let t = phases
+            .get(n)
+            .and_then(|v| v.as_f64())
+            .unwrap_or_else(|| panic!("phase {n} missing: {phases:?}"));
+        assert!(t >= last, "phase {n} at {t} before {last}");
+        last = t;
+    }
+    assert!(info["GuestBoot"]["HelloMs"].as_f64().unwrap() > 0.0);
+
+    // rm: no process, no file of it.
+    let dir = a.vm_dir(&id);
+    assert!(dir.exists());
+    let o = a.run(&["rm", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    a.assert_no_processes(&id);
+    let o = a.run(&["inspect", &id]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+}
+
+#[test]
+fn stop_sigterm_then_kill_after_timeout() {
+    let a = TestAgent::start();
+    // A process that ignores SIGTERM: stop must kill the VM after the
+    // timeout and report it.
+    let o = a.run(&[
+        "run",
+        "-d",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; while true; do sleep 1; done",
+    ]);
+    let stubborn = stdout(&o).trim().to_string();
+    // One that honours SIGTERM.
+    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
+    let polite = stdout(&o).trim().to_string();
+
+    let t = Instant::now();
+    let o = a.run(&["stop", "-t", "3", &polite]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(inspect(&a, &polite)["Exit"]["Signal"], 15);
+
+    let o = a.run(&["stop", "-t", "2", &stubborn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let info = inspect(&a, &stubborn);
+    assert_eq!(info["State"], "exited");
+    assert_eq!(info["Exit"]["Code"], 137, "{info}");
+    a.assert_no_processes(&stubborn);
+    a.assert_no_processes(&polite);
+    assert_eq!(stdout(&a.run(&["logs", &stubborn])), "ready\n");
+}
+
+#[test]
+fn kill_signal_and_vmm_killed_from_outside() {
+    let a = TestAgent::start();
+    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
+    let id = stdout(&o).trim().to_string();
+    let o = a.run(&["kill", "-s", "KILL", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "137");
+
+    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
+    let id = stdout(&o).trim().to_string();
+    let pid = inspect(&a, &id)["VmmPid"]
+        .as_i64()
+        .expect("a running VM has a VMM pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let w = a.run(&["wait", &id]);
+    assert_eq!(stdout(&w).trim(), "255");
+    let info = inspect(&a, &id);
+    let reason = info["Exit"]["Reason"].as_str().unwrap();
+    assert!(
+        reason.contains("VMM") && reason.contains("signal 9"),
+        "{reason}"
+    );
+    // Its vsock backend and sockets are gone too.
+    a.assert_no_processes(&id);
+    let socks: Vec<_> = std::fs::read_dir(a.vm_dir(&id))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".sock"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(socks.is_empty(), "sockets left: {socks:?}");
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}
