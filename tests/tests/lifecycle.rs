@@ -164,7 +164,7 @@ fn kill_signal_and_vmm_killed_from_outside() {
     let info = inspect(&a, &id);
     let reason = info["Exit"]["Reason"].as_str().unwrap();
     assert!(
-        reason.contains("VMM") && reason.contains("signal 9"),
+        reason.contains("VMM") && reason.contains("SIGKILL"),
         "{reason}"
     );
     // Its vsock backend and sockets are gone too.
