@@ -178,9 +178,8 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     /// The guest is still booting then. On error nothing that was spawned is left running.
     ///
     /// # Cancel safety
-    /// Not cancel safe: a start dropped part-way may leave its processes running (they are
-    /// reaped, not killed, since VMs outlive their handles). Bound it with the timeouts it
-    /// already has rather than by dropping it.
+    /// Cancel safe: a start dropped part-way SIGKILLs what it had spawned (reaped in the
+    /// background) and removes its sockets.
     async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error>;
 }
 

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// How a child ended, or why waiting for it failed.
 pub(crate) type Exit = Result<ExitStatus, String>;
 
-/// A supervised child process.
-#[derive(Debug)]
+/// A supervised child process. Clones share the same child.
+#[derive(Debug, Clone)]
 pub(crate) struct Process {
     pid: u32,
     exit: watch::Receiver<Option<Exit>>,
@@ -94,6 +94,14 @@ impl Process {
         rx.await.unwrap_or(false)
     }
 
+    /// Asks the reaping task to SIGKILL the child, without waiting: usable from `Drop`.
+    pub(crate) fn kill_now(&self) {
+        if self.exited().is_none() {
+            let (tx, _) = oneshot::channel();
+            let _ = self.signals.send((Signal::SIGKILL, tx));
+        }
+    }
+
     /// Waits for the exit. Cancel safe.
     pub(crate) async fn wait(&self) -> Exit {
         let mut rx = self.exit.clone();
@@ -116,6 +124,41 @@ impl Process {
     pub(crate) async fn kill_and_reap(&self, timeout: Duration) -> Option<Exit> {
         self.signal(Signal::SIGKILL).await;
         self.wait_timeout(timeout).await
+    }
+}
+
+/// Undoes work abandoned part-way (a start whose future was dropped): when dropped still
+/// armed, SIGKILLs the processes (their tasks reap them) and removes the sockets.
+#[derive(Debug, Default)]
+pub(crate) struct Undo {
+    processes: Vec<Process>,
+    sockets: Vec<std::path::PathBuf>,
+}
+
+impl Undo {
+    pub(crate) fn process(&mut self, p: &Process) {
+        self.processes.push(p.clone());
+    }
+
+    pub(crate) fn socket(&mut self, p: &std::path::Path) {
+        self.sockets.push(p.to_owned());
+    }
+
+    /// The work finished: undo nothing.
+    pub(crate) fn disarm(mut self) {
+        self.processes.clear();
+        self.sockets.clear();
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        for p in &self.processes {
+            p.kill_now();
+        }
+        for s in &self.sockets {
+            let _ = crate::vsock_backend::remove_socket(s);
+        }
     }
 }
 
@@ -169,6 +212,26 @@ mod tests {
             describe("sh", &p.exited().unwrap()),
             "sh exited with status 7"
         );
+    }
+
+    #[tokio::test]
+    async fn undo_kills_unless_disarmed() {
+        let (_d, log) = log();
+        let sleep =
+            || Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log).unwrap();
+        let (a, b) = (sleep(), sleep());
+        let mut undo = Undo::default();
+        undo.process(&a);
+        drop(undo);
+        let exit = tokio::time::timeout(Duration::from_secs(10), a.wait())
+            .await
+            .unwrap();
+        assert_eq!(exit.unwrap().signal(), Some(libc::SIGKILL));
+        let mut undo = Undo::default();
+        undo.process(&b);
+        undo.disarm();
+        assert!(b.wait_timeout(Duration::from_millis(100)).await.is_none());
+        assert!(b.kill_and_reap(Duration::from_secs(5)).await.is_some());
     }
 
     #[tokio::test]

@@ -305,14 +305,39 @@ impl Qemu {
 }
 
 /// `7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)` from `QEMU emulator version 7.2.22 (Debian ...)`.
+/// Bounded in time: a program that hangs must not hang the agent's startup.
 fn probe_version(binary: &Path) -> Option<String> {
-    let out = std::process::Command::new(binary)
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(binary)
         .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .ok()?;
-    parse_version(&String::from_utf8_lossy(&out.stdout))
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = String::new();
+    // At most 4 KiB: the first line is all that is wanted.
+    child
+        .stdout
+        .take()?
+        .take(4096)
+        .read_to_string(&mut out)
+        .ok()?;
+    parse_version(&out)
 }
 
 fn parse_version(text: &str) -> Option<String> {
@@ -391,6 +416,12 @@ impl Vmm for Qemu {
         .await
         .map_err(|e| fail("starting the vsock backend", e.into()))?;
         let t_backend = t0.elapsed();
+        // Until the handle exists, a dropped start must not leave processes or sockets.
+        let mut undo = process::Undo::default();
+        undo.process(backend.process());
+        undo.socket(&paths.vhost_vsock);
+        undo.socket(&cfg.vsock_uds);
+        undo.socket(&paths.qmp);
 
         let args = argv(cfg, &paths, self.acpi);
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
@@ -404,6 +435,7 @@ impl Vmm for Qemu {
                 ));
             }
         };
+        undo.process(&qemu);
         let t_spawned = Instant::now();
 
         let qmp =
@@ -434,6 +466,7 @@ impl Vmm for Qemu {
             qmp_ms = t_spawned.elapsed().as_millis() as u64,
             "QEMU answers on QMP"
         );
+        undo.disarm();
         Ok(Box::new(QemuHandle {
             id: cfg.id.clone(),
             qemu,
@@ -808,6 +841,20 @@ mod tests {
     }
 
     #[test]
+    fn probes_the_version_in_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake");
+        std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.9.9'\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        assert_eq!(probe_version(&fake).as_deref(), Some("9.9.9"));
+        assert_eq!(probe_version(Path::new("/nonexistent")), None);
+        if let Some(qemu) = find_program("qemu-system-x86_64") {
+            assert!(probe_version(&qemu).is_some());
+        }
+    }
+
+    #[test]
     fn finds_programs_on_path() {
         assert!(find_program("sh").is_some());
         assert!(find_program("no-such-program-vmlet").is_none());
@@ -854,6 +901,100 @@ mod tests {
             },
             other => panic!("expected a start error, got {other:?}"),
         }
+        for s in ["vhost-vsock.sock", "vsock.sock", "qmp.sock"] {
+            assert!(!dir.path().join(s).exists(), "{s} left behind");
+        }
+    }
+
+    /// A start dropped while waiting for QMP kills QEMU and the backend and removes sockets.
+    #[tokio::test]
+    async fn a_dropped_start_leaves_nothing_running() {
+        let Some(backend) = find_program("vhost-device-vsock") else {
+            eprintln!("skipping: vhost-device-vsock is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        // Never opens a QMP socket; leaves its pid behind to be checked.
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho $$ > {}/qemu.pid\nexec sleep 30\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let f = dir.path().join("vmlinux");
+        std::fs::write(&f, b"").unwrap();
+        let c = VmConfig {
+            dir: dir.path().to_owned(),
+            kernel: f.clone(),
+            initrd: f.clone(),
+            disks: vec![],
+            vsock_uds: dir.path().join("vsock.sock"),
+            ..cfg(Accel::Tcg)
+        };
+        let q = Qemu::with_binaries(fake, backend);
+        let pid_file = dir.path().join("qemu.pid");
+        {
+            let start = q.start(&c);
+            tokio::pin!(start);
+            let waited = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    tokio::select! {
+                        r = &mut start => panic!("the start cannot finish: {r:?}"),
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                    if std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n')) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "the fake QEMU never ran");
+        } // the start future drops here
+        let qemu_pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(qemu_pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(qemu_pid), "the fake QEMU survived the dropped start");
+        // The backend's command line names the directory: no live process may.
+        let needle = dir.path().as_os_str().as_encoded_bytes().to_vec();
+        let mentioning = || -> Vec<i32> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| !gone(pid))
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+                })
+                .collect()
+        };
+        while !mentioning().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            mentioning(),
+            Vec::<i32>::new(),
+            "the vsock backend survived"
+        );
         for s in ["vhost-vsock.sock", "vsock.sock", "qmp.sock"] {
             assert!(!dir.path().join(s).exists(), "{s} left behind");
         }

@@ -74,6 +74,9 @@ pub fn args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
 impl VsockBackend {
     /// Removes stale sockets, spawns the backend and waits up to `timeout` for its vhost-user
     /// socket to appear. On error nothing is left running.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a dropped spawn SIGKILLs the backend (its task reaps it).
     pub(crate) async fn spawn(
         program: &Path,
         cid: u32,
@@ -99,10 +102,16 @@ impl VsockBackend {
             socket: socket.to_owned(),
             uds: uds.to_owned(),
         };
+        // If this future is dropped during the wait, the backend must not outlive it.
+        let mut undo = process::Undo::default();
+        undo.process(&backend.process);
+        undo.socket(socket);
+        undo.socket(uds);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut delay = Duration::from_millis(1);
         loop {
             if is_socket(socket) {
+                undo.disarm();
                 return Ok(backend);
             }
             if let Some(exit) = backend.process.exited() {
@@ -149,7 +158,6 @@ impl VsockBackend {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn process(&self) -> &Process {
         &self.process
     }
