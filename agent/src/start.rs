@@ -85,6 +85,7 @@ type BootError = (ApiError, Option<Arc<dyn VmHandle>>);
 
 async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> {
     // admitted
+    let admit = tracing::info_span!("admit").entered();
     if agent.live_count() > agent.config.max_vms {
         return Err((
             err(
@@ -98,8 +99,10 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         ));
     }
     vm.phase(Phase::Admitted);
+    drop(admit);
 
     // config-cloned
+    let clone = tracing::info_span!("config-clone").entered();
     let rec = vm.record();
     let image = agent
         .images
@@ -112,6 +115,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     }];
     let cfg = agent.template.instantiate(vm, &rec, disks);
     vm.phase(Phase::ConfigCloned);
+    drop(clone);
 
     // disks-attached: the image's disk is shared read-only; the writable
     // layer is a tmpfs in the guest for now.
@@ -120,6 +124,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         fstype: image.fstype.into(),
     }];
     vm.phase(Phase::DisksAttached);
+    let listen = tracing::info_span!("vsock-listen").entered();
 
     // The tether's listener must exist before the guest can dial it.
     let listen_path = {
@@ -140,6 +145,8 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
             None,
         )
     })?;
+
+    drop(listen);
 
     // vmm-spawned
     let handle: Arc<dyn VmHandle> = agent
@@ -247,6 +254,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         SPAWN_TIMEOUT,
         read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME),
     )
+    .instrument(tracing::info_span!("process-start"))
     .await;
     let mut log = log;
     match started {

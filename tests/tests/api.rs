@@ -1,0 +1,116 @@
+//! The engine's view: the Rust client over one connection, many requests
+//! and streams at once, the event stream, and the socket's permissions.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use vmlet_protocol::api::{AttachSpec, CreateSpec, Request, Response, Stream, VmState};
+use vmlet_tests::TestAgent;
+
+#[test]
+fn socket_is_private_by_default() {
+    let a = TestAgent::start();
+    let mode = std::fs::metadata(&a.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_many_attached_clients_on_one_connection() {
+    let a = TestAgent::start();
+    let c = a.client().await;
+    let mut events = c.stream(Request::Events).await.unwrap();
+    let id = c
+        .create(CreateSpec {
+            image: "busybox".into(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "for i in $(seq 1 200); do echo out $i; echo err $i >&2; done".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Five attached readers on the same connection, all replaying from the
+    // first byte; each must see both streams complete and in order.
+    let mut readers = Vec::new();
+    for _ in 0..5 {
+        readers.push(
+            c.stream(Request::Attach(AttachSpec {
+                vm: id.clone(),
+                stdin: false,
+                stdout: true,
+                stderr: true,
+                replay: true,
+            }))
+            .await
+            .unwrap(),
+        );
+    }
+    // One more that is cancelled straight away.
+    let cancelled = c
+        .stream(Request::Attach(AttachSpec {
+            vm: id.clone(),
+            stdin: false,
+            stdout: true,
+            stderr: false,
+            replay: true,
+        }))
+        .await
+        .unwrap();
+    c.cancel(cancelled.id).await.unwrap();
+    c.start(&id).await.unwrap();
+
+    let want_out: String = (1..=200).map(|i| format!("out {i}\n")).collect();
+    let want_err: String = (1..=200).map(|i| format!("err {i}\n")).collect();
+    for mut r in readers {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let exit = tokio::time::timeout(Duration::from_secs(180), async {
+            loop {
+                match r.next().await.expect("stream ends with StreamEnd") {
+                    Response::Output {
+                        stream: Stream::Stdout,
+                        data,
+                        ..
+                    } => out.extend(data),
+                    Response::Output {
+                        stream: Stream::Stderr,
+                        data,
+                        ..
+                    } => err.extend(data),
+                    Response::StreamEnd { exit } => return exit,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("attach ends in time");
+        assert_eq!(String::from_utf8(out).unwrap(), want_out);
+        assert_eq!(String::from_utf8(err).unwrap(), want_err);
+        assert_eq!(exit.expect("exit reported").code, 0);
+    }
+
+    c.remove(&id, false).await.unwrap();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Response::Event(e)) = events.next().await {
+            assert_eq!(e.vm, id);
+            seen.push(e.state);
+            if e.state == VmState::Removed {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("events arrive");
+    assert_eq!(
+        seen,
+        [
+            VmState::Created,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Exited,
+            VmState::Removed
+        ]
+    );
+}
