@@ -8,6 +8,13 @@
 //! [`HostMessage::ExitAck`] once the output is safely stored. Then the
 //! tether powers the VM off.
 //!
+//! The connection may break while the process runs (the agent restarts; VMs
+//! outlive it). The tether keeps every output byte the agent has not
+//! acknowledged ([`HostMessage::Ack`]), dials again, says hello again, and
+//! on [`HostMessage::Resume`] resends from the offsets the agent stored, so
+//! no output is lost or duplicated. An `Exited` or `Failed` that was not
+//! acknowledged is sent again too.
+//!
 //! Everything a guest sends is untrusted: the agent decodes guest frames
 //! with [`MAX_GUEST_FRAME`] as the limit.
 
@@ -73,6 +80,24 @@ pub enum HostMessage {
     Signal(i32),
     /// The agent has stored everything; the tether may power off.
     ExitAck,
+    /// Sent instead of [`HostMessage::Spec`] when a tether whose process
+    /// already runs connects again (the agent restarted, or the connection
+    /// broke): how many bytes of each stream the agent has stored. The
+    /// tether resends every byte after these offsets, then goes on.
+    Resume {
+        /// Stdout bytes stored.
+        stdout: u64,
+        /// Stderr bytes stored.
+        stderr: u64,
+    },
+    /// The agent has stored this many bytes of each stream (counted from
+    /// the process start); the tether may forget them.
+    Ack {
+        /// Stdout bytes stored.
+        stdout: u64,
+        /// Stderr bytes stored.
+        stderr: u64,
+    },
 }
 
 /// A disk holding one read-only image layer, or the writable disk.
