@@ -181,6 +181,18 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     /// Cancel safe: a start dropped part-way SIGKILLs what it had spawned (reaped in the
     /// background) and removes its sockets.
     async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error>;
+
+    /// Takes over a VM an earlier agent started with the same `cfg` and left running (VMs
+    /// outlive the agent): `vmm_pid` and `helper_pids` are what that agent's handle reported.
+    /// Fails if the processes are gone or are not this VM's.
+    async fn adopt(
+        &self,
+        _cfg: &VmConfig,
+        _vmm_pid: u32,
+        _helper_pids: &[u32],
+    ) -> Result<Box<dyn VmHandle>, Error> {
+        Err(Error::Unsupported)
+    }
 }
 
 /// A started VM. Dropping the handle leaves the VM running.

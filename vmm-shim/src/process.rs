@@ -73,6 +73,71 @@ impl Process {
         Ok(Process { pid, exit, signals })
     }
 
+    /// Watches a process this agent did not start (a VM left running by an earlier agent),
+    /// through a pidfd so a recycled pid is never signalled. `must_mention` must appear in its
+    /// command line, so a pid reused by an unrelated process is refused. Its exit status cannot
+    /// be known (only its parent may reap it), so it is reported as unknown.
+    pub(crate) fn adopt(name: &'static str, pid: u32, must_mention: &str) -> io::Result<Self> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; it
+        // reads and writes no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by pidfd_open, is valid and owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after the pidfd is open: from here on the pid cannot be recycled under us.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        if !String::from_utf8_lossy(&cmdline).contains(must_mention) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} is not {name} of {must_mention}"),
+            ));
+        }
+        // SAFETY: an OwnedFd's as_raw_fd is the same open descriptor for as long as the
+        // AsyncFd owns it, which is all register requires.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        let (exit_tx, exit) = watch::channel(None);
+        let (signals, mut rx) = mpsc::unbounded_channel::<(Signal, oneshot::Sender<bool>)>();
+        tokio::spawn(async move {
+            use std::os::fd::AsRawFd;
+            loop {
+                tokio::select! {
+                    // A pidfd becomes readable when its process exits.
+                    r = fd.readable() => {
+                        if let Ok(mut g) = r {
+                            g.retain_ready();
+                        }
+                        break;
+                    }
+                    Some((sig, done)) = rx.recv() => {
+                        // SAFETY: pidfd_send_signal takes our valid pidfd, a signal number,
+                        // a null siginfo (allowed) and zero flags; it writes no memory of ours.
+                        let r = unsafe {
+                            libc::syscall(
+                                libc::SYS_pidfd_send_signal,
+                                fd.as_raw_fd(),
+                                sig as libc::c_int,
+                                std::ptr::null::<libc::siginfo_t>(),
+                                0,
+                            )
+                        };
+                        let _ = done.send(r == 0);
+                    }
+                }
+            }
+            tracing::debug!(process = name, pid, "adopted process exited");
+            exit_tx.send_replace(Some(Err(
+                "exited; it was not started by this agent, so its status is unknown".into(),
+            )));
+        });
+        Ok(Process { pid, exit, signals })
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
@@ -232,6 +297,28 @@ mod tests {
         undo.disarm();
         assert!(b.wait_timeout(Duration::from_millis(100)).await.is_none());
         assert!(b.kill_and_reap(Duration::from_secs(5)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn adopts_a_process_it_did_not_start() {
+        let (_d, log) = log();
+        // Started by "someone else": a std child this test reaps itself afterwards.
+        let mut other = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .stdout(log.try_clone().unwrap())
+            .spawn()
+            .unwrap();
+        let pid = other.id();
+        assert!(Process::adopt("sleep", pid, "no-such-word").is_err());
+        let p = Process::adopt("sleep", pid, "sleep").unwrap();
+        assert!(p.wait_timeout(Duration::from_millis(100)).await.is_none());
+        assert!(p.signal(Signal::SIGKILL).await);
+        let st = other.wait().unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        let exit = tokio::time::timeout(Duration::from_secs(10), p.wait())
+            .await
+            .unwrap();
+        assert!(exit.unwrap_err().contains("unknown"));
     }
 
     #[tokio::test]

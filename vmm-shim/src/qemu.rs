@@ -381,6 +381,15 @@ impl Vmm for Qemu {
         }
     }
 
+    async fn adopt(
+        &self,
+        cfg: &VmConfig,
+        vmm_pid: u32,
+        helper_pids: &[u32],
+    ) -> Result<Box<dyn VmHandle>, Error> {
+        self.adopt_inner(cfg, vmm_pid, helper_pids).await
+    }
+
     async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error> {
         let paths = VmPaths::new(&cfg.dir);
         validate(cfg, &paths)?;
@@ -473,6 +482,42 @@ impl Vmm for Qemu {
             backend,
             qmp_path: paths.qmp,
             qmp: Mutex::new(Some(qmp)),
+        }))
+    }
+}
+
+impl Qemu {
+    async fn adopt_inner(
+        &self,
+        cfg: &VmConfig,
+        vmm_pid: u32,
+        helper_pids: &[u32],
+    ) -> Result<Box<dyn VmHandle>, Error> {
+        let paths = VmPaths::new(&cfg.dir);
+        let adopt_err = |what: String, e: std::io::Error| Error::io(what, e);
+        // QEMU names its QMP socket in its arguments: that ties the pid to this VM.
+        let qemu = Process::adopt("qemu", vmm_pid, &paths.qmp.display().to_string())
+            .map_err(|e| adopt_err(format!("cannot adopt QEMU (pid {vmm_pid})"), e))?;
+        let &[backend_pid] = helper_pids else {
+            return Err(Error::InvalidConfig(format!(
+                "expected one vsock backend pid to adopt, got {helper_pids:?}"
+            )));
+        };
+        let backend = VsockBackend::adopt(backend_pid, &paths.vhost_vsock, &cfg.vsock_uds)
+            .map_err(|e| {
+                adopt_err(
+                    format!("cannot adopt the vsock backend (pid {backend_pid})"),
+                    e,
+                )
+            })?;
+        tracing::info!(id = %cfg.id, pid = vmm_pid, backend_pid, "adopted a running VM");
+        Ok(Box::new(QemuHandle {
+            id: cfg.id.clone(),
+            qemu,
+            backend,
+            qmp_path: paths.qmp,
+            // Connected on first use; QEMU accepts a new monitor client once the old one left.
+            qmp: Mutex::new(None),
         }))
     }
 }

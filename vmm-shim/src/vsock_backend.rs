@@ -133,6 +133,16 @@ impl VsockBackend {
         }
     }
 
+    /// Takes over a backend an earlier agent started.
+    pub(crate) fn adopt(pid: u32, socket: &Path, uds: &Path) -> std::io::Result<Self> {
+        let process = Process::adopt("vhost-device-vsock", pid, &socket.display().to_string())?;
+        Ok(VsockBackend {
+            process,
+            socket: socket.to_owned(),
+            uds: uds.to_owned(),
+        })
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
