@@ -309,6 +309,15 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = other.id();
+        // Until the child has exec'd, its command line is still ours.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .starts_with("/bin/sleep")
+        {
+            assert!(std::time::Instant::now() < deadline, "sleep never exec'd");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(Process::adopt("sleep", pid, "no-such-word").is_err());
         let p = Process::adopt("sleep", pid, "sleep").unwrap();
         assert!(p.wait_timeout(Duration::from_millis(100)).await.is_none());
