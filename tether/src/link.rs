@@ -1,31 +1,54 @@
 //! The tether's end of the host connection: one task owns the stream,
-//! survives the host going away, and keeps frames in order.
+//! survives the host going away, keeps frames in order, and delivers the
+//! process's output exactly once across broken connections.
 //!
 //! Everything the tether sends goes through an [`Outbox`] (a bounded
 //! channel) to the link task, the only writer, so frames never interleave.
 //! Each connection gets its own reader task, the only caller of the
-//! not-cancel-safe `read_frame`, which forwards host messages to a channel.
+//! not-cancel-safe `read_frame`, which forwards host messages to a channel
+//! and handles the link's own messages (`Ack`, `Resume`) itself.
 //!
-//! Backpressure: while connected, a host that stops reading blocks the
-//! link's write, the outbox fills, and the stdio pumps stop reading the
-//! pipes, so the process blocks on write. While disconnected, the link keeps
-//! draining the outbox into memory up to [`Policy::buffer_cap`] bytes, then
-//! stops, with the same effect. Nothing is dropped either way; on reconnect
-//! the link says hello again and sends what it buffered.
+//! # Exact output
+//!
+//! Output is counted per stream from the process start (the sum of the
+//! `Stdout`/`Stderr` payload bytes). The link keeps every output byte the
+//! host has not acknowledged ([`HostMessage::Ack`], cumulative offsets), not
+//! only the bytes not yet written: bytes written into a connection that then
+//! breaks are gone with it. Once a Spec has been seen (a process exists),
+//! every new connection is a resumption: hello, then the host's first
+//! message must be [`HostMessage::Resume`] with the offsets it stored, and
+//! the link resends each stream from there, then goes on live. The final
+//! report (`Exited`, `Failed`) is kept until `ExitAck` and written again on
+//! every new connection, after the output.
+//!
+//! Host → guest messages get no such care: stdin bytes (and signals) the
+//! host wrote into a connection that broke are lost, and it is the host's
+//! business to know what it sent.
+//!
+//! # Backpressure
+//!
+//! The retained bytes are bounded by [`Policy::retain_cap`]. At the cap the
+//! link stops taking from the outbox, the outbox fills, the stdio pumps
+//! stop reading the pipes, and the process blocks on write: nothing is
+//! dropped. The same happens while the host does not read (the link's
+//! write blocks) or does not acknowledge, and while disconnected.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
-use vmlet_protocol::frame::{self, FrameError, MAX_FRAME_LEN};
+use vmlet_protocol::frame::{self, FrameError, MAX_CHUNK, MAX_FRAME_LEN};
 use vmlet_protocol::guest::{GuestMessage, HostMessage};
 
 use crate::log;
+use crate::pump::Output;
 
 /// How the link connects and reconnects.
 #[derive(Debug, Clone)]
@@ -36,8 +59,12 @@ pub(crate) struct Policy {
     pub(crate) max_delay: Duration,
     /// How long one connection attempt may take.
     pub(crate) attempt_timeout: Duration,
-    /// Bytes of frames buffered while disconnected before the pumps pause.
-    pub(crate) buffer_cap: usize,
+    /// Bytes of unacknowledged output (and unsent frames) the link holds
+    /// before the pumps pause.
+    pub(crate) retain_cap: usize,
+    /// How long a host may take to send its first message after a
+    /// resuming hello before the link hangs up and dials again.
+    pub(crate) resume_patience: Duration,
 }
 
 impl Default for Policy {
@@ -46,7 +73,10 @@ impl Default for Policy {
             min_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(2),
-            buffer_cap: 8 << 20,
+            // A 256 MiB guest can spare it; the agent acks every 256 KiB
+            // or 100 ms, so only a host that is away fills it.
+            retain_cap: 8 << 20,
+            resume_patience: Duration::from_secs(30),
         }
     }
 }
@@ -86,17 +116,28 @@ pub(crate) async fn connect_within<C: Connector>(
     }
 }
 
-/// One encoded frame on its way to the host.
+/// What goes through the outbox.
 #[derive(Debug)]
-pub(crate) struct Outgoing {
-    frame: Vec<u8>,
-    /// Told once the frame is fully written to a connection.
-    written: Option<oneshot::Sender<()>>,
+enum Outgoing {
+    /// An encoded frame written once, on whichever connection is up.
+    Once(Vec<u8>),
+    /// A chunk of process output, kept until the host acknowledges it.
+    Output(Output, Vec<u8>),
+    /// The encoded final report, written on every new connection until
+    /// the host's `ExitAck`.
+    Report(Vec<u8>),
 }
+
+/// When the final report was written on the current connection; `None`
+/// while it was not (yet), e.g. after the connection broke.
+pub(crate) type Delivery = watch::Receiver<Option<Instant>>;
 
 /// The sending side of the link; cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct Outbox(mpsc::Sender<Outgoing>);
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    delivery: Delivery,
+}
 
 /// The link task has ended; nothing more can be sent.
 #[derive(Debug, thiserror::Error)]
@@ -104,44 +145,52 @@ pub(crate) struct Outbox(mpsc::Sender<Outgoing>);
 pub(crate) struct Closed;
 
 impl Outbox {
-    /// Queues `msg`. Waits while the queue is full (backpressure).
+    /// Queues `msg`, to be written once. Waits while the queue is full
+    /// (backpressure).
     pub(crate) async fn send(&self, msg: &GuestMessage) -> Result<(), Closed> {
-        self.queue(msg, None).await
+        match encode(msg) {
+            Some(f) => self.queue(Outgoing::Once(f)).await,
+            None => Ok(()),
+        }
     }
 
-    /// Queues `msg`; the returned receiver resolves once it has been written
-    /// to a connection (or errs if the link ends first).
-    pub(crate) async fn send_confirmed(
-        &self,
-        msg: &GuestMessage,
-    ) -> Result<oneshot::Receiver<()>, Closed> {
-        let (tx, rx) = oneshot::channel();
-        self.queue(msg, Some(tx)).await?;
-        Ok(rx)
+    /// Queues a chunk of the process's output (at most [`MAX_CHUNK`]
+    /// bytes), kept until acknowledged. Waits while the queue is full.
+    pub(crate) async fn output(&self, which: Output, chunk: Vec<u8>) -> Result<(), Closed> {
+        debug_assert!(chunk.len() <= MAX_CHUNK);
+        self.queue(Outgoing::Output(which, chunk)).await
     }
 
-    async fn queue(
-        &self,
-        msg: &GuestMessage,
-        written: Option<oneshot::Sender<()>>,
-    ) -> Result<(), Closed> {
-        let frame = match frame::encode(msg) {
-            Ok(f) => f,
-            Err(e) => {
-                // Our own messages are bounded by construction; this is a bug.
-                log!("cannot encode a message: {e}");
-                return Ok(());
-            }
-        };
-        self.0
-            .send(Outgoing { frame, written })
-            .await
-            .map_err(|_| Closed)
+    /// Queues the final report (`Exited` or `Failed`), written after all
+    /// output and again on every new connection until the host's
+    /// `ExitAck`. Returns a view of its delivery on the current connection.
+    pub(crate) async fn report(&self, msg: &GuestMessage) -> Result<Delivery, Closed> {
+        if let Some(f) = encode(msg) {
+            self.queue(Outgoing::Report(f)).await?;
+        }
+        Ok(self.delivery.clone())
+    }
+
+    async fn queue(&self, o: Outgoing) -> Result<(), Closed> {
+        self.tx.send(o).await.map_err(|_| Closed)
+    }
+}
+
+fn encode(msg: &GuestMessage) -> Option<Vec<u8>> {
+    match frame::encode(msg) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // Our own messages are bounded by construction; this is a bug.
+            log!("cannot encode a message: {e}");
+            None
+        }
     }
 }
 
 /// Starts the link on an already connected `first` stream. `hello` is sent
-/// first on every connection. Host messages go to `inbound`.
+/// first on every connection. Host messages go to `inbound`, except `Ack`
+/// and `Resume` (the link's own), a second `Spec`, and a `Resume` before
+/// any spec (both logged and dropped).
 pub(crate) fn start<C: Connector>(
     connector: C,
     first: C::Stream,
@@ -151,6 +200,8 @@ pub(crate) fn start<C: Connector>(
     queue: usize,
 ) -> (Outbox, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue);
+    let (delivery_tx, delivery) = watch::channel(None);
+    let (acks_tx, acks) = watch::channel(Acks::default());
     let hello = frame::encode(hello).expect("the hello is small");
     let link = Link {
         connector,
@@ -158,11 +209,197 @@ pub(crate) fn start<C: Connector>(
         out: rx,
         out_open: true,
         inbound,
-        pending: VecDeque::new(),
-        pending_bytes: 0,
+        host: Arc::new(FromHost {
+            spec_seen: AtomicBool::new(false),
+            acks: acks_tx,
+        }),
+        acks,
+        next_seq: 0,
+        once: VecDeque::new(),
+        once_bytes: 0,
+        streams: Default::default(),
+        report: None,
+        delivery: delivery_tx,
         policy,
     };
-    (Outbox(tx), tokio::spawn(link.run(first)))
+    (Outbox { tx, delivery }, tokio::spawn(link.run(first)))
+}
+
+/// What the reader tasks learn for the link, across connections.
+#[derive(Debug)]
+struct FromHost {
+    /// A spec went to the session: a process exists (or is being set up),
+    /// so every later connection is a resumption.
+    spec_seen: AtomicBool,
+    /// The host's acknowledgements, coalesced: the reader never waits for
+    /// the link to take them (a reader blocked on the link could stall a
+    /// host that blocks on writing while the link blocks on the host).
+    acks: watch::Sender<Acks>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Acks {
+    /// The highest stdout and stderr offsets the host said it stored.
+    stored: [u64; 2],
+    /// The host sent `ExitAck`.
+    exit_acked: bool,
+}
+
+/// A piece of output kept until acknowledged.
+#[derive(Debug)]
+struct Chunk {
+    /// Its place among everything taken from the outbox, so a resend keeps
+    /// stdout, stderr and the other frames in their original order.
+    seq: u64,
+    /// Offset of its first byte in the stream.
+    start: u64,
+    data: Vec<u8>,
+}
+
+/// Memory a chunk costs besides its bytes: many tiny chunks must count.
+const CHUNK_OVERHEAD: usize = std::mem::size_of::<Chunk>() + 16;
+
+impl Chunk {
+    fn end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+
+    fn cost(&self) -> usize {
+        self.data.capacity() + CHUNK_OVERHEAD
+    }
+}
+
+/// One output stream from the process start: the bytes kept, and how far
+/// they were written and acknowledged. Offsets count payload bytes.
+///
+/// Invariant: `acked <= cursor <= end`, `acked <= sent <= end`, and the
+/// chunks are contiguous, the first one holding byte `acked` (none when
+/// `acked == end`).
+#[derive(Debug, Default)]
+struct Stream {
+    chunks: VecDeque<Chunk>,
+    /// Offset after the last byte taken from the pump.
+    end: u64,
+    /// Bytes the host acknowledged; forgotten.
+    acked: u64,
+    /// Highest offset ever written to a connection.
+    sent: u64,
+    /// Next offset to write on the current connection.
+    cursor: u64,
+    /// Memory held by `chunks`.
+    held: usize,
+}
+
+impl Stream {
+    /// Appends `data`, taken as item `seq`. It joins the last chunk when
+    /// nothing else was taken since (that chunk is item `seq - 1`) and the
+    /// chunk has room, so a trickle of small writes costs one chunk, not
+    /// one each. Returns whether it used `seq`.
+    fn push(&mut self, seq: u64, data: Vec<u8>) -> bool {
+        let start = self.end;
+        self.end += data.len() as u64;
+        if let Some(last) = self.chunks.back_mut() {
+            if last.seq + 1 == seq && last.data.len() + data.len() <= MAX_CHUNK {
+                self.held -= last.cost();
+                // Grow by doubling, but never past a full chunk.
+                let len = last.data.len() + data.len();
+                if last.data.capacity() < len {
+                    let target = (2 * len).clamp(len, MAX_CHUNK.max(len));
+                    last.data.reserve_exact(target - last.data.len());
+                }
+                last.data.extend_from_slice(&data);
+                self.held += last.cost();
+                return false;
+            }
+        }
+        let c = Chunk { seq, start, data };
+        self.held += c.cost();
+        self.chunks.push_back(c);
+        true
+    }
+
+    /// The host stored everything before `upto`: forget it. Clamped to
+    /// what was ever written (the host cannot have stored more). Cheap:
+    /// constant time unless whole chunks are freed.
+    fn ack(&mut self, upto: u64) {
+        let upto = upto.min(self.sent);
+        if upto <= self.acked {
+            return;
+        }
+        self.acked = upto;
+        while let Some(c) = self.chunks.front() {
+            if c.end() > upto {
+                break;
+            }
+            self.held -= c.cost();
+            self.chunks.pop_front();
+        }
+        self.cursor = self.cursor.max(upto);
+    }
+
+    /// A resuming host stored `from` bytes: write again from there. Returns
+    /// a warning when `from` makes no sense.
+    fn resume(&mut self, from: u64) -> Option<String> {
+        if from < self.acked {
+            self.cursor = self.acked;
+            return Some(format!(
+                "asks from byte {from}, but the bytes before {} were acknowledged and forgotten; \
+                 resending from there",
+                self.acked
+            ));
+        }
+        if from > self.sent {
+            self.ack(self.sent);
+            self.cursor = self.sent;
+            return Some(format!(
+                "asks from byte {from}, beyond the {} bytes sent; nothing to resend",
+                self.sent
+            ));
+        }
+        self.ack(from);
+        self.cursor = from;
+        None
+    }
+
+    /// A new connection whose host did not say what it stored: write
+    /// everything kept again.
+    fn resend_all(&mut self) {
+        self.cursor = self.acked;
+    }
+
+    /// The next bytes to write on this connection and their item's seq.
+    fn next(&self) -> Option<(u64, &[u8])> {
+        if self.cursor >= self.end {
+            return None;
+        }
+        // Chunks hold increasing offsets: a binary search, not a walk.
+        let i = self.chunks.partition_point(|c| c.end() <= self.cursor);
+        let c = self.chunks.get(i)?;
+        debug_assert!(c.start <= self.cursor);
+        Some((c.seq, &c.data[(self.cursor - c.start) as usize..]))
+    }
+
+    /// `n` bytes from the cursor were written.
+    fn wrote(&mut self, n: usize) {
+        self.cursor += n as u64;
+        self.sent = self.sent.max(self.cursor);
+    }
+}
+
+/// The final report and whether the current connection has it.
+#[derive(Debug)]
+struct Report {
+    seq: u64,
+    frame: Vec<u8>,
+    written: bool,
+}
+
+/// What to write next.
+#[derive(Debug, Clone, Copy)]
+enum Next {
+    Once,
+    Output(Output, usize),
+    Report,
 }
 
 struct Link<C: Connector> {
@@ -172,9 +409,17 @@ struct Link<C: Connector> {
     /// False once every [`Outbox`] is gone.
     out_open: bool,
     inbound: mpsc::Sender<HostMessage>,
-    /// Frames taken from `out` but not yet written to any connection.
-    pending: VecDeque<Outgoing>,
-    pending_bytes: usize,
+    host: Arc<FromHost>,
+    acks: watch::Receiver<Acks>,
+    /// The seq the next item taken from the outbox gets.
+    next_seq: u64,
+    /// One-time frames not yet written.
+    once: VecDeque<(u64, Vec<u8>)>,
+    once_bytes: usize,
+    /// Stdout and stderr, by [`Output::index`].
+    streams: [Stream; 2],
+    report: Option<Report>,
+    delivery: watch::Sender<Option<Instant>>,
     policy: Policy,
 }
 
@@ -183,10 +428,24 @@ impl<C: Connector> Link<C> {
         let mut stream = first;
         loop {
             let (rd, mut wr) = tokio::io::split(stream);
-            let mut reader = tokio::spawn(read_loop(rd, self.inbound.clone()));
-            let why = self.serve(&mut wr, &mut reader).await;
+            // Decided per connection: the spec may arrive on this one.
+            let resuming = self.host.spec_seen.load(Ordering::Acquire);
+            let (first_tx, first_rx) = oneshot::channel();
+            let mut reader = tokio::spawn(read_loop(
+                rd,
+                self.inbound.clone(),
+                self.host.clone(),
+                resuming.then_some(first_tx),
+            ));
+            let why = self
+                .serve(&mut wr, &mut reader, resuming.then_some(first_rx))
+                .await;
             reader.abort();
-            if !self.out_open && self.pending.is_empty() && self.inbound.is_closed() {
+            if let Some(r) = &mut self.report {
+                r.written = false;
+            }
+            self.delivery.send_replace(None);
+            if !self.out_open && self.inbound.is_closed() {
                 return;
             }
             log!("host connection lost ({why}); reconnecting");
@@ -200,54 +459,54 @@ impl<C: Connector> Link<C> {
         &mut self,
         wr: &mut WriteHalf<C::Stream>,
         reader: &mut JoinHandle<String>,
+        first: Option<oneshot::Receiver<Option<[u64; 2]>>>,
     ) -> String {
         if let Err(e) = write(wr, &self.hello).await {
             return format!("cannot send the hello: {e}");
         }
-        while let Some(o) = self.pending.front() {
-            if let Err(e) = write(wr, &o.frame).await {
-                return format!("write failed: {e}");
+        if let Some(first) = first {
+            let patience = self.policy.resume_patience;
+            tokio::select! {
+                why = &mut *reader => return ended(why),
+                r = first => match r {
+                    Ok(Some(from)) => self.resume(from),
+                    Ok(None) => self.streams.iter_mut().for_each(Stream::resend_all),
+                    Err(_) => return ended((&mut *reader).await),
+                },
+                () = sleep(patience) => {
+                    return format!("the host said nothing within {patience:?} of the hello");
+                }
             }
-            let o = self.pending.pop_front().expect("front exists");
-            self.pending_bytes -= o.frame.len();
-            confirm(o);
         }
         loop {
-            tokio::select! {
-                why = &mut *reader => {
-                    return why.unwrap_or_else(|e| format!("reader failed: {e}"));
+            self.apply_acks();
+            if let Some(next) = self.next() {
+                if let Err(e) = self.write_next(wr, next).await {
+                    return format!("write failed: {e}");
                 }
-                next = self.out.recv(), if self.out_open => match next {
-                    None => self.out_open = false,
-                    Some(o) => {
-                        if let Err(e) = write(wr, &o.frame).await {
-                            self.pending_bytes += o.frame.len();
-                            self.pending.push_front(o);
-                            return format!("write failed: {e}");
-                        }
-                        confirm(o);
-                    }
-                },
+                self.wrote(next);
+                continue;
+            }
+            let room = self.held() < self.policy.retain_cap;
+            tokio::select! {
+                why = &mut *reader => return ended(why),
+                // Cannot fail: `self.host` holds the sender.
+                _ = self.acks.changed() => {}
+                next = self.out.recv(), if self.out_open && room => self.take(next),
             }
         }
     }
 
-    /// Retries with bounded backoff, buffering outgoing frames up to the
-    /// cap meanwhile, until a connection succeeds.
+    /// Retries with bounded backoff, taking outgoing frames up to the cap
+    /// meanwhile, until a connection succeeds.
     async fn reconnect(&mut self) -> C::Stream {
         let mut delay = self.policy.min_delay;
         let next_try = sleep(delay);
         tokio::pin!(next_try);
         loop {
-            let room = self.pending_bytes < self.policy.buffer_cap;
+            let room = self.held() < self.policy.retain_cap;
             tokio::select! {
-                next = self.out.recv(), if self.out_open && room => match next {
-                    None => self.out_open = false,
-                    Some(o) => {
-                        self.pending_bytes += o.frame.len();
-                        self.pending.push_back(o);
-                    }
-                },
+                next = self.out.recv(), if self.out_open && room => self.take(next),
                 () = &mut next_try => {
                     let attempt = timeout(self.policy.attempt_timeout, self.connector.connect());
                     if let Ok(Ok(s)) = attempt.await {
@@ -259,12 +518,123 @@ impl<C: Connector> Link<C> {
             }
         }
     }
+
+    fn resume(&mut self, from: [u64; 2]) {
+        for which in Output::BOTH {
+            let s = &mut self.streams[which.index()];
+            if let Some(w) = s.resume(from[which.index()]) {
+                log!("warning: the host's Resume for {which:?} {w}");
+            }
+        }
+    }
+
+    /// Bytes held for the host: the cap applies to these.
+    fn held(&self) -> usize {
+        self.streams.iter().map(|s| s.held).sum::<usize>()
+            + self.once_bytes
+            + self.report.as_ref().map_or(0, |r| r.frame.len())
+    }
+
+    /// Takes one item from the outbox (`None`: the outbox closed).
+    fn take(&mut self, next: Option<Outgoing>) {
+        let seq = self.next_seq;
+        match next {
+            None => self.out_open = false,
+            Some(Outgoing::Once(f)) => {
+                self.once_bytes += f.len();
+                self.once.push_back((seq, f));
+                self.next_seq += 1;
+            }
+            Some(Outgoing::Output(_, data)) if data.is_empty() => {}
+            Some(Outgoing::Output(which, data)) => {
+                if self.streams[which.index()].push(seq, data) {
+                    self.next_seq += 1;
+                }
+            }
+            Some(Outgoing::Report(frame)) => {
+                self.report = Some(Report {
+                    seq,
+                    frame,
+                    written: false,
+                });
+                self.next_seq += 1;
+            }
+        }
+    }
+
+    /// Forgets what the host acknowledged. Cheap when nothing changed.
+    fn apply_acks(&mut self) {
+        let a = *self.acks.borrow_and_update();
+        for which in Output::BOTH {
+            self.streams[which.index()].ack(a.stored[which.index()]);
+        }
+        if a.exit_acked {
+            self.report = None;
+        }
+    }
+
+    /// The oldest item not yet written on this connection.
+    fn next(&self) -> Option<Next> {
+        let mut best: Option<(u64, Next)> = None;
+        let mut consider = |seq: u64, n: Next| {
+            if !matches!(best, Some((s, _)) if s <= seq) {
+                best = Some((seq, n));
+            }
+        };
+        if let Some((seq, _)) = self.once.front() {
+            consider(*seq, Next::Once);
+        }
+        for which in Output::BOTH {
+            if let Some((seq, bytes)) = self.streams[which.index()].next() {
+                consider(seq, Next::Output(which, bytes.len()));
+            }
+        }
+        if let Some(r) = self.report.as_ref().filter(|r| !r.written) {
+            consider(r.seq, Next::Report);
+        }
+        best.map(|(_, n)| n)
+    }
+
+    /// Writes `next`; does not change what is written (see [`Self::wrote`]).
+    /// Takes `&mut self` only so the future is `Send` without `C: Sync`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: never select on it.
+    async fn write_next(&mut self, wr: &mut WriteHalf<C::Stream>, next: Next) -> io::Result<()> {
+        match next {
+            Next::Once => write(wr, &self.once.front().expect("an item").1).await,
+            Next::Output(which, _) => {
+                let (_, bytes) = self.streams[which.index()].next().expect("bytes");
+                match encode(&which.message(bytes.to_vec())) {
+                    Some(f) => write(wr, &f).await,
+                    None => Ok(()),
+                }
+            }
+            Next::Report => write(wr, &self.report.as_ref().expect("a report").frame).await,
+        }
+    }
+
+    /// `next` was written to the current connection.
+    fn wrote(&mut self, next: Next) {
+        match next {
+            Next::Once => {
+                let (_, f) = self.once.pop_front().expect("an item");
+                self.once_bytes -= f.len();
+            }
+            Next::Output(which, n) => self.streams[which.index()].wrote(n),
+            Next::Report => {
+                if let Some(r) = &mut self.report {
+                    r.written = true;
+                }
+                self.delivery.send_replace(Some(Instant::now()));
+            }
+        }
+    }
 }
 
-fn confirm(o: Outgoing) {
-    if let Some(tx) = o.written {
-        let _ = tx.send(());
-    }
+fn ended(why: Result<String, tokio::task::JoinError>) -> String {
+    why.unwrap_or_else(|e| format!("reader failed: {e}"))
 }
 
 /// Writes one whole frame.
@@ -277,22 +647,84 @@ async fn write<S: AsyncWrite>(wr: &mut WriteHalf<S>, frame: &[u8]) -> io::Result
     wr.flush().await
 }
 
+fn kind(m: &HostMessage) -> &'static str {
+    match m {
+        HostMessage::Spec(_) => "a spec",
+        HostMessage::Stdin(_) => "stdin",
+        HostMessage::CloseStdin => "CloseStdin",
+        HostMessage::Signal(_) => "a signal",
+        HostMessage::ExitAck => "ExitAck",
+        HostMessage::Resume { .. } => "Resume",
+        HostMessage::Ack { .. } => "Ack",
+    }
+}
+
 /// Reads host messages until the stream ends; returns why it ended.
+/// `first`, on a resuming connection, gets the offsets of the host's
+/// opening `Resume`, or `None` if it opened with anything else.
 async fn read_loop<S: AsyncRead>(
     mut rd: ReadHalf<S>,
     inbound: mpsc::Sender<HostMessage>,
+    host: Arc<FromHost>,
+    mut first: Option<oneshot::Sender<Option<[u64; 2]>>>,
 ) -> String {
     loop {
-        match vmlet_protocol::aio::read_frame::<_, HostMessage>(&mut rd, MAX_FRAME_LEN).await {
-            Ok(Some(m)) => {
-                if inbound.send(m).await.is_err() {
-                    return "nobody listens to the host any more".to_owned();
-                }
-            }
+        let m = match vmlet_protocol::aio::read_frame(&mut rd, MAX_FRAME_LEN).await {
+            Ok(Some(m)) => m,
             Ok(None) => return "closed by the host".to_owned(),
-            Err(e) if e.stream_usable() => log!("ignoring a bad host message: {e}"),
+            Err(e) if e.stream_usable() => {
+                log!("ignoring a bad host message: {e}");
+                continue;
+            }
             Err(FrameError::Io(e)) => return format!("read failed: {e}"),
             Err(e) => return e.to_string(),
+        };
+        if let Some(tx) = first.take() {
+            if let HostMessage::Resume { stdout, stderr } = m {
+                let _ = tx.send(Some([stdout, stderr]));
+                continue;
+            }
+            log!(
+                "warning: the host answered a resuming hello with {} instead of Resume; \
+                 resending all unacknowledged output",
+                kind(&m)
+            );
+            let _ = tx.send(None);
+        }
+        let forward = match m {
+            HostMessage::Ack { stdout, stderr } => {
+                host.acks.send_if_modified(|a| {
+                    let new = [a.stored[0].max(stdout), a.stored[1].max(stderr)];
+                    std::mem::replace(&mut a.stored, new) != new
+                });
+                None
+            }
+            HostMessage::Resume { .. } if host.spec_seen.load(Ordering::Acquire) => {
+                log!("warning: ignoring a Resume that did not open the connection");
+                None
+            }
+            HostMessage::Resume { .. } => {
+                log!("warning: ignoring a Resume before any spec (no process yet); waiting for a spec");
+                None
+            }
+            HostMessage::Spec(_) => {
+                if host.spec_seen.swap(true, Ordering::AcqRel) {
+                    log!("warning: ignoring a spec: the process already runs");
+                    None
+                } else {
+                    Some(m)
+                }
+            }
+            HostMessage::ExitAck => {
+                host.acks.send_modify(|a| a.exit_acked = true);
+                Some(m)
+            }
+            m => Some(m),
+        };
+        if let Some(m) = forward {
+            if inbound.send(m).await.is_err() {
+                return "nobody listens to the host any more".to_owned();
+            }
         }
     }
 }
@@ -300,26 +732,19 @@ async fn read_loop<S: AsyncRead>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::testutil::{os_pipe, Pairs, Rng};
+    use tokio::io::AsyncReadExt;
     use tokio::net::UnixStream;
-
-    /// Hands out the client ends of socket pairs queued by the test.
-    struct Pairs(Arc<Mutex<VecDeque<UnixStream>>>);
-
-    impl Connector for Pairs {
-        type Stream = UnixStream;
-        fn connect(&mut self) -> impl Future<Output = io::Result<UnixStream>> + Send {
-            let next = self.0.lock().unwrap().pop_front();
-            async move { next.ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused)) }
-        }
-    }
+    use vmlet_protocol::frame::{Header, HEADER_LEN};
+    use vmlet_protocol::guest::ProcessSpec;
 
     fn fast() -> Policy {
         Policy {
             min_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
             attempt_timeout: Duration::from_millis(100),
-            buffer_cap: 1 << 20,
+            retain_cap: 1 << 20,
+            resume_patience: Duration::from_secs(5),
         }
     }
 
@@ -327,111 +752,184 @@ mod tests {
         GuestMessage::Started { pid: 0 }
     }
 
+    fn exited() -> GuestMessage {
+        GuestMessage::Exited {
+            code: Some(0),
+            signal: None,
+        }
+    }
+
+    fn spec() -> HostMessage {
+        HostMessage::Spec(ProcessSpec::default())
+    }
+
     async fn recv(s: &mut UnixStream) -> Option<GuestMessage> {
-        vmlet_protocol::aio::read_frame(s, MAX_FRAME_LEN)
-            .await
-            .unwrap()
+        timeout(
+            Duration::from_secs(10),
+            vmlet_protocol::aio::read_frame(s, MAX_FRAME_LEN),
+        )
+        .await
+        .expect("a frame within 10 s")
+        .unwrap()
+    }
+
+    /// Nothing arrives within a short while.
+    async fn quiet(s: &mut UnixStream) {
+        let r = timeout(
+            Duration::from_millis(200),
+            vmlet_protocol::aio::read_frame::<_, GuestMessage>(s, MAX_FRAME_LEN),
+        )
+        .await;
+        assert!(r.is_err(), "unexpected {r:?}");
+    }
+
+    async fn send(s: &mut UnixStream, m: HostMessage) {
+        vmlet_protocol::aio::write_frame(s, &m).await.unwrap();
+    }
+
+    /// Reads output frames until `n` payload bytes of `which` arrived.
+    async fn recv_output(s: &mut UnixStream, which: Output, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match (which, recv(s).await) {
+                (Output::Stdout, Some(GuestMessage::Stdout(c)))
+                | (Output::Stderr, Some(GuestMessage::Stderr(c))) => got.extend_from_slice(&c),
+                (_, other) => panic!("expected {which:?}, got {other:?}"),
+            }
+        }
+        assert_eq!(got.len(), n, "more {which:?} than expected");
+        got
+    }
+
+    /// Starts a link on a first connection and hands it a spec, as a
+    /// session would see it: from then on every connection resumes.
+    async fn started(
+        policy: Policy,
+        queue: usize,
+    ) -> (
+        Pairs,
+        UnixStream,
+        Outbox,
+        mpsc::Receiver<HostMessage>,
+        JoinHandle<()>,
+    ) {
+        let pairs = Pairs::default();
+        let mut host = pairs.next();
+        let first = pairs.0.lock().unwrap().pop_front().unwrap();
+        let (in_tx, mut in_rx) = mpsc::channel(16);
+        let (out, task) = start(pairs.clone(), first, &hello(), in_tx, policy, queue);
+        assert_eq!(recv(&mut host).await, Some(hello()));
+        send(&mut host, spec()).await;
+        assert_eq!(in_rx.recv().await, Some(spec()));
+        (pairs, host, out, in_rx, task)
+    }
+
+    /// Splits the complete frames off the front of `buf`.
+    fn take_frames(buf: &mut Vec<u8>) -> Vec<GuestMessage> {
+        let mut msgs = Vec::new();
+        let mut at = 0;
+        while buf.len() - at >= HEADER_LEN {
+            let hdr: &[u8; HEADER_LEN] = buf[at..at + HEADER_LEN].try_into().unwrap();
+            let total = HEADER_LEN + Header::parse(hdr, MAX_FRAME_LEN).unwrap().len as usize;
+            if buf.len() - at < total {
+                break;
+            }
+            msgs.push(frame::decode(&buf[at + HEADER_LEN..at + total]).unwrap());
+            at += total;
+        }
+        buf.drain(..at);
+        msgs
     }
 
     #[tokio::test]
     async fn hello_first_then_messages_in_order_and_host_messages_forwarded() {
-        let (a, mut host) = UnixStream::pair().unwrap();
-        let (in_tx, mut in_rx) = mpsc::channel(4);
-        let (out, task) = start(Pairs(Default::default()), a, &hello(), in_tx, fast(), 2);
+        let policy = Policy {
+            retain_cap: 4 << 20,
+            ..fast()
+        };
+        let (_pairs, mut host, out, mut in_rx, task) = started(policy, 2).await;
         let sender = tokio::spawn(async move {
+            out.send(&GuestMessage::Started { pid: 7 }).await.unwrap();
             for i in 0..200u8 {
-                out.send(&GuestMessage::Stdout(vec![i; i as usize * 100]))
+                out.output(Output::Stdout, vec![i; i as usize * 100])
                     .await
                     .unwrap();
             }
         });
-        assert_eq!(recv(&mut host).await, Some(hello()));
-        for i in 0..200u8 {
-            assert_eq!(
-                recv(&mut host).await,
-                Some(GuestMessage::Stdout(vec![i; i as usize * 100]))
-            );
-        }
+        assert_eq!(
+            recv(&mut host).await,
+            Some(GuestMessage::Started { pid: 7 })
+        );
+        let got = recv_output(&mut host, Output::Stdout, (0..200).sum::<usize>() * 100).await;
+        let want: Vec<u8> = (0..200u8).flat_map(|i| vec![i; i as usize * 100]).collect();
+        assert!(got == want);
         sender.await.unwrap();
-        vmlet_protocol::aio::write_frame(&mut host, &HostMessage::Signal(15))
-            .await
-            .unwrap();
+        send(
+            &mut host,
+            HostMessage::Ack {
+                stdout: 5,
+                stderr: 0,
+            },
+        )
+        .await;
+        send(&mut host, HostMessage::Signal(15)).await;
+        // The link keeps its own messages.
         assert_eq!(in_rx.recv().await, Some(HostMessage::Signal(15)));
         task.abort();
     }
 
-    /// The host goes away mid-stream: everything queued meanwhile reaches
-    /// the next connection, after a fresh hello, and nothing is lost.
+    /// The host goes away mid-stream: the next connection starts with a
+    /// fresh hello, the host's Resume, then exactly the bytes it lacks and
+    /// everything queued meanwhile.
     #[tokio::test]
-    async fn reconnects_and_delivers_what_was_buffered() {
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
-        let (a, mut host1) = UnixStream::pair().unwrap();
-        let (in_tx, _in_rx) = mpsc::channel(4);
-        let (out, task) = start(Pairs(queue.clone()), a, &hello(), in_tx, fast(), 2);
-        out.send(&GuestMessage::Stdout(b"one".to_vec()))
-            .await
-            .unwrap();
-        assert_eq!(recv(&mut host1).await, Some(hello()));
-        assert_eq!(
-            recv(&mut host1).await,
-            Some(GuestMessage::Stdout(b"one".to_vec()))
-        );
+    async fn reconnects_and_resumes_where_the_host_stopped() {
+        let (pairs, mut host1, out, _in_rx, task) = started(fast(), 2).await;
+        out.output(Output::Stdout, b"one".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"one");
         drop(host1);
 
-        // Sent while nobody listens: buffered (well under the cap).
+        // Sent while nobody listens.
         for i in 0..50u8 {
-            out.send(&GuestMessage::Stderr(vec![i; 1000]))
-                .await
-                .unwrap();
+            out.output(Output::Stderr, vec![i; 1000]).await.unwrap();
         }
-        let done = out
-            .send_confirmed(&GuestMessage::Exited {
-                code: Some(0),
-                signal: None,
-            })
-            .await
-            .unwrap();
+        let delivery = out.report(&exited()).await.unwrap();
 
-        let (b, mut host2) = UnixStream::pair().unwrap();
-        queue.lock().unwrap().push_back(b);
+        let mut host2 = pairs.next();
         assert_eq!(recv(&mut host2).await, Some(hello()));
-        for i in 0..50u8 {
-            assert_eq!(
-                recv(&mut host2).await,
-                Some(GuestMessage::Stderr(vec![i; 1000]))
-            );
-        }
-        assert_eq!(
-            recv(&mut host2).await,
-            Some(GuestMessage::Exited {
-                code: Some(0),
-                signal: None
-            })
-        );
-        timeout(Duration::from_secs(5), done)
+        // Only "o" was stored (the rest was lost in the old connection).
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 1,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 2).await, b"ne");
+        let want: Vec<u8> = (0..50u8).flat_map(|i| vec![i; 1000]).collect();
+        assert!(recv_output(&mut host2, Output::Stderr, want.len()).await == want);
+        assert_eq!(recv(&mut host2).await, Some(exited()));
+        let mut d = delivery.clone();
+        timeout(Duration::from_secs(5), d.wait_for(Option::is_some))
             .await
             .unwrap()
             .unwrap();
         task.abort();
     }
 
-    /// While disconnected the link buffers up to its cap and then stops
-    /// taking frames, so senders block instead of memory growing.
+    /// While disconnected the link holds output up to its cap and then
+    /// stops taking it, so senders block instead of memory growing.
     #[tokio::test]
-    async fn buffer_cap_blocks_senders() {
-        let (a, host1) = UnixStream::pair().unwrap();
-        drop(host1);
-        let (in_tx, _in_rx) = mpsc::channel(4);
+    async fn retain_cap_blocks_senders_while_disconnected() {
         let policy = Policy {
-            buffer_cap: 10_000,
+            retain_cap: 10_000,
             ..fast()
         };
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
-        let (out, task) = start(Pairs(queue.clone()), a, &hello(), in_tx, policy, 1);
+        let (pairs, host1, out, _in_rx, task) = started(policy, 1).await;
+        drop(host1);
         let mut sent = 0usize;
         loop {
-            let msg = GuestMessage::Stdout(vec![7; 1000]);
-            let send = out.send(&msg);
+            let send = out.output(Output::Stdout, vec![sent as u8; 1000]);
             match timeout(Duration::from_millis(200), send).await {
                 Ok(r) => {
                     r.unwrap();
@@ -441,24 +939,394 @@ mod tests {
             }
             assert!(sent < 100, "the link never pushed back");
         }
-        // Cap plus one frame in flight plus the channel slot.
-        assert!((10..=13).contains(&sent), "sent {sent}");
+        // At most the cap (counting the chunk's spare capacity: at least
+        // half of it is data), one taken past it, and the channel slot.
+        assert!((5..=12).contains(&sent), "sent {sent}");
 
-        let (b, mut host2) = UnixStream::pair().unwrap();
-        queue.lock().unwrap().push_back(b);
+        let mut host2 = pairs.next();
         assert_eq!(recv(&mut host2).await, Some(hello()));
-        for _ in 0..sent {
-            assert_eq!(
-                recv(&mut host2).await,
-                Some(GuestMessage::Stdout(vec![7; 1000]))
-            );
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        // What the link held, then (acknowledged) what waited in the outbox.
+        let want: Vec<u8> = (0..sent).flat_map(|i| vec![i as u8; 1000]).collect();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            match recv(&mut host2).await {
+                Some(GuestMessage::Stdout(c)) => got.extend_from_slice(&c),
+                other => panic!("unexpected {other:?}"),
+            }
+            let stdout = got.len() as u64;
+            send(&mut host2, HostMessage::Ack { stdout, stderr: 0 }).await;
         }
+        assert!(got == want);
         task.abort();
+    }
+
+    /// (Backpressure) A connected host that reads but does not acknowledge
+    /// gets at most the cap; the pump stops reading the pipe and the writer
+    /// blocks. Acknowledging lets the rest through, all of it.
+    #[tokio::test]
+    async fn unacknowledged_output_blocks_the_pump_and_nothing_is_dropped() {
+        let cap = 100_000;
+        let policy = Policy {
+            retain_cap: cap,
+            ..fast()
+        };
+        let (_pairs, mut host, out, _in_rx, task) = started(policy, 2).await;
+        let data = Rng::new(7).bytes(1 << 20);
+        let (mut w, r) = os_pipe();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                w.write_all(&data).await.unwrap();
+            })
+        };
+        let pump = tokio::spawn(crate::pump::output(
+            r,
+            Output::Stdout,
+            out.clone(),
+            crate::testutil::not_draining(),
+            Duration::from_secs(10),
+        ));
+
+        let mut got = Vec::new();
+        loop {
+            let r = timeout(
+                Duration::from_millis(300),
+                vmlet_protocol::aio::read_frame::<_, GuestMessage>(&mut host, MAX_FRAME_LEN),
+            )
+            .await;
+            match r {
+                Ok(Ok(Some(GuestMessage::Stdout(c)))) => got.extend_from_slice(&c),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            got.len() <= cap + MAX_CHUNK + CHUNK_OVERHEAD,
+            "{} bytes unacknowledged",
+            got.len()
+        );
+        assert!(got.len() >= cap / 2, "only {} bytes", got.len());
+        assert!(!writer.is_finished(), "the writer was never blocked");
+        assert!(!pump.is_finished());
+
+        // Now acknowledge as it comes: everything arrives, in order.
+        while got.len() < data.len() {
+            send(
+                &mut host,
+                HostMessage::Ack {
+                    stdout: got.len() as u64,
+                    stderr: 0,
+                },
+            )
+            .await;
+            match recv(&mut host).await {
+                Some(GuestMessage::Stdout(c)) => got.extend_from_slice(&c),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got == data, "the stream differs");
+        writer.await.unwrap();
+        assert_eq!(pump.await.unwrap(), data.len() as u64);
+        task.abort();
+    }
+
+    /// One run of the exact-delivery check: two pumps carry random data
+    /// through real pipes while a host hangs up at random byte counts
+    /// (often mid-frame), stores only whole frames, acknowledges now and
+    /// then, and resumes from what it stored. Returns the reconnections.
+    async fn exact_run(seed: u64) -> usize {
+        let mut rng = Rng::new(seed);
+        let policy = Policy {
+            retain_cap: 300_000,
+            ..fast()
+        };
+        let (pairs, mut conn, out, mut in_rx, task) = started(policy, 4).await;
+        let lens = [
+            1_500_000 + rng.below(1000) as usize,
+            700_000 + rng.below(1000) as usize,
+        ];
+        let want = [rng.bytes(lens[0]), rng.bytes(lens[1])];
+        let mut pumps = Vec::new();
+        for which in Output::BOTH {
+            let (mut w, r) = os_pipe();
+            let data = want[which.index()].clone();
+            let mut wrng = Rng::new(seed ^ 0x55 ^ which.index() as u64);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut at = 0;
+                while at < data.len() {
+                    let n = (1 + wrng.below(20_000) as usize).min(data.len() - at);
+                    w.write_all(&data[at..at + n]).await.unwrap();
+                    at += n;
+                    if wrng.below(8) == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            pumps.push(tokio::spawn(crate::pump::output(
+                r,
+                which,
+                out.clone(),
+                crate::testutil::not_draining(),
+                Duration::from_secs(10),
+            )));
+        }
+        let reporter = tokio::spawn(async move {
+            for p in pumps {
+                p.await.unwrap();
+            }
+            out.report(&exited()).await.unwrap();
+        });
+
+        let mut stored: [Vec<u8>; 2] = Default::default();
+        let offsets = |s: &[Vec<u8>; 2]| (s[0].len() as u64, s[1].len() as u64);
+        let mut reconnects = 0;
+        let mut buf = Vec::new();
+        'connections: loop {
+            let budget = 1 + rng.below(400_000) as usize;
+            let mut got = 0;
+            let mut tmp = vec![0u8; 8192];
+            while got < budget {
+                let want_n = tmp.len().min(budget - got);
+                // A timeout, so a host waiting on a tether that waits for an
+                // ack still acks (as the agent's timer does).
+                let n =
+                    match timeout(Duration::from_millis(20), conn.read(&mut tmp[..want_n])).await {
+                        Ok(r) => r.unwrap(),
+                        Err(_) => 0,
+                    };
+                got += n;
+                buf.extend_from_slice(&tmp[..n]);
+                for m in take_frames(&mut buf) {
+                    match m {
+                        GuestMessage::Stdout(c) => stored[0].extend_from_slice(&c),
+                        GuestMessage::Stderr(c) => stored[1].extend_from_slice(&c),
+                        GuestMessage::Exited { .. } => {
+                            assert!(stored[0] == want[0], "seed {seed}: stdout differs");
+                            assert!(stored[1] == want[1], "seed {seed}: stderr differs");
+                            send(&mut conn, HostMessage::ExitAck).await;
+                            break 'connections;
+                        }
+                        other => panic!("seed {seed}: unexpected {other:?}"),
+                    }
+                }
+                if n == 0 || rng.below(4) == 0 {
+                    let (stdout, stderr) = offsets(&stored);
+                    send(&mut conn, HostMessage::Ack { stdout, stderr }).await;
+                }
+            }
+            // Hang up; whatever was not read, and a partial frame, is lost.
+            drop(conn);
+            buf.clear();
+            reconnects += 1;
+            conn = pairs.next();
+            // The hello is the first frame on a new connection.
+            loop {
+                let n = conn.read(&mut tmp).await.unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&tmp[..n]);
+                let msgs = take_frames(&mut buf);
+                if let Some(m) = msgs.first() {
+                    assert_eq!(m, &hello());
+                    assert_eq!(msgs.len(), 1, "frames before the Resume");
+                    break;
+                }
+            }
+            let (stdout, stderr) = offsets(&stored);
+            send(&mut conn, HostMessage::Resume { stdout, stderr }).await;
+        }
+        reporter.await.unwrap();
+        assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
+        assert!(in_rx.try_recv().is_err(), "only the spec and the ExitAck");
+        task.abort();
+        reconnects
+    }
+
+    /// (Exactness) Output written across disconnects at random points
+    /// arrives exactly once and in order.
+    #[tokio::test]
+    async fn output_arrives_exactly_once_across_random_disconnects() {
+        let mut reconnects = 0;
+        for seed in 1..=6 {
+            reconnects += timeout(Duration::from_secs(60), exact_run(seed))
+                .await
+                .unwrap_or_else(|_| panic!("seed {seed} stalled"));
+        }
+        assert!(reconnects >= 12, "only {reconnects} reconnections");
+    }
+
+    /// An exit report the host did not acknowledge is written again on the
+    /// next connection, after the output the host lacks; once
+    /// acknowledged, never again.
+    #[tokio::test]
+    async fn exit_report_is_sent_again_until_acknowledged() {
+        let (pairs, mut host1, out, mut in_rx, task) = started(fast(), 2).await;
+        out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
+        let mut delivery = out.report(&exited()).await.unwrap();
+        assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
+        assert_eq!(recv(&mut host1).await, Some(exited()));
+        delivery.wait_for(Option::is_some).await.unwrap();
+        drop(host1);
+        delivery.wait_for(Option::is_none).await.unwrap();
+
+        let mut host2 = pairs.next();
+        assert_eq!(recv(&mut host2).await, Some(hello()));
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 1,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 2).await, b"bc");
+        assert_eq!(recv(&mut host2).await, Some(exited()));
+        drop(host2);
+
+        let mut host3 = pairs.next();
+        assert_eq!(recv(&mut host3).await, Some(hello()));
+        send(
+            &mut host3,
+            HostMessage::Resume {
+                stdout: 3,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(recv(&mut host3).await, Some(exited()));
+        send(&mut host3, HostMessage::ExitAck).await;
+        assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
+        drop(host3);
+
+        let mut host4 = pairs.next();
+        assert_eq!(recv(&mut host4).await, Some(hello()));
+        send(
+            &mut host4,
+            HostMessage::Resume {
+                stdout: 3,
+                stderr: 0,
+            },
+        )
+        .await;
+        quiet(&mut host4).await;
+        task.abort();
+    }
+
+    /// A host that answers a resuming hello with a spec is not obeyed: the
+    /// spec does not reach the session, every unacknowledged byte is
+    /// resent, and the output goes on live.
+    #[tokio::test]
+    async fn spec_on_reconnect_is_ignored_and_output_goes_on() {
+        let (pairs, mut host1, out, mut in_rx, task) = started(fast(), 2).await;
+        out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
+        send(
+            &mut host1,
+            HostMessage::Ack {
+                stdout: 1,
+                stderr: 0,
+            },
+        )
+        .await;
+        // The ack is applied before the link takes the next item.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        out.output(Output::Stderr, b"x".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host1, Output::Stderr, 1).await, b"x");
+        drop(host1);
+
+        let mut host2 = pairs.next();
+        assert_eq!(recv(&mut host2).await, Some(hello()));
+        send(&mut host2, spec()).await;
+        send(&mut host2, HostMessage::Signal(2)).await;
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 2).await, b"bc");
+        assert_eq!(recv_output(&mut host2, Output::Stderr, 1).await, b"x");
+        out.output(Output::Stdout, b"def".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 3).await, b"def");
+        // The session saw the signal, not the spec.
+        assert_eq!(in_rx.recv().await, Some(HostMessage::Signal(2)));
+        assert!(in_rx.try_recv().is_err());
+        task.abort();
+    }
+
+    /// Resume on a first connection (no process yet) is ignored; the spec
+    /// that follows goes to the session.
+    #[tokio::test]
+    async fn resume_before_any_spec_is_ignored() {
+        let pairs = Pairs::default();
+        let mut host = pairs.next();
+        let first = pairs.0.lock().unwrap().pop_front().unwrap();
+        let (in_tx, mut in_rx) = mpsc::channel(4);
+        let (_out, task) = start(pairs.clone(), first, &hello(), in_tx, fast(), 2);
+        assert_eq!(recv(&mut host).await, Some(hello()));
+        send(
+            &mut host,
+            HostMessage::Resume {
+                stdout: 5,
+                stderr: 5,
+            },
+        )
+        .await;
+        send(&mut host, spec()).await;
+        assert_eq!(in_rx.recv().await, Some(spec()));
+        task.abort();
+    }
+
+    /// A pooled VM's connection breaking before any spec: the next
+    /// connection is not a resumption, the host sends the spec.
+    #[tokio::test]
+    async fn reconnect_before_any_spec_waits_for_the_spec() {
+        let pairs = Pairs::default();
+        let host1 = pairs.next();
+        let first = pairs.0.lock().unwrap().pop_front().unwrap();
+        let (in_tx, mut in_rx) = mpsc::channel(4);
+        let (_out, task) = start(pairs.clone(), first, &hello(), in_tx, fast(), 2);
+        drop(host1);
+        let mut host2 = pairs.next();
+        assert_eq!(recv(&mut host2).await, Some(hello()));
+        send(&mut host2, spec()).await;
+        assert_eq!(in_rx.recv().await, Some(spec()));
+        task.abort();
+    }
+
+    #[test]
+    fn resume_offsets_out_of_range_are_clamped() {
+        let mut s = Stream::default();
+        assert!(s.push(0, b"hello ".to_vec()));
+        assert!(!s.push(1, b"world".to_vec()), "joins the last chunk");
+        assert!(s.push(3, b"!".to_vec()), "something came between");
+        assert_eq!(s.next(), Some((0, &b"hello world"[..])));
+        s.wrote(11);
+        assert_eq!(s.next(), Some((3, &b"!"[..])));
+        // An ack beyond what was sent cannot be true.
+        s.ack(100);
+        assert_eq!((s.acked, s.chunks.len()), (11, 1));
+        // Older than what is kept: from the oldest kept byte.
+        assert!(s.resume(3).is_some());
+        assert_eq!(s.next(), Some((3, &b"!"[..])));
+        s.wrote(1);
+        // Beyond what was sent: nothing to resend.
+        assert!(s.resume(50).is_some());
+        assert_eq!(s.next(), None);
+        assert_eq!((s.acked, s.held), (12, 0));
+        // In range, mid-chunk.
+        s.push(4, b"abcdef".to_vec());
+        s.wrote(6);
+        assert!(s.resume(14).is_none());
+        assert_eq!(s.next(), Some((4, &b"cdef"[..])));
     }
 
     #[tokio::test]
     async fn connect_within_gives_up() {
-        let mut c = Pairs(Default::default());
+        let mut c = Pairs::default();
         let start = Instant::now();
         let r = connect_within(&mut c, &fast(), Duration::from_millis(50)).await;
         assert!(r.is_err());

@@ -14,8 +14,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::net::unix::pipe;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::timeout;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_vsock::{VsockAddr, VsockStream, VMADDR_CID_HOST};
 use vmlet_protocol::api::GuestBoot;
 use vmlet_protocol::guest::{GuestMessage, HostMessage, GUEST_PROTOCOL_VERSION, TETHER_PORT};
@@ -35,8 +35,9 @@ const OUTBOX_QUEUE: usize = 8;
 const INBOUND_QUEUE: usize = 16;
 /// Host stdin chunks queued for the stdin pipe.
 const STDIN_QUEUE: usize = 16;
-/// How long the output pipes may take to reach end of file once every
-/// process is killed (only a process stuck in the kernel holds them).
+/// How long an output pipe may stay silent without reaching end of file
+/// once every process is killed (only a process stuck in the kernel holds
+/// it). Waiting for the host does not count.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 /// How long the exit report may wait for a host to (re)connect. VMs outlive
 /// the agent; a restarted agent re-adopts them within this time or loses
@@ -130,9 +131,22 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
         .map(pipe::Sender::from_owned_fd)
         .transpose()
         .map_err(Error::Pipes)?;
+    let (draining, draining_rx) = watch::channel(false);
     let pumps = [
-        tokio::spawn(pump::output(stdout, Output::Stdout, out.clone())),
-        tokio::spawn(pump::output(stderr, Output::Stderr, out.clone())),
+        tokio::spawn(pump::output(
+            stdout,
+            Output::Stdout,
+            out.clone(),
+            draining_rx.clone(),
+            DRAIN_PATIENCE,
+        )),
+        tokio::spawn(pump::output(
+            stderr,
+            Output::Stderr,
+            out.clone(),
+            draining_rx,
+            DRAIN_PATIENCE,
+        )),
     ];
     let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
     tokio::spawn(pump::stdin(stdin, stdin_rx));
@@ -166,19 +180,24 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
             }
         }
     });
+    // The pumps give up on a silent pipe by themselves; what they may still
+    // wait for is a host to take their output (it may be restarting), as
+    // long as the exit report would wait for one. Both end before the exit
+    // report, so no output can follow it.
+    draining.send_replace(true);
+    let drained = Instant::now() + DELIVERY_PATIENCE;
     for p in pumps {
         let abort = p.abort_handle();
-        if timeout(DRAIN_PATIENCE, p).await.is_err() {
-            // Stop it, so no output can follow the exit report.
+        if timeout_at(drained, p).await.is_err() {
             abort.abort();
-            log!("output did not end within {DRAIN_PATIENCE:?}; reporting the exit anyway");
+            log!("no host took the remaining output within {DELIVERY_PATIENCE:?}; reporting the exit anyway");
         }
     }
 
-    let written = out
-        .send_confirmed(&GuestMessage::Exited { code, signal: sig })
+    let delivery = out
+        .report(&GuestMessage::Exited { code, signal: sig })
         .await?;
-    finish(written, async move {
+    finish(delivery, async move {
         ack_rx.recv().await;
     })
     .await;
@@ -194,10 +213,8 @@ async fn fail(
     code: i32,
 ) -> Result<(), Error> {
     log!("cannot start the process (exit code {code}): {message}");
-    let written = out
-        .send_confirmed(&GuestMessage::Failed { message, code })
-        .await?;
-    finish(written, async move {
+    let delivery = out.report(&GuestMessage::Failed { message, code }).await?;
+    finish(delivery, async move {
         while let Some(m) = inbound.recv().await {
             if m == HostMessage::ExitAck {
                 return;
@@ -208,19 +225,37 @@ async fn fail(
     Ok(())
 }
 
-/// Waits for the final report to reach a connection, then (briefly) for the
-/// host's acknowledgement that it stored everything.
-async fn finish(written: oneshot::Receiver<()>, ack: impl Future<Output = ()>) {
-    match timeout(DELIVERY_PATIENCE, written).await {
-        Ok(Ok(())) => {}
-        _ => {
-            log!("the exit report could not be delivered within {DELIVERY_PATIENCE:?}");
-            return;
+/// Waits for the host's acknowledgement of the final report. The link
+/// writes the report again on every new connection until then, so a host
+/// that went away (the agent restarting) has up to [`DELIVERY_PATIENCE`]
+/// to come back for it; once the report is written on a connection, the
+/// host has [`ACK_PATIENCE`] to acknowledge it, unless that connection
+/// breaks first.
+async fn finish(mut delivery: link::Delivery, ack: impl Future<Output = ()>) {
+    let deadline = Instant::now() + DELIVERY_PATIENCE;
+    tokio::pin!(ack);
+    loop {
+        let written = *delivery.borrow_and_update();
+        let wake = written.map_or(deadline, |at| at + ACK_PATIENCE);
+        tokio::select! {
+            () = &mut ack => {
+                log!("exit acknowledged");
+                return;
+            }
+            changed = delivery.changed() => if changed.is_err() {
+                log!("the host link ended before the exit was acknowledged");
+                return;
+            },
+            () = sleep_until(wake) => {
+                match written {
+                    Some(_) => log!("no exit acknowledgement within {ACK_PATIENCE:?}"),
+                    None => log!(
+                        "the exit report could not be delivered within {DELIVERY_PATIENCE:?}"
+                    ),
+                }
+                return;
+            }
         }
-    }
-    match timeout(ACK_PATIENCE, ack).await {
-        Ok(()) => log!("exit acknowledged"),
-        Err(_) => log!("no exit acknowledgement within {ACK_PATIENCE:?}"),
     }
 }
 
@@ -234,6 +269,10 @@ async fn dispatch(
 ) {
     while let Some(m) = inbound.recv().await {
         match m {
+            // Stdin and signals are not replayed after a broken connection
+            // (only output is): what the host wrote into a dead connection
+            // is lost, and it is the host's business to know what it sent.
+            //
             // Waits while the stdin queue is full: the host is then slowed
             // down, as a writer to a pipe would be.
             HostMessage::Stdin(bytes) => {
@@ -253,7 +292,9 @@ async fn dispatch(
             HostMessage::ExitAck => {
                 let _ = ack.try_send(());
             }
+            // The link drops a second spec and handles its own messages.
             HostMessage::Spec(_) => log!("ignoring a second spec"),
+            HostMessage::Resume { .. } | HostMessage::Ack { .. } => {}
         }
     }
 }
