@@ -154,6 +154,12 @@ fn kill_signal_and_vmm_killed_from_outside() {
     let pid = inspect(&a, &id)["VmmPid"]
         .as_i64()
         .expect("a running VM has a VMM pid");
+    // QEMU runs confined by its seccomp sandbox (mode 2: filter).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "QEMU is not under seccomp:\n{status}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,

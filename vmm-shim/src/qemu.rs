@@ -118,6 +118,12 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
         "-display",
         "none",
     ]);
+    // QEMU's seccomp sandbox: a guest that breaks out of the emulator still cannot exec,
+    // raise privileges, change scheduling or use obsolete system calls.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     push(&["-kernel", &cfg.kernel.display().to_string()]);
     push(&["-initrd", &cfg.initrd.display().to_string()]);
     push(&["-append", &kernel_cmdline(cfg)]);
@@ -127,8 +133,9 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
         push(&[
             "-drive",
             &format!(
-                "id=d{i},file={},format=raw,if=none,readonly={},cache=writeback",
+                "id=d{i},file={},format={},if=none,readonly={},cache=writeback",
                 opt_value(&d.path),
+                d.format(),
                 if d.read_only { "on" } else { "off" }
             ),
         ]);
@@ -721,6 +728,7 @@ mod tests {
             ["microvm,x-option-roms=off,rtc=on,pit=on,pic=on,memory-backend=mem"]
         );
         assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert!(values(&a, "-sandbox")[0].starts_with("on,"));
         assert_eq!(values(&a, "-cpu"), ["max"]);
         assert_eq!(values(&a, "-smp"), ["2"]);
         assert_eq!(values(&a, "-m"), ["256M"]);
