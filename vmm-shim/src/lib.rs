@@ -28,13 +28,28 @@ pub use qemu::{Qemu, VmPaths};
 /// A block device given to the guest as a virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
-    /// The raw image on the host.
+    /// The image on the host: raw, or qcow2 when its name ends in `.qcow2`
+    /// (see [`Disk::format`]).
     pub path: PathBuf,
     /// The serial the guest sees (`/sys/block/vdX/serial`): how the tether tells disks apart.
     /// At most 20 bytes of `[A-Za-z0-9._-]` (virtio-blk's limit).
     pub serial: String,
     /// Whether the guest may only read it.
     pub read_only: bool,
+}
+
+impl Disk {
+    /// The image format, from the file name: `qcow2` for `*.qcow2` (a
+    /// per-VM copy-on-write overlay), else `raw`. Never probed from the
+    /// content: a guest that wrote a qcow2 header into a raw disk must not
+    /// make the host open it as qcow2.
+    pub fn format(&self) -> &'static str {
+        if self.path.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        }
+    }
 }
 
 /// Everything one start needs. The agent clones it from a compiled template, so it holds
