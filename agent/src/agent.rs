@@ -147,10 +147,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Loads VMs from the state directory. VMs that were live when the
-    /// previous agent stopped are marked exited: re-adopting running
-    /// guests is not implemented yet, so their processes are ended rather
-    /// than leaked.
+    /// Loads VMs from the state directory. Running VMs are adopted later by
+    /// [`Agent::adopt_running`]; VMs caught half-started are ended and
+    /// cleaned up; a directory without a readable record (a create cut
+    /// short) is removed.
     fn load_existing(&self) {
         let Ok(rd) = fs::read_dir(self.config.vms_dir()) else {
             return;
@@ -176,26 +176,27 @@ impl Agent {
             if rec.id != name {
                 continue;
             }
-            if matches!(rec.state, VmState::Starting | VmState::Running) {
-                if let Some(pid) = rec.vmm_pid {
-                    // Best effort: end the orphaned VMM so it holds nothing.
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+            if rec.state == VmState::Starting {
+                // Half-started when the previous agent died: the start's
+                // caller got no answer, so the VM is ended, not completed.
+                for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+                    kill_if_ours(*pid, &dir);
                 }
                 rec.state = VmState::Exited;
                 rec.exit = Some(ExitInfo {
                     code: 255,
                     signal: None,
-                    reason: "the agent restarted while the VM ran; it was not re-adopted".into(),
+                    reason: "the agent restarted while the VM was starting".into(),
                     at_ms: now_ms(),
                 });
                 rec.vmm_pid = None;
+                rec.helper_pids.clear();
+                remove_sockets(&dir);
             }
-            // A VM that never started can still be started: its log stays
-            // writable. Every other log is complete.
-            let opened = if rec.state == VmState::Created {
+            // A VM that never started can still be started, and a running
+            // one is adopted by `adopt_running`: their logs stay writable.
+            // Every other log is complete.
+            let opened = if matches!(rec.state, VmState::Created | VmState::Running) {
                 Log::open(&dir.join("log")).map(|(l, w)| (l, Some(w)))
             } else {
                 Log::open_sealed(&dir.join("log")).map(|l| (l, None))
@@ -210,6 +211,67 @@ impl Agent {
             let vm = Vm::new(rec, dir, log, writer);
             self.persist(&vm);
             self.vms.write().insert(name, vm);
+        }
+    }
+
+    /// Takes over every VM that was running when the previous agent
+    /// stopped: finds its VMM and vsock backend again, listens for its
+    /// tether (which dials again by itself) and resumes its output where
+    /// the log ends. A VM whose processes are gone is marked exited with
+    /// the reason and cleaned up.
+    pub async fn adopt_running(self: &Arc<Self>) {
+        let running: Vec<Arc<Vm>> = self
+            .vms
+            .read()
+            .values()
+            .filter(|v| v.state() == VmState::Running)
+            .cloned()
+            .collect();
+        for vm in running {
+            let rec = vm.record();
+            let cfg = self.template.instantiate(&vm, &rec, Vec::new());
+            let adopted = match rec.vmm_pid {
+                Some(pid) => self
+                    .vmm
+                    .adopt(&cfg, pid, &rec.helper_pids)
+                    .await
+                    .map_err(|e| crate::start::error_chain(&e)),
+                None => Err("no VMM pid was recorded".to_string()),
+            };
+            let writer = vm.with(|i| i.log_writer.take());
+            let session = adopted.and_then(|h| {
+                let h: Arc<dyn vmm_shim::VmHandle> = h.into();
+                let log = writer.ok_or_else(|| "its log is not writable".to_string())?;
+                vm.with(|i| i.handle = Some(h.clone()));
+                crate::start::Connected::adopted(h, &cfg.vsock_uds, log).map_err(|e| e.message)
+            });
+            match session {
+                Ok(c) => {
+                    tracing::info!(vm = %vm.id, "adopted a VM left running by the previous agent");
+                    tokio::spawn(crate::start::session(self.clone(), vm.clone(), c));
+                }
+                Err(why) => {
+                    tracing::warn!(vm = %vm.id, reason = %why, "cannot adopt a VM; marking it exited");
+                    for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+                        kill_if_ours(*pid, &vm.dir);
+                    }
+                    remove_sockets(&vm.dir);
+                    if let Some(h) = vm.handle() {
+                        h.cleanup().await;
+                    }
+                    crate::start::finish(
+                        self,
+                        &vm,
+                        ExitInfo {
+                            code: 255,
+                            signal: None,
+                            reason: format!("the VM ended while the agent was not running ({why})"),
+                            at_ms: now_ms(),
+                        },
+                    )
+                    .await;
+                }
+            }
         }
     }
 
@@ -242,11 +304,12 @@ impl Agent {
         if let Some(n) = &spec.name {
             ids::validate_name(n)?;
         }
-        // Fail fast on an unknown image rather than at start.
-        self.images.resolve(&spec.image)?;
-        if spec.argv.is_empty() {
-            spec.argv = vec!["/bin/sh".into()];
-        }
+        // Resolve the image now: the VM keeps its layers whatever happens
+        // to the image's name later. The GC guard keeps them until the
+        // VM's record is in the registry.
+        let _gc = self.images.gc_guard();
+        let image = self.images.resolve(&spec.image)?;
+        crate::image::apply_config(&mut spec, &image.config)?;
         if spec.argv.len() > 4096 || spec.env.len() > 4096 {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
@@ -309,6 +372,9 @@ impl Agent {
             memory_mib,
             vcpus,
             vmm_pid: None,
+            helper_pids: Vec::new(),
+            image_id: Some(image.id),
+            layers: image.layers,
         };
         let vm = Vm::new(rec, dir, log, Some(writer));
         self.persist(&vm);
@@ -356,13 +422,39 @@ impl Agent {
         v
     }
 
-    /// VMs starting or running.
-    pub fn live_count(&self) -> usize {
+    /// Ids of the VMs (not removed) created from image `image_id`.
+    pub fn image_users(&self, image_id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .vms
+            .read()
+            .values()
+            .filter(|vm| vm.with(|i| i.rec.image_id.as_deref() == Some(image_id)))
+            .map(|vm| vm.id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes image layers that neither an image nor a VM references.
+    pub fn gc_images(&self) {
+        let vm_layers: std::collections::HashSet<String> = self
+            .vms
+            .read()
+            .values()
+            .flat_map(|vm| vm.with(|i| i.rec.layers.clone()))
+            .collect();
+        self.images.gc(&vm_layers);
+    }
+
+    /// VMs starting or running, and their guest memory in MiB.
+    pub fn live_usage(&self) -> (usize, u64) {
         self.vms
             .read()
             .values()
             .filter(|v| matches!(v.state(), VmState::Starting | VmState::Running))
-            .count()
+            .fold((0, 0), |(n, m), v| {
+                (n + 1, m + u64::from(v.with(|i| i.rec.memory_mib)))
+            })
     }
 
     /// Removes a VM and everything it owns. A live VM needs `force`.
@@ -417,6 +509,32 @@ impl Agent {
         vm.set_state(VmState::Removed);
         self.emit(vm);
         tracing::info!(vm = %vm.id, "removed");
+        // Its layers may have been kept only for it (a force-removed image).
+        self.gc_images();
         Ok(())
+    }
+}
+
+/// SIGKILLs `pid` if its command line names the VM directory `dir` (so a
+/// recycled pid of an unrelated process is never hit).
+fn kill_if_ours(pid: u32, dir: &std::path::Path) {
+    let mentions = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+        .unwrap_or(false);
+    if mentions {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Removes the sockets a VM's processes left in its directory.
+fn remove_sockets(dir: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    for ent in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if ent.file_type().map(|t| t.is_socket()).unwrap_or(false) {
+            let _ = fs::remove_file(ent.path());
+        }
     }
 }

@@ -30,6 +30,13 @@ pub struct Config {
     pub max_vms: usize,
     /// Extra kernel command line for every guest.
     pub extra_cmdline: String,
+    /// Users allowed on the API socket (root and the agent's own user are
+    /// always allowed).
+    pub allowed_uids: Vec<u32>,
+    /// Groups whose members are allowed on the API socket.
+    pub allowed_gids: Vec<u32>,
+    /// Most guest memory, in MiB, of all VMs starting or running at once.
+    pub max_total_memory_mib: u64,
 }
 
 impl Config {
@@ -47,7 +54,18 @@ impl Config {
             boot_timeout: Duration::from_secs(60),
             max_vms: 32,
             extra_cmdline: String::new(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_total_memory_mib: default_memory_budget(),
         }
+    }
+
+    /// Whether a client with these credentials may use the API.
+    pub fn admits(&self, uid: u32, gid: u32) -> bool {
+        uid == 0
+            || uid == nix::unistd::geteuid().as_raw()
+            || self.allowed_uids.contains(&uid)
+            || self.allowed_gids.contains(&gid)
     }
 
     /// The VMs' directory.
@@ -83,4 +101,19 @@ impl Config {
             dir.join("tether")
         }
     }
+}
+
+/// Three quarters of the host's memory: guests beyond that would push the
+/// host into swapping or the OOM killer, which degrades every VM.
+fn default_memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024 * 3 / 4)
+        .unwrap_or(4096)
 }

@@ -56,15 +56,19 @@ pub fn validate_ref(s: &str) -> Result<(), ApiError> {
     })
 }
 
-/// Checks an image name: `[a-z0-9][a-z0-9_.-]{0,127}` (with an optional
-/// `:tag` of the same characters).
+/// Checks an image reference: a name (`repo[:tag]`, the repo possibly
+/// with a registry host and `/` paths), a `sha256:` id or an id prefix:
+/// `[a-z0-9][a-zA-Z0-9_.:/@-]{0,254}`, no `..`. Image names are never used
+/// as paths (the store keys everything by digest); the check keeps control
+/// characters and absurd lengths out of records and logs.
 pub fn validate_image(s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.len() <= 255
+        && (s.as_bytes()[0].is_ascii_lowercase() || s.as_bytes()[0].is_ascii_digit())
         && !s.contains("..")
+        && !s.contains("//")
         && s.bytes().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-' | b':')
+            c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-' | b':' | b'/' | b'@')
         });
     if ok {
         Ok(())
@@ -119,7 +123,17 @@ mod tests {
     fn images() {
         assert!(validate_image("busybox").is_ok());
         assert!(validate_image("busybox:latest").is_ok());
-        for bad in ["", "../busybox", "a/b", "Busybox", "a..b", ".x"] {
+        assert!(validate_image("localhost:5000/test/img:v1").is_ok());
+        for bad in [
+            "",
+            "../busybox",
+            "a//b",
+            "Busybox",
+            "a..b",
+            ".x",
+            "/abs",
+            "a b",
+        ] {
             assert!(validate_image(bad).is_err(), "{bad:?}");
         }
     }

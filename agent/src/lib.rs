@@ -15,6 +15,7 @@ pub mod ids;
 pub mod image;
 pub mod initrd;
 pub mod logstore;
+pub mod ratelimit;
 pub mod server;
 pub mod start;
 pub mod state;

@@ -49,6 +49,9 @@ pub struct Record {
 pub struct LogWriter {
     file: File,
     len: u64,
+    /// Payload bytes stored per stream (stdout, stderr): the offsets the
+    /// tether resumes from after a broken connection.
+    streams: (u64, u64),
     tx: watch::Sender<LogPos>,
 }
 
@@ -72,7 +75,7 @@ impl Log {
     /// Creates (or reopens for appending) the log at `path`.
     pub fn open(path: &Path) -> io::Result<(Log, LogWriter)> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let len = valid_len(path)?;
+        let (len, streams) = scan(path)?;
         // A torn tail from a crash mid-write is cut off so the next record
         // starts on a boundary.
         file.set_len(len)?;
@@ -82,14 +85,19 @@ impl Log {
                 path: path.to_path_buf(),
                 rx,
             },
-            LogWriter { file, len, tx },
+            LogWriter {
+                file,
+                len,
+                streams,
+                tx,
+            },
         ))
     }
 
     /// Opens a finished log read-only (a VM that exited before this agent
     /// started).
     pub fn open_sealed(path: &Path) -> io::Result<Log> {
-        let len = if path.exists() { valid_len(path)? } else { 0 };
+        let len = if path.exists() { scan(path)?.0 } else { 0 };
         let (_tx, rx) = watch::channel(LogPos { len, sealed: true });
         Ok(Log {
             path: path.to_path_buf(),
@@ -120,11 +128,13 @@ impl Log {
     }
 }
 
-fn valid_len(path: &Path) -> io::Result<u64> {
-    // Walk the records to find the end of the last complete one.
+/// Walks the records to find the end of the last complete one, and the
+/// payload bytes of each stream up to there.
+fn scan(path: &Path) -> io::Result<(u64, (u64, u64))> {
     let f = File::open(path)?;
     let total = f.metadata()?.len();
     let mut off = 0u64;
+    let mut streams = (0u64, 0u64);
     let mut hdr = [0u8; REC_HDR];
     while off + REC_HDR as u64 <= total {
         f.read_exact_at(&mut hdr, off)?;
@@ -132,9 +142,14 @@ fn valid_len(path: &Path) -> io::Result<u64> {
         if !matches!(hdr[0], 1 | 2) || off + REC_HDR as u64 + len > total {
             break;
         }
+        if hdr[0] == 1 {
+            streams.0 += len;
+        } else {
+            streams.1 += len;
+        }
         off += REC_HDR as u64 + len;
     }
-    Ok(off)
+    Ok((off, streams))
 }
 
 impl LogWriter {
@@ -153,6 +168,10 @@ impl LogWriter {
             rec.extend_from_slice(part);
             self.file.write_all(&rec)?;
             self.len += rec.len() as u64;
+            match stream {
+                Stream::Stdout => self.streams.0 += part.len() as u64,
+                Stream::Stderr => self.streams.1 += part.len() as u64,
+            }
         }
         self.tx.send_replace(LogPos {
             len: self.len,
@@ -168,6 +187,11 @@ impl LogWriter {
             len: self.len,
             sealed: true,
         });
+    }
+
+    /// Payload bytes stored per stream: (stdout, stderr).
+    pub fn stream_bytes(&self) -> (u64, u64) {
+        self.streams
     }
 
     /// Bytes written so far.
@@ -324,6 +348,8 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(&[1, 0, 0]).unwrap();
         let (log, w) = Log::open(&p).unwrap();
+        // The torn record is not counted: the tether resends from here.
+        assert_eq!(w.stream_bytes(), (big.len() as u64, 0));
         w.seal();
         let mut r = log.reader(true).unwrap();
         let mut total = Vec::new();

@@ -57,8 +57,27 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 
 /// Serves connections until the listener fails.
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> std::io::Result<()> {
+    let refusals = crate::ratelimit::RateLimit::new(10, Duration::from_secs(1));
     loop {
         let (stream, _) = listener.accept().await?;
+        // Access is decided by the peer's kernel-verified credentials.
+        let cred = stream.peer_cred();
+        let allowed = cred
+            .as_ref()
+            .map(|c| agent.config.admits(c.uid(), c.gid()))
+            .unwrap_or(false);
+        if !allowed {
+            if let Some(suppressed) = refusals.admit() {
+                tracing::warn!(
+                    uid = cred.as_ref().map(|c| c.uid()).ok(),
+                    gid = cred.as_ref().map(|c| c.gid()).ok(),
+                    pid = cred.as_ref().ok().and_then(|c| c.pid()),
+                    suppressed,
+                    "refused a connection from a user not allowed to use the API"
+                );
+            }
+            continue;
+        }
         let agent = agent.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(agent, stream).await {
@@ -170,6 +189,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
         return Ok(());
     }
 
+    let mut uploads: HashMap<u64, Upload> = HashMap::new();
     let mut streams: HashMap<RequestId, AbortHandle> = HashMap::new();
     let mut attached: HashMap<RequestId, Arc<Vm>> = HashMap::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
@@ -213,6 +233,43 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     }
                 }
             }
+            // Uploads too: their chunks must be written in order.
+            Request::ImageImportBegin { name } => {
+                let r = begin_upload(&agent, &uploads, id, name);
+                match r {
+                    Ok(u) => {
+                        uploads.insert(id, u);
+                        reply(&tx, id, Response::Upload { upload: id }).await;
+                    }
+                    Err(e) => reply(&tx, id, error_body(e)).await,
+                }
+            }
+            Request::ImageImportData { upload, data } => {
+                if let Some(u) = uploads.get_mut(&upload) {
+                    u.write(&data, agent.images.max_upload);
+                }
+            }
+            Request::ImageImportEnd { upload } => match uploads.remove(&upload) {
+                Some(u) => {
+                    let agent = agent.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let r = finish_upload(&agent, u).await;
+                        reply(&tx, id, r.unwrap_or_else(error_body)).await;
+                    });
+                }
+                None => {
+                    reply(
+                        &tx,
+                        id,
+                        error_body(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!("no upload {upload} on this connection"),
+                        )),
+                    )
+                    .await
+                }
+            },
             Request::CloseStdin { attach } => match attached.remove(&attach) {
                 Some(vm) => {
                     let _ = vm.to_guest.send(HostMessage::CloseStdin).await;
@@ -302,6 +359,118 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// Most uploads in progress on one connection.
+const MAX_UPLOADS: usize = 4;
+
+/// An image archive being uploaded into `images/tmp/`; the file is
+/// deleted when this is dropped (the connection ended, the import
+/// finished or failed).
+#[derive(Debug)]
+struct Upload {
+    file: Option<std::fs::File>,
+    path: std::path::PathBuf,
+    size: u64,
+    name: Option<String>,
+    failed: Option<ApiError>,
+}
+
+impl Upload {
+    fn write(&mut self, data: &[u8], cap: u64) {
+        use std::io::Write;
+        if self.failed.is_some() {
+            return;
+        }
+        let fail = if data.len() > MAX_CHUNK {
+            Some(format!("upload chunks are at most {MAX_CHUNK} bytes"))
+        } else if self.size + data.len() as u64 > cap {
+            Some(format!(
+                "the upload is larger than this agent's limit of {cap} bytes"
+            ))
+        } else {
+            match self.file.as_mut().map(|f| f.write_all(data)) {
+                Some(Ok(())) => None,
+                Some(Err(e)) => Some(format!("cannot store the upload: {e}")),
+                None => Some("the upload is closed".into()),
+            }
+        };
+        self.size += data.len() as u64;
+        if let Some(msg) = fail {
+            let code = if msg.starts_with("cannot") {
+                ErrorCode::Internal
+            } else {
+                ErrorCode::InvalidArgument
+            };
+            self.failed = Some(ApiError::new(code, msg));
+            // Nothing more is kept of a failed upload.
+            self.file = None;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn begin_upload(
+    agent: &Agent,
+    uploads: &HashMap<u64, Upload>,
+    id: RequestId,
+    name: Option<String>,
+) -> Result<Upload, ApiError> {
+    if let Some(n) = &name {
+        crate::ids::validate_image(n)?;
+    }
+    if uploads.len() >= MAX_UPLOADS {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("at most {MAX_UPLOADS} uploads at once on one connection"),
+        ));
+    }
+    if uploads.contains_key(&id) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("request id {id} already names an upload"),
+        ));
+    }
+    let path = agent
+        .images
+        .tmp_dir()
+        .join(format!("upload-{}.tar", crate::ids::new_id()));
+    let file = std::fs::File::create(&path).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot create the upload file: {e}"),
+        )
+    })?;
+    Ok(Upload {
+        file: Some(file),
+        path,
+        size: 0,
+        name,
+        failed: None,
+    })
+}
+
+async fn finish_upload(agent: &Arc<Agent>, mut u: Upload) -> Result<Response, ApiError> {
+    if let Some(e) = u.failed.take() {
+        return Err(e);
+    }
+    drop(u.file.take());
+    let agent2 = agent.clone();
+    let rec = tokio::task::spawn_blocking(move || {
+        let r = agent2.images.import_archive(&u.path, u.name.clone());
+        drop(u);
+        r
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("import task failed: {e}")))??;
+    let users = agent.image_users(&rec.id);
+    Ok(Response::Image(Box::new(agent.images.info(&rec, users))))
 }
 
 fn no_stdin(attach: RequestId) -> ApiError {
@@ -410,7 +579,40 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
                 }
             }
         }
+        Request::ImageList => Ok(Response::Images(
+            agent
+                .images
+                .records()
+                .iter()
+                .map(|r| agent.images.info(r, agent.image_users(&r.id)))
+                .collect(),
+        )),
+        Request::ImageInspect { image } => agent
+            .images
+            .find(&image)
+            .map(|r| Response::Image(Box::new(agent.images.info(&r, agent.image_users(&r.id))))),
+        Request::ImageRemove { image, force } => {
+            let a = agent.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = a.images.remove(&image, &|id| a.image_users(id), force);
+                if r.is_ok() {
+                    a.gc_images();
+                }
+                r.map(|_| Response::Done)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("image removal task failed: {e}"),
+                ))
+            })
+        }
+        Request::ImagePull { reference } => crate::image::pull::pull(&agent, &reference).await,
         Request::Hello { .. }
+        | Request::ImageImportBegin { .. }
+        | Request::ImageImportData { .. }
+        | Request::ImageImportEnd { .. }
         | Request::Stdin { .. }
         | Request::CloseStdin { .. }
         | Request::Cancel { .. } => unreachable!("handled in the read loop"),

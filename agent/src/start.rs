@@ -5,15 +5,18 @@
 //! guest-booted → process-started → first-output → exited`: each phase is
 //! recorded on the VM (shown by `inspect`) and traced as a span.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 use vmlet_protocol::aio::{read_frame, write_frame};
-use vmlet_protocol::api::{ExitInfo, Phase, Stream, VmState};
+use vmlet_protocol::api::{ExitInfo, GuestBoot, Phase, Stream, VmState};
+use vmlet_protocol::frame::FrameError;
 use vmlet_protocol::guest::{
     DiskSpec, GuestMessage, HostMessage, ProcessSpec, GUEST_PROTOCOL_VERSION, MAX_GUEST_FRAME,
     TETHER_PORT,
@@ -73,20 +76,14 @@ pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
     }
 }
 
-/// A guest connected, past hello, with its process started.
-struct Connected {
-    handle: Arc<dyn VmHandle>,
-    rd: OwnedReadHalf,
-    log: LogWriter,
-    to_guest: mpsc::Sender<HostMessage>,
-}
-
 type BootError = (ApiError, Option<Arc<dyn VmHandle>>);
 
 async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> {
-    // admitted
+    // admitted: a start over a limit fails fast rather than degrading
+    // every VM on the host. Both counts include this VM (it is starting).
     let admit = tracing::info_span!("admit").entered();
-    if agent.live_count() > agent.config.max_vms {
+    let (live, memory) = agent.live_usage();
+    if live > agent.config.max_vms {
         return Err((
             err(
                 ErrorCode::Unavailable,
@@ -98,54 +95,45 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
             None,
         ));
     }
+    if memory > agent.config.max_total_memory_mib {
+        return Err((
+            err(
+                ErrorCode::Unavailable,
+                format!(
+                    "starting this VM would put {memory} MiB of guest memory on a host whose limit is {} MiB",
+                    agent.config.max_total_memory_mib
+                ),
+            ),
+            None,
+        ));
+    }
     vm.phase(Phase::Admitted);
     drop(admit);
 
+    // The image's layer disks, shared read-only by every VM using them,
+    // and this VM's own writable disk: a copy-on-write overlay of a blank
+    // template, created in O(1) whatever the image's size.
+    let rec = vm.record();
+    let (disks, layers, writable) = vm_disks(agent, vm, &rec)
+        .instrument(tracing::info_span!("disks"))
+        .await
+        .map_err(|e| (e, None))?;
+
     // config-cloned
     let clone = tracing::info_span!("config-clone").entered();
-    let rec = vm.record();
-    let image = agent
-        .images
-        .resolve(&rec.spec.image)
-        .map_err(|e| (e, None))?;
-    let disks = vec![Disk {
-        path: image.rootfs.clone(),
-        serial: "layer0".into(),
-        read_only: true,
-    }];
     let cfg = agent.template.instantiate(vm, &rec, disks);
     vm.phase(Phase::ConfigCloned);
     drop(clone);
 
-    // disks-attached: the image's disk is shared read-only; the writable
-    // layer is a tmpfs in the guest for now.
-    let layers = vec![DiskSpec {
-        serial: "layer0".into(),
-        fstype: image.fstype.into(),
-    }];
+    // disks-attached
     vm.phase(Phase::DisksAttached);
     let listen = tracing::info_span!("vsock-listen").entered();
 
-    // The tether's listener must exist before the guest can dial it.
-    let listen_path = {
-        let mut p = cfg.vsock_uds.clone().into_os_string();
-        p.push(format!("_{TETHER_PORT}"));
-        std::path::PathBuf::from(p)
-    };
-    let _ = std::fs::remove_file(&listen_path);
-    let listener = UnixListener::bind(&listen_path).map_err(|e| {
-        (
-            err(
-                ErrorCode::Internal,
-                format!(
-                    "cannot listen for the guest at {}: {e}",
-                    listen_path.display()
-                ),
-            ),
-            None,
-        )
-    })?;
-
+    // The tether's listener must exist before the guest can dial it. It
+    // stays open for the VM's life: the tether dials again if the
+    // connection breaks (after an agent restart, say).
+    let listen_path = tether_listen_path(&cfg.vsock_uds);
+    let listener = bind_tether_listener(&listen_path).map_err(|e| (e, None))?;
     drop(listen);
 
     // vmm-spawned
@@ -167,6 +155,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     vm.with(|i| {
         i.handle = Some(handle.clone());
         i.rec.vmm_pid = handle.pid();
+        i.rec.helper_pids = handle.helper_pids();
     });
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
@@ -182,24 +171,10 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                 format!("accepting the guest connection failed: {e}"),
             )
         })?;
-        let (mut rd, wr) = stream.into_split();
-        match read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME).await {
-            Ok(Some(GuestMessage::Hello { version, boot })) if version == GUEST_PROTOCOL_VERSION => {
-                Ok((rd, wr, boot))
-            }
-            Ok(Some(GuestMessage::Hello { version, .. })) => Err(err(
-                ErrorCode::Internal,
-                format!("the guest speaks protocol version {version}, the agent {GUEST_PROTOCOL_VERSION}"),
-            )),
-            Ok(other) => Err(err(
-                ErrorCode::Internal,
-                format!("the guest sent {:?} instead of hello", other.map(|m| kind(&m))),
-            )),
-            Err(e) => Err(err(
-                ErrorCode::Internal,
-                format!("the guest's hello was unreadable: {e}"),
-            )),
-        }
+        let (rd, wr) = stream.into_split();
+        let mut frames = spawn_reader(rd);
+        let boot = read_hello(&mut frames).await?;
+        Ok((frames, wr, boot))
     };
     let booted = async {
         tokio::select! {
@@ -218,9 +193,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     }
     .instrument(tracing::info_span!("guest-boot"))
     .await;
-    let (mut rd, wr, boot) = booted.map_err(fail)?;
-    drop(listener);
-    let _ = std::fs::remove_file(&listen_path);
+    let (mut frames, wr, boot) = booted.map_err(fail)?;
     vm.with(|i| i.rec.guest_boot = Some(boot));
     vm.phase(Phase::GuestBooted);
 
@@ -236,30 +209,24 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     }
     let spec = ProcessSpec {
         layers,
-        writable: None,
+        writable: Some(writable),
+        user: rec.spec.user.clone(),
         argv: rec.spec.argv.clone(),
         env,
         workdir: rec.spec.workdir.clone(),
         stdin: rec.spec.stdin_open,
         hostname: vm.id[..12].to_string(),
     };
-    let to_guest_rx = vm
-        .with(|i| i.to_guest_rx.take())
-        .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM was already started once")))?;
-    tokio::spawn(guest_writer(wr, spec, to_guest_rx));
-    let log = vm
+    let writer = spawn_writer(wr, HostMessage::Spec(spec), vm.to_guest_rx.clone());
+    let mut log = vm
         .with(|i| i.log_writer.take())
         .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM's log is closed")))?;
-    let started = tokio::time::timeout(
-        SPAWN_TIMEOUT,
-        read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME),
-    )
-    .instrument(tracing::info_span!("process-start"))
-    .await;
-    let mut log = log;
+    let started = tokio::time::timeout(SPAWN_TIMEOUT, frames.recv())
+        .instrument(tracing::info_span!("process-start"))
+        .await;
     match started {
-        Ok(Ok(Some(GuestMessage::Started { .. }))) => {}
-        Ok(Ok(Some(GuestMessage::Failed { message, code }))) => {
+        Ok(Some(Ok(GuestMessage::Started { .. }))) => {}
+        Ok(Some(Ok(GuestMessage::Failed { message, code }))) => {
             // Not a failure of the start: the container's command could
             // not run, so it exits with the tether's code, as a shell would.
             // The session acknowledges it and lets the guest power off.
@@ -275,9 +242,16 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         }
         other => {
             log.seal();
+            writer.abort();
+            let what = match other {
+                Err(_) => "it did not answer in time".to_string(),
+                Ok(None) => "it closed the connection".to_string(),
+                Ok(Some(Ok(m))) => format!("it sent {} instead", kind(&m)),
+                Ok(Some(Err(e))) => e.to_string(),
+            };
             return Err(fail(err(
                 ErrorCode::Internal,
-                format!("the guest did not start the process: {other:?}"),
+                format!("the guest did not start the process: {what}"),
             )));
         }
     }
@@ -289,10 +263,143 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     tracing::info!(vm = %vm.id, "running");
     Ok(Connected {
         handle,
-        rd,
+        listener,
+        listen_path,
+        conn: Some(GuestConn { frames, writer }),
         log,
-        to_guest: vm.to_guest.clone(),
     })
+}
+
+/// The Unix socket path where the guest's dial to the host's tether port
+/// arrives (hybrid vsock: `<uds>_<port>`).
+pub fn tether_listen_path(vsock_uds: &Path) -> PathBuf {
+    let mut p = vsock_uds.as_os_str().to_owned();
+    p.push(format!("_{TETHER_PORT}"));
+    PathBuf::from(p)
+}
+
+/// Binds the tether listener, replacing a stale socket file.
+pub fn bind_tether_listener(path: &Path) -> Result<UnixListener, ApiError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| {
+        err(
+            ErrorCode::Internal,
+            format!("cannot listen for the guest at {}: {e}", path.display()),
+        )
+    })
+}
+
+type Frames = mpsc::Receiver<Result<GuestMessage, FrameError>>;
+
+/// Reads guest frames into a channel: `read_frame` is not cancel safe, so
+/// one task owns the read half and the session selects on the channel.
+/// The channel is small: a session that stops taking frames stops the
+/// reads, and the guest's writes block (backpressure, nothing dropped).
+fn spawn_reader(mut rd: OwnedReadHalf) -> Frames {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let r = read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME).await;
+            let end = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Owns the write half of one guest connection: `opening` first (the spec
+/// on a fresh boot, `Resume` on a reconnect), then stdin, signals and acks
+/// from the VM's queue, in order. A later connection's writer waits for
+/// this one to end (the queue's lock), so messages never interleave.
+fn spawn_writer(
+    mut wr: OwnedWriteHalf,
+    opening: HostMessage,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rx = queue.lock().await;
+        if write_frame(&mut wr, &opening).await.is_err() {
+            return;
+        }
+        while let Some(m) = rx.recv().await {
+            let ack = matches!(m, HostMessage::ExitAck);
+            if write_frame(&mut wr, &m).await.is_err() || ack {
+                return;
+            }
+        }
+    })
+}
+
+async fn read_hello(frames: &mut Frames) -> Result<GuestBoot, ApiError> {
+    match frames.recv().await {
+        Some(Ok(GuestMessage::Hello { version, boot })) if version == GUEST_PROTOCOL_VERSION => {
+            Ok(boot)
+        }
+        Some(Ok(GuestMessage::Hello { version, .. })) => Err(err(
+            ErrorCode::Internal,
+            format!(
+                "the guest speaks protocol version {version}, the agent {GUEST_PROTOCOL_VERSION}"
+            ),
+        )),
+        Some(Ok(other)) => Err(err(
+            ErrorCode::Internal,
+            format!("the guest sent {} instead of hello", kind(&other)),
+        )),
+        Some(Err(e)) => Err(err(
+            ErrorCode::Internal,
+            format!("the guest's hello was unreadable: {e}"),
+        )),
+        None => Err(err(
+            ErrorCode::Internal,
+            "the guest closed the connection before saying hello",
+        )),
+    }
+}
+
+/// The disks of a VM: its image's layers (serials `l0`, `l1`, … lowest
+/// first) and its writable disk (`rw`).
+async fn vm_disks(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    rec: &crate::vm::VmRecord,
+) -> Result<(Vec<Disk>, Vec<DiskSpec>, DiskSpec), ApiError> {
+    let mut disks = Vec::with_capacity(rec.layers.len() + 1);
+    let mut layers = Vec::with_capacity(rec.layers.len());
+    for (i, diff_id) in rec.layers.iter().enumerate() {
+        let d = agent.images.layer_disk(diff_id)?;
+        let serial = format!("l{i}");
+        disks.push(Disk {
+            path: d.path,
+            serial: serial.clone(),
+            read_only: true,
+        });
+        layers.push(DiskSpec {
+            serial,
+            fstype: d.fstype,
+        });
+    }
+    let agent2 = agent.clone();
+    let dir = vm.dir.clone();
+    let rw = tokio::task::spawn_blocking(move || agent2.images.create_writable(&dir))
+        .await
+        .map_err(|e| err(ErrorCode::Internal, format!("writable disk task: {e}")))??;
+    disks.push(Disk {
+        path: rw,
+        serial: "rw".into(),
+        read_only: false,
+    });
+    let writable = DiskSpec {
+        serial: "rw".into(),
+        fstype: "ext4".into(),
+    };
+    Ok((disks, layers, writable))
 }
 
 fn kind(m: &GuestMessage) -> &'static str {
@@ -318,88 +425,171 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Owns the write half of the guest connection: the spec first, then
-/// stdin, signals and the exit acknowledgement, in order.
-async fn guest_writer(
-    mut wr: OwnedWriteHalf,
-    spec: ProcessSpec,
-    mut rx: mpsc::Receiver<HostMessage>,
-) {
-    if write_frame(&mut wr, &HostMessage::Spec(spec))
-        .await
-        .is_err()
-    {
-        return;
+/// One live connection to the tether.
+#[derive(Debug)]
+struct GuestConn {
+    frames: Frames,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for GuestConn {
+    fn drop(&mut self) {
+        self.writer.abort();
     }
-    while let Some(m) = rx.recv().await {
-        let ack = matches!(m, HostMessage::ExitAck);
-        if write_frame(&mut wr, &m).await.is_err() || ack {
-            return;
-        }
+}
+
+/// A running VM's session state: its VMM, the tether listener, the current
+/// connection (none while the guest is redialling) and its log.
+#[derive(Debug)]
+pub struct Connected {
+    handle: Arc<dyn VmHandle>,
+    listener: UnixListener,
+    listen_path: PathBuf,
+    conn: Option<GuestConn>,
+    log: LogWriter,
+}
+
+impl Connected {
+    /// The session of a VM adopted from an earlier agent: no connection
+    /// yet; the tether dials again and is told where to resume.
+    pub fn adopted(
+        handle: Arc<dyn VmHandle>,
+        vsock_uds: &Path,
+        log: LogWriter,
+    ) -> Result<Self, ApiError> {
+        let listen_path = tether_listen_path(vsock_uds);
+        let listener = bind_tether_listener(&listen_path)?;
+        Ok(Connected {
+            handle,
+            listener,
+            listen_path,
+            conn: None,
+            log,
+        })
+    }
+}
+
+/// How long a reconnecting tether may take to say hello again.
+const REHELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Acknowledge stored output at least this often while it flows...
+const ACK_INTERVAL: Duration = Duration::from_millis(100);
+/// ...and whenever this much is unacknowledged, so the tether's replay
+/// buffer stays small.
+const ACK_BYTES: u64 = 256 * 1024;
+
+async fn next_frame(conn: &mut Option<GuestConn>) -> Option<Result<GuestMessage, FrameError>> {
+    match conn {
+        Some(c) => c.frames.recv().await,
+        None => std::future::pending().await,
     }
 }
 
 /// Carries the guest's output to the log until the process exits or the
-/// VMM dies, then finishes the VM.
-async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
+/// VMM dies, surviving broken connections, then finishes the VM.
+pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     let Connected {
         handle,
-        mut rd,
+        listener,
+        listen_path,
+        mut conn,
         mut log,
-        to_guest,
     } = c;
     let mut exit: Option<ExitInfo> = vm.exit();
     let mut vmm_exit: Option<VmExit> = None;
-    if exit.is_none() {
-        loop {
-            // read_frame is not cancel safe, but it is only cancelled when
-            // the VMM has died, and then the connection is abandoned.
-            tokio::select! {
-                m = read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME) => match m {
-                    Ok(Some(GuestMessage::Stdout(d))) => store(&vm, &mut log, Stream::Stdout, &d),
-                    Ok(Some(GuestMessage::Stderr(d))) => store(&vm, &mut log, Stream::Stderr, &d),
-                    Ok(Some(GuestMessage::Exited { code, signal })) => {
-                        let code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
-                        let reason = match signal {
-                            Some(s) => format!("the process was killed by signal {s}"),
-                            None => format!("the process exited with code {code}"),
-                        };
-                        exit = Some(ExitInfo { code, signal, reason, at_ms: now_ms() });
-                        break;
+    let mut acked = log.stream_bytes();
+    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ack = |log: &LogWriter, acked: &mut (u64, u64)| {
+        let now = log.stream_bytes();
+        if now != *acked
+            && vm
+                .to_guest
+                .try_send(HostMessage::Ack {
+                    stdout: now.0,
+                    stderr: now.1,
+                })
+                .is_ok()
+        {
+            *acked = now;
+        }
+    };
+    while exit.is_none() {
+        tokio::select! {
+            m = next_frame(&mut conn) => match m {
+                Some(Ok(GuestMessage::Stdout(d))) => {
+                    store(&vm, &mut log, Stream::Stdout, &d);
+                    if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
+                        ack(&log, &mut acked);
                     }
-                    Ok(Some(other)) => {
-                        tracing::warn!(vm = %vm.id, message = kind(&other), "guest sent an unexpected message; ignored");
+                }
+                Some(Ok(GuestMessage::Stderr(d))) => {
+                    store(&vm, &mut log, Stream::Stderr, &d);
+                    if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
+                        ack(&log, &mut acked);
                     }
-                    Ok(None) => {
-                        tracing::warn!(vm = %vm.id, "guest closed its connection before reporting an exit");
-                        break;
+                }
+                Some(Ok(GuestMessage::Exited { code, signal })) => {
+                    let code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+                    let reason = match signal {
+                        Some(s) => format!("the process was killed by signal {s}"),
+                        None => format!("the process exited with code {code}"),
+                    };
+                    exit = Some(ExitInfo { code, signal, reason, at_ms: now_ms() });
+                }
+                Some(Ok(GuestMessage::Failed { message, code })) => {
+                    exit = Some(ExitInfo { code, signal: None, reason: message, at_ms: now_ms() });
+                }
+                Some(Ok(other)) => {
+                    tracing::warn!(vm = %vm.id, message = kind(&other), "guest sent an unexpected message; ignored");
+                }
+                Some(Err(e)) if !matches!(e, FrameError::Io(_) | FrameError::Truncated) => {
+                    // A guest that breaks the framing is confined to its own
+                    // VM: the VM is ended, nobody else notices.
+                    tracing::warn!(vm = %vm.id, error = %e, "guest broke the protocol; ending its VM");
+                    let _ = handle.kill().await;
+                    exit = Some(ExitInfo {
+                        code: 255,
+                        signal: None,
+                        reason: format!("the guest broke the protocol: {e}"),
+                        at_ms: now_ms(),
+                    });
+                }
+                Some(Err(_)) | None => {
+                    tracing::warn!(vm = %vm.id, "the guest connection broke; waiting for the tether to dial again");
+                    conn = None;
+                }
+            },
+            a = listener.accept(), if conn.is_none() => {
+                let Ok((stream, _)) = a else { continue };
+                let (rd, wr) = stream.into_split();
+                let mut frames = spawn_reader(rd);
+                match tokio::time::timeout(REHELLO_TIMEOUT, read_hello(&mut frames)).await {
+                    Ok(Ok(_)) => {
+                        let (stdout, stderr) = log.stream_bytes();
+                        acked = (stdout, stderr);
+                        tracing::info!(vm = %vm.id, stdout, stderr, "the tether is back; resuming its output");
+                        let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, vm.to_guest_rx.clone());
+                        conn = Some(GuestConn { frames, writer });
                     }
-                    Err(e) => {
-                        // A guest that breaks the framing is confined to its
-                        // own VM: the VM is ended, nobody else notices.
-                        tracing::warn!(vm = %vm.id, error = %e, "guest broke the protocol; ending its VM");
-                        let _ = handle.kill().await;
-                        exit = Some(ExitInfo {
-                            code: 255,
-                            signal: None,
-                            reason: format!("the guest broke the protocol: {e}"),
-                            at_ms: now_ms(),
-                        });
-                        break;
-                    }
-                },
-                e = handle.wait() => {
-                    vmm_exit = Some(e);
-                    break;
+                    Ok(Err(e)) => tracing::warn!(vm = %vm.id, error = %e, "a reconnecting guest did not say hello"),
+                    Err(_) => tracing::warn!(vm = %vm.id, "a reconnecting guest did not say hello in time"),
                 }
             }
+            e = handle.wait() => {
+                vmm_exit = Some(e);
+                break;
+            }
+            _ = tick.tick() => ack(&log, &mut acked),
         }
     }
     // Everything the guest sent is stored: the tether may power off.
-    if exit.is_some() && vmm_exit.is_none() {
-        let _ = to_guest.send(HostMessage::ExitAck).await;
+    if exit.is_some() && vmm_exit.is_none() && conn.is_some() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            vm.to_guest.send(HostMessage::ExitAck),
+        )
+        .await;
     }
-    drop(to_guest);
     log.seal();
     let vmm_exit = match vmm_exit {
         Some(e) => e,
@@ -412,6 +602,9 @@ async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
             }
         },
     };
+    drop(conn);
+    drop(listener);
+    let _ = std::fs::remove_file(&listen_path);
     let exit = exit.unwrap_or_else(|| {
         if vm.with(|i| i.stopping) {
             ExitInfo {
@@ -446,7 +639,7 @@ fn store(vm: &Vm, log: &mut LogWriter, stream: Stream, data: &[u8]) {
 }
 
 /// Marks the VM exited, persists it, and removes it if it asked for that.
-async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
+pub async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
     if let Some(w) = vm.with(|i| i.log_writer.take()) {
         w.seal();
     }
@@ -455,6 +648,7 @@ async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
     vm.with(|i| {
         i.rec.exit = Some(exit);
         i.rec.vmm_pid = None;
+        i.rec.helper_pids.clear();
     });
     vm.set_state(VmState::Exited);
     agent.persist(vm);

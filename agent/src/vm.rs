@@ -57,6 +57,18 @@ pub struct VmRecord {
     pub vcpus: u32,
     /// VMM pid while it runs.
     pub vmm_pid: Option<u32>,
+    /// Pids of the VMM's helpers (the vsock backend) while it runs, so a
+    /// restarted agent can adopt them.
+    #[serde(default)]
+    pub helper_pids: Vec<u32>,
+    /// The image's id, resolved at create.
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// The image's layers (diff ids, lowest first), resolved at create:
+    /// they stay in the store while this record exists, even if the image
+    /// is removed.
+    #[serde(default)]
+    pub layers: Vec<String>,
 }
 
 /// Mutable state of a VM, behind one lock.
@@ -70,8 +82,6 @@ pub struct Inner {
     pub handle: Option<Arc<dyn VmHandle>>,
     /// The log writer until the guest session takes it.
     pub log_writer: Option<LogWriter>,
-    /// The receiving end of the to-guest queue until the session takes it.
-    pub to_guest_rx: Option<mpsc::Receiver<HostMessage>>,
     /// A stop was requested: a VMM kill that follows is the stop's doing.
     pub stopping: bool,
 }
@@ -85,8 +95,11 @@ pub struct Vm {
     pub dir: PathBuf,
     /// Its log.
     pub log: Log,
-    /// Messages for the guest: stdin, signals.
+    /// Messages for the guest: stdin, signals, acks.
     pub to_guest: mpsc::Sender<HostMessage>,
+    /// The receiving end, taken by the writer of each guest connection in
+    /// turn.
+    pub to_guest_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<VmState>,
 }
@@ -101,13 +114,13 @@ impl Vm {
             dir,
             log,
             to_guest,
+            to_guest_rx: Arc::new(tokio::sync::Mutex::new(rx)),
             state_tx,
             inner: Mutex::new(Inner {
                 rec,
                 accepted_at: None,
                 handle: None,
                 log_writer: writer,
-                to_guest_rx: Some(rx),
                 stopping: false,
             }),
         })

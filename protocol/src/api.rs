@@ -129,6 +129,53 @@ pub enum Request {
         /// Id of the stream request.
         request: RequestId,
     },
+    // Image requests. Appended after the VM requests: bincode encodes a
+    // variant by its index, so new variants only ever go at the end.
+    /// Starts uploading an image archive (a `docker save` tar or a tarred
+    /// OCI image layout). Answer: [`Response::Upload`] whose `upload` the
+    /// data and end requests name. The upload belongs to this connection:
+    /// it is discarded if the connection ends before
+    /// [`Request::ImageImportEnd`].
+    ImageImportBegin {
+        /// Name to give the image (`repo:tag`); else the archive's own.
+        name: Option<String>,
+    },
+    /// The next bytes of upload `upload`, at most
+    /// [`crate::frame::MAX_CHUNK`]. No reply unless it fails. Sent in
+    /// order on the connection that began the upload.
+    ImageImportData {
+        /// The upload's id.
+        upload: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The upload is complete: import it. Answer: [`Response::Image`].
+    ImageImportEnd {
+        /// The upload's id.
+        upload: u64,
+    },
+    /// Every stored image. Answer: [`Response::Images`].
+    ImageList,
+    /// One image. Answer: [`Response::Image`].
+    ImageInspect {
+        /// Name, `sha256:` id or unique id prefix.
+        image: String,
+    },
+    /// Removes an image; refused while a VM uses it unless `force`.
+    /// Layers nothing references any more are deleted. Answer:
+    /// [`Response::Done`].
+    ImageRemove {
+        /// Name, `sha256:` id or unique id prefix.
+        image: String,
+        /// Remove it even though VMs use it (they keep their layers).
+        force: bool,
+    },
+    /// Pulls an image from an OCI distribution registry. Answer:
+    /// [`Response::Image`].
+    ImagePull {
+        /// `[http://|https://]host[:port]/repo[:tag|@sha256:…]`.
+        reference: String,
+    },
 }
 
 /// What a container VM should run.
@@ -152,6 +199,13 @@ pub struct CreateSpec {
     pub memory_mib: Option<u32>,
     /// Virtual CPUs; the agent's default if `None`.
     pub vcpus: Option<u32>,
+    /// Replaces the image's `Entrypoint` (and drops its `Cmd`, as
+    /// `docker run --entrypoint` does); `Some(vec![])` clears it.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// User to run as, overriding the image's `User`.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// What an attach streams.
@@ -215,6 +269,61 @@ pub enum Response {
     },
     /// The request failed.
     Error(ApiError),
+    /// Answer to [`Request::ImageImportBegin`].
+    Upload {
+        /// Names the upload in the data and end requests.
+        upload: u64,
+    },
+    /// Answer to image import, inspect and pull.
+    Image(Box<ImageInfo>),
+    /// Answer to [`Request::ImageList`].
+    Images(Vec<ImageInfo>),
+}
+
+/// A stored image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// `sha256:<hex>` of its config blob (Docker's image id).
+    pub id: String,
+    /// Names (`repo:tag`) pointing at it.
+    pub names: Vec<String>,
+    /// Its layers, lowest first.
+    pub layers: Vec<LayerInfo>,
+    /// What a container of it runs by default.
+    pub config: ImageConfig,
+    /// When it was stored, milliseconds since the epoch.
+    pub created_ms: u64,
+    /// Ids of the VMs using it.
+    pub used_by: Vec<String>,
+}
+
+/// One layer of an image, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// `sha256:<hex>` of the uncompressed tar (the OCI diff id): the
+    /// store's key.
+    pub diff_id: String,
+    /// Bytes of the uncompressed tar.
+    pub size: u64,
+    /// Bytes of its read-only disk.
+    pub disk_size: u64,
+    /// The disk's filesystem (`erofs`, `ext4`).
+    pub fstype: String,
+}
+
+/// The parts of an OCI image config that decide what a container runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env`, `KEY=value`.
+    pub env: Vec<String>,
+    /// `WorkingDir`.
+    pub working_dir: Option<String>,
+    /// `User` (`name`, `uid`, `uid:gid`, `name:group`).
+    pub user: Option<String>,
 }
 
 /// A container output stream.

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::aio::{read_frame, write_frame};
 use crate::api::{
-    ClientMessage, CreateSpec, ExitInfo, Request, RequestId, Response, ServerMessage, VersionInfo,
-    VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
+    ClientMessage, CreateSpec, ExitInfo, ImageInfo, Request, RequestId, Response, ServerMessage,
+    VersionInfo, VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
 };
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{FrameError, MAX_FRAME_LEN};
@@ -44,6 +44,9 @@ pub enum ClientError {
     /// The agent refused the request.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// Reading what was to be sent failed.
+    #[error("cannot read the input")]
+    Io(#[source] std::io::Error),
     /// The agent answered with something this request does not expect.
     #[error("unexpected reply from vmletd: {0}")]
     Unexpected(String),
@@ -55,6 +58,7 @@ impl ClientError {
         match self {
             ClientError::Api(e) => e.retryable(),
             ClientError::Connect { .. } | ClientError::Closed | ClientError::Frame(_) => true,
+            ClientError::Io(_) => false,
             ClientError::Unexpected(_) => false,
         }
     }
@@ -286,6 +290,81 @@ impl Client {
         }
     }
 
+    /// Uploads an image archive (a `docker save` tar or a tarred OCI
+    /// layout) read from `archive`, and waits for the agent to import it.
+    pub async fn image_import<R>(
+        &self,
+        name: Option<String>,
+        mut archive: R,
+    ) -> Result<ImageInfo, ClientError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let upload = match self.call(Request::ImageImportBegin { name }).await? {
+            Response::Upload { upload } => upload,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        // The agent answers nothing to data chunks: a chunk it refuses
+        // (over the size cap, say) fails the upload, and the end request
+        // reports why.
+        let mut buf = vec![0u8; crate::frame::MAX_CHUNK];
+        loop {
+            let n = archive.read(&mut buf).await.map_err(ClientError::Io)?;
+            if n == 0 {
+                break;
+            }
+            self.send(
+                0,
+                Request::ImageImportData {
+                    upload,
+                    data: buf[..n].to_vec(),
+                },
+            )
+            .await?;
+        }
+        expect_image(self.call(Request::ImageImportEnd { upload }).await?)
+    }
+
+    /// Pulls an image from a registry.
+    pub async fn image_pull(&self, reference: &str) -> Result<ImageInfo, ClientError> {
+        expect_image(
+            self.call(Request::ImagePull {
+                reference: reference.into(),
+            })
+            .await?,
+        )
+    }
+
+    /// Every stored image.
+    pub async fn image_list(&self) -> Result<Vec<ImageInfo>, ClientError> {
+        match self.call(Request::ImageList).await? {
+            Response::Images(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One stored image.
+    pub async fn image_inspect(&self, image: &str) -> Result<ImageInfo, ClientError> {
+        expect_image(
+            self.call(Request::ImageInspect {
+                image: image.into(),
+            })
+            .await?,
+        )
+    }
+
+    /// Removes an image.
+    pub async fn image_remove(&self, image: &str, force: bool) -> Result<(), ClientError> {
+        expect_done(
+            self.call(Request::ImageRemove {
+                image: image.into(),
+                force,
+            })
+            .await?,
+        )
+    }
+
     /// The agent's version.
     pub async fn agent_version(&self) -> Result<VersionInfo, ClientError> {
         match self.call(Request::Version).await? {
@@ -298,6 +377,13 @@ impl Client {
 fn expect_created(r: Response) -> Result<String, ClientError> {
     match r {
         Response::Created { id } => Ok(id),
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+fn expect_image(r: Response) -> Result<ImageInfo, ClientError> {
+    match r {
+        Response::Image(i) => Ok(*i),
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
     }
 }

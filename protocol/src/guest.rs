@@ -128,4 +128,8 @@ pub struct ProcessSpec {
     pub stdin: bool,
     /// Hostname of the guest.
     pub hostname: String,
+    /// User to run as: `name`, `uid`, `uid:gid`, `name:group`, resolved
+    /// against the container's `/etc/passwd` and `/etc/group`; root when
+    /// `None`.
+    pub user: Option<String>,
 }

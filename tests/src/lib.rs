@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use vmlet_protocol::client::Client;
 
+pub mod oci;
+
 /// The directory holding the workspace's binaries (target/debug).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -62,6 +64,7 @@ pub struct TestAgent {
     dir: tempfile::TempDir,
     /// The API socket.
     pub socket: PathBuf,
+    opts: AgentOptions,
 }
 
 /// Options for [`TestAgent::start_with`].
@@ -101,46 +104,82 @@ impl TestAgent {
             .tempdir_in("/tmp")
             .expect("temp dir");
         let socket = dir.path().join("api.sock");
-        let log = std::fs::File::create(dir.path().join("vmletd.log")).expect("log file");
+        let mut a = TestAgent {
+            child: None,
+            dir,
+            socket,
+            opts,
+        };
+        a.spawn_daemon();
+        a
+    }
+
+    fn spawn_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("vmletd.log"))
+            .expect("log file");
         let child = Command::new(bin("vmletd"))
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(self.dir.path().join("state"))
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--guest-dir")
             .arg(guest_dir())
             .arg("--tether")
             .arg(tether())
             .arg("--boot-timeout")
-            .arg(opts.boot_timeout.to_string())
-            .args(&opts.extra)
+            .arg(self.opts.boot_timeout.to_string())
+            .args(&self.opts.extra)
             .env("VMLET_LOG", "info,vmlet_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
             .spawn()
             .expect("spawn vmletd");
-        let mut a = TestAgent {
-            child: Some(child),
-            dir,
-            socket,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !a.socket.exists() {
-            if let Some(st) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!(
                     "vmletd exited with {st} during startup:\n{}",
-                    a.daemon_log()
+                    self.daemon_log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "vmletd did not create its socket in 60 s:\n{}",
-                a.daemon_log()
+                "vmletd did not answer on its socket in 60 s:\n{}",
+                self.daemon_log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        a
+    }
+
+    /// Kills vmletd with SIGKILL, as a crash would; its VMs keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a new vmletd on the same state directory and socket.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn_daemon();
+    }
+
+    /// The pid of the running vmletd.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The agent's state directory.

@@ -179,7 +179,7 @@ fn unknown_ids_bad_names_and_missing_images() {
         (vec!["logs", "a/b"], "invalid"),
         (
             vec!["run", "--rm", "no-such-image", "--", "true"],
-            "no image named",
+            "no image \"no-such-image\"",
         ),
         (
             vec!["run", "--rm", "../busybox", "--", "true"],

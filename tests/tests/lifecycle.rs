@@ -157,7 +157,9 @@ fn kill_signal_and_vmm_killed_from_outside() {
     // QEMU runs confined by its seccomp sandbox (mode 2: filter).
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
-        status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
         "QEMU is not under seccomp:\n{status}"
     );
     nix::sys::signal::kill(

@@ -46,7 +46,14 @@ struct CreateArgs {
     /// Virtual CPUs.
     #[arg(long)]
     cpus: Option<u32>,
-    /// The image.
+    /// Override the image's entrypoint (an empty string clears it); the
+    /// image's Cmd is dropped, as with docker run.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// User to run as: name, uid, uid:gid or name:group.
+    #[arg(short, long)]
+    user: Option<String>,
+    /// The image: a name, a sha256: id or a unique id prefix.
     image: String,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -144,10 +151,51 @@ enum Cmd {
         /// Container id or name.
         vm: String,
     },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Show the versions of vmlet and vmletd.
     Version,
     /// Stream state changes of every containerVM.
     Events,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Import an image from a `docker save` tar or an OCI image layout
+    /// (a directory, or a tar of one). Prints the image id.
+    Import {
+        /// Name to give it (repo:tag); by default the archive's own.
+        #[arg(long)]
+        name: Option<String>,
+        /// The archive or layout directory.
+        path: PathBuf,
+    },
+    /// Pull an image from a registry. Prints the image id.
+    Pull {
+        /// [http://]host[:port]/repo[:tag|@sha256:…]
+        reference: String,
+    },
+    /// List images.
+    Ls {
+        /// Print only ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show an image as JSON.
+    Inspect {
+        /// Name, id or id prefix.
+        image: String,
+    },
+    /// Remove images; refused while a VM uses one unless forced.
+    Rm {
+        /// Remove even if VMs use it (they keep their layers).
+        #[arg(short, long)]
+        force: bool,
+        /// Names, ids or id prefixes.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +240,10 @@ fn spec(c: CreateArgs, auto_remove: bool) -> CreateSpec {
         auto_remove,
         memory_mib: c.memory,
         vcpus: c.cpus,
+        entrypoint: c
+            .entrypoint
+            .map(|e| if e.is_empty() { Vec::new() } else { vec![e] }),
+        user: c.user,
     }
 }
 
@@ -359,6 +411,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
+        Cmd::Image(cmd) => image(&client, cmd).await,
         Cmd::Version => {
             let v = client.agent_version().await?;
             println!("vmlet:   {}", env!("CARGO_PKG_VERSION"));
@@ -381,6 +434,134 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
+    }
+}
+
+async fn image(client: &Client, cmd: ImageCmd) -> Result<u8, CliError> {
+    match cmd {
+        ImageCmd::Import { name, path } => {
+            let info = if path.is_dir() {
+                // An OCI layout directory goes up as a tar, made on the
+                // fly by a thread writing into a pipe the upload reads.
+                let (rd, wr) = tokio::io::duplex(1 << 20);
+                let handle = tokio::runtime::Handle::current();
+                let dir = path.clone();
+                let t = std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut b = tar::Builder::new(BridgeWriter { handle, w: wr });
+                    b.follow_symlinks(false);
+                    b.append_dir_all(".", &dir)?;
+                    b.into_inner()?;
+                    Ok(())
+                });
+                let r = client.image_import(name, rd).await;
+                match t.join() {
+                    Ok(Err(e)) if r.is_err() => return Err(e.into()),
+                    _ => {}
+                }
+                r?
+            } else {
+                let f = tokio::fs::File::open(&path).await?;
+                client.image_import(name, f).await?
+            };
+            println!("{}", info.id);
+            Ok(0)
+        }
+        ImageCmd::Pull { reference } => {
+            let info = client.image_pull(&reference).await?;
+            println!("{}", info.id);
+            Ok(0)
+        }
+        ImageCmd::Ls { quiet } => {
+            let list = client.image_list().await?;
+            if quiet {
+                for i in &list {
+                    println!("{}", i.id);
+                }
+                return Ok(0);
+            }
+            println!(
+                "{:<40}  {:<19}  {:>6}  {:>10}  USED BY",
+                "NAME", "ID", "LAYERS", "SIZE"
+            );
+            for i in &list {
+                let size: u64 = i.layers.iter().map(|l| l.disk_size).sum();
+                let names = if i.names.is_empty() {
+                    vec!["<none>".to_string()]
+                } else {
+                    i.names.clone()
+                };
+                for n in names {
+                    println!(
+                        "{:<40}  {:<19}  {:>6}  {:>10}  {}",
+                        n,
+                        &i.id[..i.id.len().min(19)],
+                        i.layers.len(),
+                        format_size(size),
+                        i.used_by.len()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Inspect { image } => {
+            let i = client.image_inspect(&image).await?;
+            let v = serde_json::json!({
+                "Id": i.id,
+                "RepoTags": i.names,
+                "Created": i.created_ms,
+                "Config": {
+                    "Entrypoint": i.config.entrypoint,
+                    "Cmd": i.config.cmd,
+                    "Env": i.config.env,
+                    "WorkingDir": i.config.working_dir,
+                    "User": i.config.user,
+                },
+                "Layers": i.layers.iter().map(|l| serde_json::json!({
+                    "DiffId": l.diff_id, "Size": l.size, "DiskSize": l.disk_size, "FsType": l.fstype,
+                })).collect::<Vec<_>>(),
+                "UsedBy": i.used_by,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            Ok(0)
+        }
+        ImageCmd::Rm { force, images } => {
+            for i in images {
+                client.image_remove(&i, force).await?;
+                println!("{i}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// A blocking writer into an async pipe, for a thread that makes a tar.
+struct BridgeWriter {
+    handle: tokio::runtime::Handle,
+    w: tokio::io::DuplexStream,
+}
+
+impl std::fmt::Debug for BridgeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BridgeWriter")
+    }
+}
+
+impl Write for BridgeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use tokio::io::AsyncWriteExt;
+        self.handle.block_on(self.w.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn format_size(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
     }
 }
 

@@ -49,6 +49,17 @@ struct Args {
     /// Extra kernel command line for every guest.
     #[arg(long, default_value = "")]
     kernel_cmdline: String,
+    /// Most guest memory (MiB) of all VMs at once; default three quarters
+    /// of the host's memory.
+    #[arg(long)]
+    max_total_memory: Option<u64>,
+    /// Also admit this user id on the API socket (root and the agent's own
+    /// user always are). Repeatable.
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
+    /// Also admit members of this group id on the API socket. Repeatable.
+    #[arg(long = "allow-gid")]
+    allow_gids: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +93,11 @@ impl TryFrom<Args> for Config {
         c.boot_timeout = Duration::from_secs_f64(a.boot_timeout);
         c.max_vms = a.max_vms;
         c.extra_cmdline = a.kernel_cmdline;
+        if let Some(m) = a.max_total_memory {
+            c.max_total_memory_mib = m;
+        }
+        c.allowed_uids = a.allow_uids;
+        c.allowed_gids = a.allow_gids;
         Ok(c)
     }
 }
@@ -126,6 +142,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let socket = config.socket.clone();
     let mode = config.socket_mode;
     let agent = tokio::task::block_in_place(|| Agent::new(config, vmm))?;
+    agent.adopt_running().await;
     let listener = server::bind(&socket, mode).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot bind {}: {e}", socket.display()))
     })?;

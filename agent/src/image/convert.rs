@@ -1,0 +1,418 @@
+//! Layer conversion: a layer tar (plain, gzip or zstd) → a staging tree →
+//! a read-only disk image, each layer once.
+//!
+//! The uncompressed stream is hashed while it is unpacked, so the layer's
+//! diff id is checked against the image config without a second pass.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use super::unpack::{self, UnpackError};
+
+/// The filesystem of the read-only layer disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerFs {
+    /// `mkfs.erofs`, uncompressed: sized to fit, fastest to build (see
+    /// docs/images.md for the figures).
+    Erofs,
+    /// `mkfs.ext4 -d`, without a journal.
+    Ext4,
+}
+
+impl LayerFs {
+    /// The fstype the guest mounts.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerFs::Erofs => "erofs",
+            LayerFs::Ext4 => "ext4",
+        }
+    }
+}
+
+/// Why a layer could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The layer's tar was refused or malformed.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+    /// The layer's content does not hash to what the image says.
+    #[error("layer digest mismatch: expected {expected}, got {actual}")]
+    Digest {
+        /// What the manifest or config said.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// Decompressing failed.
+    #[error("cannot decompress the layer")]
+    Decompress(#[source] io::Error),
+    /// The disk could not be built.
+    #[error("{tool} failed: {stderr}")]
+    Tool {
+        /// Which tool.
+        tool: &'static str,
+        /// What it said.
+        stderr: String,
+    },
+    /// A file operation failed.
+    #[error("layer conversion i/o failed at {path}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another conversion of the same layer failed.
+    #[error("converting layer {0} failed in a concurrent import: {1}")]
+    Concurrent(String, String),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ConvertError + '_ {
+    move |source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A reader that hashes what passes through it.
+#[derive(Debug)]
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    /// Bytes read so far.
+    pub count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// Reads the rest, then returns `sha256:<hex>` of everything.
+    pub fn finish(mut self) -> io::Result<(String, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((
+            format!("sha256:{}", hex(&self.hasher.finalize())),
+            self.count,
+        ))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Wraps `r` in the decompressor its magic bytes call for (gzip, zstd, or
+/// none).
+pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut br = BufReader::with_capacity(256 * 1024, r);
+    let head = br.fill_buf()?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(br)))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Ok(Box::new(zstd::stream::read::Decoder::with_buffer(br)?))
+    } else {
+        Ok(Box::new(br))
+    }
+}
+
+/// What converting one layer produced.
+#[derive(Debug, Clone)]
+pub struct Converted {
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// Bytes of the uncompressed tar.
+    pub size: u64,
+    /// Bytes of the disk.
+    pub disk_size: u64,
+    /// Milliseconds spent unpacking.
+    pub unpack_ms: u64,
+    /// Milliseconds spent building the disk.
+    pub mkfs_ms: u64,
+}
+
+/// Unpacks the (possibly compressed) layer read from `src` into `stage`
+/// (created here, mode 0700), checks its diff id if `expected` is given,
+/// and builds `disk` from it. `stage` is removed afterwards, whatever
+/// happens; `disk` exists only on success.
+pub fn convert<R: Read>(
+    src: R,
+    expected: Option<&str>,
+    stage: &Path,
+    disk: &Path,
+    fs_kind: LayerFs,
+) -> Result<Converted, ConvertError> {
+    let _ = fs::remove_dir_all(stage);
+    fs::create_dir_all(stage).map_err(io_err(stage))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(stage, fs::Permissions::from_mode(0o700)).map_err(io_err(stage))?;
+    }
+    let root = stage.join("root");
+    fs::create_dir(&root).map_err(io_err(&root))?;
+    let r = (|| {
+        let t0 = Instant::now();
+        let plain = decompress(src).map_err(ConvertError::Decompress)?;
+        let mut h = HashingReader::new(plain);
+        unpack::unpack(&mut h, &root)?;
+        let (diff_id, size) = h.finish().map_err(ConvertError::Decompress)?;
+        if let Some(want) = expected {
+            if want != diff_id {
+                return Err(ConvertError::Digest {
+                    expected: want.to_string(),
+                    actual: diff_id,
+                });
+            }
+        }
+        // The staging root becomes the layer's "/": only the layer's own
+        // "./" entry may make it other than 0755.
+        let unpack_ms = t0.elapsed().as_millis() as u64;
+        let t1 = Instant::now();
+        build_disk(&root, disk, fs_kind)?;
+        let disk_size = fs::metadata(disk).map_err(io_err(disk))?.len();
+        Ok(Converted {
+            diff_id,
+            size,
+            disk_size,
+            unpack_ms,
+            mkfs_ms: t1.elapsed().as_millis() as u64,
+        })
+    })();
+    let _ = fs::remove_dir_all(stage);
+    if r.is_err() {
+        let _ = fs::remove_file(disk);
+    }
+    r
+}
+
+/// Builds a read-only disk image of the tree at `root`.
+pub fn build_disk(root: &Path, disk: &Path, fs_kind: LayerFs) -> Result<(), ConvertError> {
+    let _ = fs::remove_file(disk);
+    let out = match fs_kind {
+        LayerFs::Erofs => Command::new("mkfs.erofs")
+            // -x1: keep every xattr (the opaque markers among them);
+            // fixed UUID and timestamp: the same tree makes the same disk.
+            .args([
+                "--quiet",
+                "-x1",
+                "-T0",
+                "-U",
+                "00000000-0000-0000-0000-000000000000",
+            ])
+            .arg(disk)
+            .arg(root)
+            .output(),
+        LayerFs::Ext4 => {
+            let bytes = tree_bytes(root);
+            // Room for metadata: inodes, directories, block rounding.
+            let size_kib = (bytes / 1024) * 13 / 10 + 16 * 1024;
+            Command::new("mkfs.ext4")
+                .args([
+                    "-q",
+                    "-F",
+                    "-O",
+                    "^has_journal",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                ])
+                .arg(root)
+                .arg(disk)
+                .arg(format!("{size_kib}K"))
+                .output()
+        }
+    };
+    let tool = match fs_kind {
+        LayerFs::Erofs => "mkfs.erofs",
+        LayerFs::Ext4 => "mkfs.ext4",
+    };
+    let out = out.map_err(|e| ConvertError::Tool {
+        tool,
+        stderr: format!("cannot run it (install erofs-utils / e2fsprogs): {e}"),
+    })?;
+    if !out.status.success() {
+        let _ = fs::remove_file(disk);
+        return Err(ConvertError::Tool {
+            tool,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes a tree takes, counting each block-rounded file and directory.
+fn tree_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            total += m.len().div_ceil(4096) * 4096 + 256;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+type Outcome = Option<Result<(), String>>;
+/// The outcome of one conversion in flight, and the condvar its waiters
+/// sleep on.
+type Cell = Arc<(Mutex<Outcome>, Condvar)>;
+
+/// Makes sure each layer is converted once however many imports ask for
+/// it at the same time, and bounds how many conversions run at once.
+#[derive(Debug)]
+pub struct Converter {
+    inflight: Mutex<HashMap<String, Cell>>,
+    slots: (Mutex<usize>, Condvar),
+}
+
+impl Converter {
+    /// At most `parallel` conversions at once.
+    pub fn new(parallel: usize) -> Self {
+        Converter {
+            inflight: Mutex::new(HashMap::new()),
+            slots: (Mutex::new(parallel.max(1)), Condvar::new()),
+        }
+    }
+
+    /// Runs `work` for `key` unless `done()` says it is already stored or
+    /// another thread is running it, in which case this waits for that
+    /// one and shares its outcome. Blocking: call from a blocking thread.
+    pub fn once<F>(&self, key: &str, done: impl Fn() -> bool, work: F) -> Result<(), ConvertError>
+    where
+        F: FnOnce() -> Result<(), ConvertError>,
+    {
+        let (cell, leader) = {
+            let mut m = self.inflight.lock().expect("inflight lock");
+            if done() {
+                return Ok(());
+            }
+            match m.get(key) {
+                Some(c) => (c.clone(), false),
+                None => {
+                    let c = Arc::new((Mutex::new(None), Condvar::new()));
+                    m.insert(key.to_string(), c.clone());
+                    (c, true)
+                }
+            }
+        };
+        if !leader {
+            let mut g = cell.0.lock().expect("cell lock");
+            while g.is_none() {
+                g = cell.1.wait(g).expect("cell wait");
+            }
+            return match g.as_ref().expect("set") {
+                Ok(()) => Ok(()),
+                Err(e) => Err(ConvertError::Concurrent(key.to_string(), e.clone())),
+            };
+        }
+        // The slot is released and waiters woken whatever `work` does.
+        let r = {
+            let _slot = self.slot();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+                Err(ConvertError::Concurrent(key.to_string(), "panicked".into()))
+            })
+        };
+        *cell.0.lock().expect("cell lock") = Some(
+            r.as_ref()
+                .map(|_| ())
+                .map_err(|e| crate::start::error_chain(e)),
+        );
+        cell.1.notify_all();
+        self.inflight.lock().expect("inflight lock").remove(key);
+        r
+    }
+
+    fn slot(&self) -> SlotGuard<'_> {
+        let mut n = self.slots.0.lock().expect("slots lock");
+        while *n == 0 {
+            n = self.slots.1.wait(n).expect("slots wait");
+        }
+        *n -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Converter);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.slots.0.lock().expect("slots lock") += 1;
+        self.0.slots.1.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn same_key_converted_once_concurrently() {
+        let c = Arc::new(Converter::new(2));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, runs, done) = (c.clone(), runs.clone(), done.clone());
+                std::thread::spawn(move || {
+                    c.once(
+                        "sha256:aa",
+                        || done.load(Ordering::SeqCst),
+                        || {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            done.store(true, Ordering::SeqCst);
+                            Ok(())
+                        },
+                    )
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap().unwrap();
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn gzip_and_zstd_are_detected() {
+        use std::io::Write;
+        let data = b"hello layer".repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&data).unwrap();
+        let gz = gz.finish().unwrap();
+        let zs = zstd::encode_all(&data[..], 1).unwrap();
+        for src in [gz, zs, data.clone()] {
+            let mut out = Vec::new();
+            decompress(&src[..]).unwrap().read_to_end(&mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+}

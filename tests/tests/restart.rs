@@ -1,0 +1,110 @@
+//! VMs outlive the agent: a vmletd killed with SIGKILL while guests stream
+//! output is replaced by a new one that adopts every VM, and no byte of
+//! output is lost or duplicated.
+
+use std::time::Duration;
+
+use vmlet_tests::{stderr, stdout, TestAgent};
+
+/// A container that writes numbered lines to stdout and stderr for a few
+/// seconds, long enough to span the agent's absence.
+const STREAM: &str = "i=1; while [ $i -le 1500 ]; do echo \"out $i\"; echo \"err $i\" >&2; \
+                      i=$((i+1)); usleep 10000; done; exit 4";
+
+fn want(prefix: &str) -> String {
+    (1..=1500).map(|i| format!("{prefix} {i}\n")).collect()
+}
+
+#[test]
+fn killed_agent_is_replaced_and_every_byte_survives() {
+    let mut a = TestAgent::start();
+    // A VM whose VMM dies while the agent is away.
+    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
+    let doomed = stdout(&o).trim().to_string();
+    let info: serde_json::Value =
+        serde_json::from_slice(&a.run(&["inspect", &doomed]).stdout).unwrap();
+    let doomed_pid = info["VmmPid"].as_i64().unwrap() as i32;
+    // Two that stream for longer than the agent is away.
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let o = a.run(&["run", "-d", "busybox", "--", "sh", "-c", STREAM]);
+            assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+            stdout(&o).trim().to_string()
+        })
+        .collect();
+
+    // Let the streams get going, then crash the agent mid-stream.
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(doomed_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The guests keep running (and buffering) while no agent is there.
+    std::thread::sleep(Duration::from_secs(2));
+    for id in &ids {
+        assert!(
+            !TestAgent::processes_mentioning(&a.vm_dir(id)).is_empty(),
+            "VM {id} died with the agent"
+        );
+    }
+    a.restart();
+
+    for id in &ids {
+        let w = a.run(&["wait", id]);
+        assert_eq!(stdout(&w).trim(), "4", "{}", stderr(&w));
+        let logs = a.run(&["logs", id]);
+        assert!(
+            stdout(&logs) == want("out"),
+            "stdout of {id} differs after the restart"
+        );
+        assert!(
+            stderr(&logs) == want("err"),
+            "stderr of {id} differs after the restart"
+        );
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&a.run(&["inspect", &doomed]).stdout).unwrap();
+    assert_eq!(info["State"], "exited", "{info}");
+    assert!(
+        info["Exit"]["Reason"]
+            .as_str()
+            .unwrap()
+            .contains("while the agent was not running"),
+        "{info}"
+    );
+    a.assert_no_processes(&doomed);
+
+    // An adopted VM can be attached to, stopped and removed like any other.
+    let o = a.run(&[
+        "run",
+        "-d",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; sleep 1000",
+    ]);
+    let id = stdout(&o).trim().to_string();
+    a.restart();
+    // Whether "hi" reached the old agent or is resent to the new one, it
+    // arrives exactly once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stdout(&a.run(&["logs", &id])).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no output after adoption"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(stdout(&a.run(&["logs", &id])), "hi\n");
+    let o = a.run(&["stop", "-t", "5", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "143");
+    for id in ids.iter().chain([&doomed, &id]) {
+        assert_eq!(a.run(&["rm", id]).status.code(), Some(0));
+        a.assert_no_processes(id);
+        assert!(!a.vm_dir(id).exists());
+    }
+}
