@@ -53,6 +53,9 @@ pub(crate) enum SpawnError {
     /// fork, chroot, chdir or exec failed.
     #[error("cannot execute {0}")]
     Exec(String, #[source] io::Error),
+    /// The user or group is not known in the container.
+    #[error("unable to find user {0}: {1}")]
+    User(String, &'static str),
 }
 
 impl SpawnError {
@@ -72,7 +75,8 @@ impl SpawnError {
             SpawnError::EmptyArgv
             | SpawnError::Nul(_)
             | SpawnError::Workdir(..)
-            | SpawnError::Root(..) => 125,
+            | SpawnError::Root(..)
+            | SpawnError::User(..) => 125,
         }
     }
 }
@@ -124,11 +128,29 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
         nul(s)?;
     }
 
+    let ids = match spec.user.as_deref() {
+        None | Some("") => None,
+        Some(u) => {
+            let read = |p: &str| {
+                let mut v = Vec::new();
+                use std::io::Read;
+                let _ = File::open(root.join(p)).and_then(|f| f.take(1 << 20).read_to_end(&mut v));
+                String::from_utf8_lossy(&v).into_owned()
+            };
+            Some(resolve_user(&read("etc/passwd"), &read("etc/group"), u)?)
+        }
+    };
+    let home = match &ids {
+        Some(i) if !env.iter().any(|(k, _)| *k == "HOME") => Some(i.home.clone()),
+        _ => None,
+    };
+
     let mut cmd = Command::new(&program);
     cmd.arg0(argv0)
         .args(&spec.argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .envs(home.iter().map(|h| ("HOME", h.as_str())))
         .stdin(if spec.stdin {
             Stdio::piped()
         } else {
@@ -139,7 +161,13 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
     // SAFETY: the closure runs in the forked child before exec; see
     // `enter_root` for why it is async-signal-safe.
     unsafe {
-        cmd.pre_exec(move || enter_root(&root_c, &workdir_c));
+        cmd.pre_exec(move || {
+            enter_root(&root_c, &workdir_c)?;
+            if let Some(i) = &ids {
+                drop_privileges(i)?;
+            }
+            Ok(())
+        });
     }
     let mut child = cmd
         .spawn()
@@ -186,6 +214,104 @@ fn enter_root(root: &CStr, workdir: &CStr) -> io::Result<()> {
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
+    Ok(())
+}
+
+/// Who the process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ids {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// Supplementary groups (the primary one included).
+    pub(crate) groups: Vec<u32>,
+    /// The user's home directory, `/` when unknown.
+    pub(crate) home: String,
+}
+
+/// Resolves Docker's `user[:group]` (each a name or a number) against the
+/// container's `/etc/passwd` and `/etc/group` texts. A numeric user need
+/// not exist (its group is then 0); a name must.
+pub(crate) fn resolve_user(passwd: &str, group: &str, spec: &str) -> Result<Ids, SpawnError> {
+    let err = |why| SpawnError::User(spec.to_owned(), why);
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    // name:password:uid:gid:gecos:home:shell
+    let pw: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+        .collect();
+    let entry = match user.parse::<u32>() {
+        Ok(uid) => pw.iter().find(|f| f[2].parse() == Ok(uid)),
+        Err(_) => Some(
+            pw.iter()
+                .find(|f| f[0] == user)
+                .ok_or_else(|| err("no matching entries in passwd file"))?,
+        ),
+    };
+    let uid = match (user.parse::<u32>(), entry) {
+        (Ok(u), _) => u,
+        (Err(_), Some(f)) => f[2].parse().map_err(|_| err("bad uid in passwd file"))?,
+        (Err(_), None) => return Err(err("no matching entries in passwd file")),
+    };
+    let name = entry.map(|f| f[0]);
+    let home = entry
+        .and_then(|f| f.get(5))
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| "/".to_owned(), |h| (*h).to_owned());
+    // name:password:gid:members
+    let gr: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 3)
+        .collect();
+    let gid = match grp {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => gr
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| err("no matching entries in group file"))?,
+        },
+        None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(0),
+    };
+    let mut groups = vec![gid];
+    if let Some(n) = name {
+        for f in &gr {
+            let members = f.get(3).copied().unwrap_or("");
+            if members.split(',').any(|m| m == n) {
+                if let Ok(g) = f[2].parse::<u32>() {
+                    if !groups.contains(&g) {
+                        groups.push(g);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Ids {
+        uid,
+        gid,
+        groups,
+        home,
+    })
+}
+
+/// Switches to `ids` in the child: groups first, then gid, then uid (after
+/// setuid nothing else could be changed). Async-signal-safe: plain system
+/// calls on memory allocated before the fork.
+fn drop_privileges(ids: &Ids) -> io::Result<()> {
+    // SAFETY: `groups` is a live slice of gid_t-sized values whose length
+    // is passed alongside.
+    if unsafe { libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain system calls with integer arguments.
+    if unsafe { libc::setgid(ids.gid) } != 0 || unsafe { libc::setuid(ids.uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -441,6 +567,27 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(parse_env(&env), vec![("A", "1"), ("B", "x=y"), ("E", "")]);
+    }
+
+    #[test]
+    fn users_resolve_as_docker_does() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1001::/home/web:/bin/sh\n";
+        let group = "root:x:0:\nweb:x:1001:\nstaff:x:50:web,other\n";
+        let r = |s| resolve_user(passwd, group, s);
+        let web = r("web").unwrap();
+        assert_eq!(
+            (web.uid, web.gid, web.groups.clone()),
+            (1000, 1001, vec![1001, 50])
+        );
+        assert_eq!(web.home, "/home/web");
+        assert_eq!(r("1000").unwrap().gid, 1001);
+        let n = r("4242").unwrap();
+        assert_eq!((n.uid, n.gid, n.home.as_str()), (4242, 0, "/"));
+        assert_eq!(r("web:staff").unwrap().gid, 50);
+        assert_eq!(r("web:7").unwrap().gid, 7);
+        assert_eq!(r("0:0").unwrap().uid, 0);
+        assert_eq!(r("nobody").unwrap_err().code(), 125);
+        assert!(r("web:nogroup").is_err());
     }
 
     #[test]
