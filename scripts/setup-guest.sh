@@ -15,7 +15,7 @@
 set -euo pipefail
 
 GUEST_DIR=${VMLET_GUEST_DIR:-/var/lib/vmlet/guest}
-HOST_PACKAGES=(qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio lz4)
+HOST_PACKAGES=(qemu-system-x86 qemu-utils busybox-static erofs-utils e2fsprogs cpio lz4)
 VSOCK_BACKEND_VERSION=0.3.0
 
 # Modules the guest needs. A name that is built in (modules.builtin) is skipped; the ones
