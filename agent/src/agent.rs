@@ -84,7 +84,12 @@ pub struct Agent {
     pub template: VmTemplate,
     /// The guest kernel's release.
     pub kernel_release: String,
+    /// Warm pools.
+    pub pools: crate::pool::Pools,
     vms: RwLock<HashMap<String, Arc<Vm>>>,
+    /// vsock CIDs in use, by VMs and pool members alike: no two guests of
+    /// this host ever share one.
+    cids: parking_lot::Mutex<std::collections::BTreeSet<u32>>,
     events: broadcast::Sender<Event>,
 }
 
@@ -134,13 +139,21 @@ impl Agent {
             },
         };
         let (events, _) = broadcast::channel(1024);
+        let pools = crate::pool::Pools::new(
+            &config.pools,
+            config.pool_refill,
+            config.memory_mib,
+            config.vcpus,
+        );
         let agent = Arc::new(Agent {
             config,
             vmm,
             images,
             template,
             kernel_release,
+            pools,
             vms: RwLock::default(),
+            cids: Default::default(),
             events,
         });
         agent.load_existing();
@@ -176,6 +189,15 @@ impl Agent {
             if rec.id != name {
                 continue;
             }
+            if rec.pooled {
+                // A warm-pool member of the previous agent: not a container,
+                // so it is ended, not adopted.
+                for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+                    kill_if_ours(*pid, &dir);
+                }
+                let _ = fs::remove_dir_all(&dir);
+                continue;
+            }
             if rec.state == VmState::Starting {
                 // Half-started when the previous agent died: the start's
                 // caller got no answer, so the VM is ended, not completed.
@@ -208,6 +230,7 @@ impl Agent {
                     continue;
                 }
             };
+            self.cids.lock().insert(rec.cid);
             let vm = Vm::new(rec, dir, log, writer);
             self.persist(&vm);
             self.vms.write().insert(name, vm);
@@ -332,8 +355,6 @@ impl Agent {
                 "memory must be 64..16384 MiB and vCPUs 1..16",
             ));
         }
-        let id = ids::new_id();
-        let dir = self.config.vms_dir().join(&id);
         let mut vms = self.vms.write();
         if let Some(n) = &spec.name {
             if vms.values().any(|v| v.name().as_deref() == Some(n)) {
@@ -343,41 +364,24 @@ impl Agent {
                 ));
             }
         }
-        let cid = (3u32..)
-            .find(|c| !vms.values().any(|v| v.with(|i| i.rec.cid) == *c))
-            .expect("a free CID");
-        fs::create_dir(&dir).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Internal,
-                format!("cannot create the VM directory: {e}"),
-            )
-        })?;
-        let (log, writer) = Log::open(&dir.join("log")).map_err(|e| {
-            let _ = fs::remove_dir_all(&dir);
-            ApiError::new(
-                ErrorCode::Internal,
-                format!("cannot create the VM log: {e}"),
-            )
-        })?;
-        let rec = VmRecord {
-            id: id.clone(),
-            name: spec.name.clone(),
-            spec,
-            created_ms: now_ms(),
-            state: VmState::Created,
-            exit: None,
-            phases: Vec::new(),
-            guest_boot: None,
-            cid,
-            memory_mib,
-            vcpus,
-            vmm_pid: None,
-            helper_pids: Vec::new(),
-            image_id: Some(image.id),
-            layers: image.layers,
+        // A warm-pool member of this image, memory and vCPUs is a guest
+        // that already booted: it becomes this VM, keeping its id.
+        let vm = match self.pools.take(&image.id, memory_mib, vcpus) {
+            Some((vm, pre)) => {
+                vm.with(|i| {
+                    i.rec.name.clone_from(&spec.name);
+                    i.rec.spec = spec;
+                    i.rec.created_ms = now_ms();
+                    i.rec.pooled = false;
+                    i.rec.from_pool = true;
+                    i.prebooted = Some(pre);
+                });
+                self.persist(&vm);
+                vm
+            }
+            None => self.new_vm(spec, image.id, image.layers, memory_mib, vcpus, false)?,
         };
-        let vm = Vm::new(rec, dir, log, Some(writer));
-        self.persist(&vm);
+        let id = vm.id.clone();
         vms.insert(id, vm.clone());
         drop(vms);
         self.emit(&vm);
@@ -446,15 +450,99 @@ impl Agent {
         self.images.gc(&vm_layers);
     }
 
-    /// VMs starting or running, and their guest memory in MiB.
+    /// VMs starting or running, and the guest memory in MiB they and the
+    /// warm pools' members hold.
     pub fn live_usage(&self) -> (usize, u64) {
-        self.vms
+        let (n, m) = self
+            .vms
             .read()
             .values()
             .filter(|v| matches!(v.state(), VmState::Starting | VmState::Running))
             .fold((0, 0), |(n, m), v| {
                 (n + 1, m + u64::from(v.with(|i| i.rec.memory_mib)))
-            })
+            });
+        (n, m + self.pools.memory_held_mib())
+    }
+
+    /// The lowest vsock CID no guest of this host uses.
+    fn alloc_cid(&self) -> u32 {
+        let mut cids = self.cids.lock();
+        let cid = (3u32..).find(|c| !cids.contains(c)).expect("a free CID");
+        cids.insert(cid);
+        cid
+    }
+
+    /// Creates a warm-pool member of `image` (not in the registry: it
+    /// becomes a VM only when a create takes it).
+    pub fn create_pool_member(&self, image: &str) -> Result<Arc<Vm>, ApiError> {
+        let _gc = self.images.gc_guard();
+        let img = self.images.resolve(image)?;
+        let mut spec = CreateSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        crate::image::apply_config(&mut spec, &img.config)?;
+        let (memory, vcpus) = (self.config.memory_mib, self.config.vcpus);
+        self.new_vm(spec, img.id, img.layers, memory, vcpus, true)
+    }
+
+    /// Forgets a pool member that was discarded or failed: its directory
+    /// and CID.
+    pub fn drop_pool_member(&self, vm: &Vm) {
+        if let Some(w) = vm.with(|i| i.log_writer.take()) {
+            w.seal();
+        }
+        let _ = fs::remove_dir_all(&vm.dir);
+        self.cids.lock().remove(&vm.with(|i| i.rec.cid));
+    }
+
+    /// Makes a VM's directory, log and record.
+    fn new_vm(
+        &self,
+        spec: CreateSpec,
+        image_id: String,
+        layers: Vec<String>,
+        memory_mib: u32,
+        vcpus: u32,
+        pooled: bool,
+    ) -> Result<Arc<Vm>, ApiError> {
+        let id = ids::new_id();
+        let dir = self.config.vms_dir().join(&id);
+        fs::create_dir(&dir).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("cannot create the VM directory: {e}"),
+            )
+        })?;
+        let (log, writer) = Log::open(&dir.join("log")).map_err(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("cannot create the VM log: {e}"),
+            )
+        })?;
+        let rec = VmRecord {
+            id: id.clone(),
+            name: spec.name.clone(),
+            spec,
+            created_ms: now_ms(),
+            state: VmState::Created,
+            exit: None,
+            phases: Vec::new(),
+            guest_boot: None,
+            cid: self.alloc_cid(),
+            memory_mib,
+            vcpus,
+            vmm_pid: None,
+            helper_pids: Vec::new(),
+            pooled,
+            from_pool: false,
+            image_id: Some(image_id),
+            layers,
+        };
+        let vm = Vm::new(rec, dir, log, Some(writer));
+        self.persist(&vm);
+        Ok(vm)
     }
 
     /// Removes a VM and everything it owns. A live VM needs `force`.
@@ -506,6 +594,7 @@ impl Agent {
                 tracing::error!(vm = %vm.id, error = %e, "cannot delete the VM directory");
             }
         }
+        self.cids.lock().remove(&vm.with(|i| i.rec.cid));
         vm.set_state(VmState::Removed);
         self.emit(vm);
         tracing::info!(vm = %vm.id, "removed");

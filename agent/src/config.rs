@@ -35,8 +35,13 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// Groups whose members are allowed on the API socket.
     pub allowed_gids: Vec<u32>,
-    /// Most guest memory, in MiB, of all VMs starting or running at once.
+    /// Most guest memory, in MiB, of all VMs starting or running at once
+    /// (warm-pool members included).
     pub max_total_memory_mib: u64,
+    /// Warm pools: guests booted ahead of demand, per image.
+    pub pools: Vec<crate::pool::PoolSpec>,
+    /// Most pool members booting at once.
+    pub pool_refill: usize,
 }
 
 impl Config {
@@ -57,6 +62,8 @@ impl Config {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_total_memory_mib: default_memory_budget(),
+            pools: Vec::new(),
+            pool_refill: 1,
         }
     }
 

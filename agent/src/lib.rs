@@ -15,6 +15,7 @@ pub mod ids;
 pub mod image;
 pub mod initrd;
 pub mod logstore;
+pub mod pool;
 pub mod ratelimit;
 pub mod server;
 pub mod start;

@@ -531,6 +531,7 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
             Ok(vm) => agent.remove(&vm, force).await.map(|_| Response::Done),
             Err(e) => Err(e),
         },
+        Request::Pools => Ok(Response::Pools(agent.pools.info())),
         Request::List { all } => Ok(Response::List(agent.list(all))),
         Request::Inspect { vm } => agent
             .resolve(&vm)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 use vmlet_protocol::aio::{read_frame, write_frame};
@@ -110,18 +110,121 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     vm.phase(Phase::Admitted);
     drop(admit);
 
+    // A VM taken from the warm pool has booted already, its root
+    // filesystem mounted: every phase up to guest-booted vanishes.
+    let rec = vm.record();
+    let prebooted = vm.with(|i| i.prebooted.take());
+    let (handle, listener, listen_path, mut frames, writer) = match prebooted {
+        Some(p) => {
+            for ph in [
+                Phase::ConfigCloned,
+                Phase::DisksAttached,
+                Phase::VmmSpawned,
+                Phase::GuestBooted,
+            ] {
+                vm.phase(ph);
+            }
+            let spec = process_spec(vm, &rec, Vec::new(), None);
+            if p.gate.send(HostMessage::Spec(spec)).is_err() {
+                return Err((
+                    err(ErrorCode::Unavailable, "the pooled guest went away"),
+                    Some(p.handle),
+                ));
+            }
+            (p.handle, p.listener, p.listen_path, p.frames, p.writer)
+        }
+        None => {
+            let l = launch(agent, vm, &rec).await?;
+            let spec = process_spec(vm, &rec, l.layers, l.writable);
+            let writer = spawn_writer(l.wr, HostMessage::Spec(spec), None, vm.to_guest_rx.clone());
+            (l.handle, l.listener, l.listen_path, l.frames, writer)
+        }
+    };
+    let fail = |e: ApiError| (e, Some(handle.clone()));
+
+    // process-started
+    let mut log = vm
+        .with(|i| i.log_writer.take())
+        .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM's log is closed")))?;
+    let started = tokio::time::timeout(SPAWN_TIMEOUT, frames.recv())
+        .instrument(tracing::info_span!("process-start"))
+        .await;
+    match started {
+        Ok(Some(Ok(GuestMessage::Started { .. }))) => {}
+        Ok(Some(Ok(GuestMessage::Failed { message, code }))) => {
+            // Not a failure of the start: the container's command could
+            // not run, so it exits with the tether's code, as a shell would.
+            // The session acknowledges it and lets the guest power off.
+            let _ = log.append(Stream::Stderr, format!("vmlet: {message}\n").as_bytes());
+            vm.with(|i| {
+                i.rec.exit = Some(ExitInfo {
+                    code,
+                    signal: None,
+                    reason: message,
+                    at_ms: now_ms(),
+                })
+            });
+        }
+        other => {
+            log.seal();
+            writer.abort();
+            let what = match other {
+                Err(_) => "it did not answer in time".to_string(),
+                Ok(None) => "it closed the connection".to_string(),
+                Ok(Some(Ok(m))) => format!("it sent {} instead", kind(&m)),
+                Ok(Some(Err(e))) => e.to_string(),
+            };
+            return Err(fail(err(
+                ErrorCode::Internal,
+                format!("the guest did not start the process: {what}"),
+            )));
+        }
+    }
+    vm.phase(Phase::ProcessStarted);
+    vm.transition(&[VmState::Starting], VmState::Running)
+        .map_err(fail)?;
+    agent.persist(vm);
+    agent.emit(vm);
+    tracing::info!(vm = %vm.id, "running");
+    Ok(Connected {
+        handle,
+        listener,
+        listen_path,
+        conn: Some(GuestConn { frames, writer }),
+        log,
+    })
+}
+
+/// A guest booted to its tether's hello; nothing sent to it yet.
+pub(crate) struct Launched {
+    handle: Arc<dyn VmHandle>,
+    listener: UnixListener,
+    listen_path: PathBuf,
+    frames: Frames,
+    wr: OwnedWriteHalf,
+    layers: Vec<DiskSpec>,
+    writable: Option<DiskSpec>,
+}
+
+/// Clones the config, attaches the disks, spawns the VMM and waits for the
+/// tether's hello: the phases from config-cloned to guest-booted, shared
+/// by cold starts and the warm pool.
+pub(crate) async fn launch(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    rec: &crate::vm::VmRecord,
+) -> Result<Launched, BootError> {
     // The image's layer disks, shared read-only by every VM using them,
     // and this VM's own writable disk: a copy-on-write overlay of a blank
     // template, created in O(1) whatever the image's size.
-    let rec = vm.record();
-    let (disks, layers, writable) = vm_disks(agent, vm, &rec)
+    let (disks, layers, writable) = vm_disks(agent, vm, rec)
         .instrument(tracing::info_span!("disks"))
         .await
         .map_err(|e| (e, None))?;
 
     // config-cloned
     let clone = tracing::info_span!("config-clone").entered();
-    let cfg = agent.template.instantiate(vm, &rec, disks);
+    let cfg = agent.template.instantiate(vm, rec, disks);
     vm.phase(Phase::ConfigCloned);
     drop(clone);
 
@@ -193,11 +296,114 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     }
     .instrument(tracing::info_span!("guest-boot"))
     .await;
-    let (mut frames, wr, boot) = booted.map_err(fail)?;
+    let (frames, wr, boot) = booted.map_err(fail)?;
     vm.with(|i| i.rec.guest_boot = Some(boot));
     vm.phase(Phase::GuestBooted);
 
-    // process-started
+    Ok(Launched {
+        handle,
+        listener,
+        listen_path,
+        frames,
+        wr,
+        layers,
+        writable: Some(writable),
+    })
+}
+
+/// A warm-pool guest: booted, its root filesystem prepared, waiting for
+/// its spec. Dropping it kills nothing by itself; [`Prebooted::discard`]
+/// does.
+#[derive(Debug)]
+pub struct Prebooted {
+    handle: Arc<dyn VmHandle>,
+    listener: UnixListener,
+    listen_path: PathBuf,
+    frames: Frames,
+    writer: JoinHandle<()>,
+    gate: oneshot::Sender<HostMessage>,
+}
+
+/// How long a pooled guest may take to mount its root filesystem.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Boots `vm` (a pool member, not in the registry) and has its tether
+/// prepare the root filesystem, so a later start only sends the spec.
+pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiError> {
+    let rec = vm.record();
+    vm.phase(Phase::Accepted);
+    let l = match launch(agent, vm, &rec).await {
+        Ok(l) => l,
+        Err((e, h)) => {
+            if let Some(h) = h {
+                let _ = h.kill().await;
+                h.cleanup().await;
+            }
+            return Err(e);
+        }
+    };
+    let (gate, gate_rx) = oneshot::channel();
+    let writer = spawn_writer(
+        l.wr,
+        HostMessage::Prepare {
+            layers: l.layers,
+            writable: l.writable,
+        },
+        Some(gate_rx),
+        vm.to_guest_rx.clone(),
+    );
+    let mut p = Prebooted {
+        handle: l.handle,
+        listener: l.listener,
+        listen_path: l.listen_path,
+        frames: l.frames,
+        writer,
+        gate,
+    };
+    match tokio::time::timeout(PREPARE_TIMEOUT, p.frames.recv()).await {
+        Ok(Some(Ok(GuestMessage::Prepared))) => Ok(p),
+        other => {
+            let what = match other {
+                Err(_) => "it did not answer in time".to_string(),
+                Ok(None) => "it closed the connection".to_string(),
+                Ok(Some(Ok(GuestMessage::Failed { message, .. }))) => message,
+                Ok(Some(Ok(m))) => format!("it sent {} instead", kind(&m)),
+                Ok(Some(Err(e))) => e.to_string(),
+            };
+            p.discard().await;
+            Err(err(
+                ErrorCode::Unavailable,
+                format!("the pooled guest did not prepare its root filesystem: {what}"),
+            ))
+        }
+    }
+}
+
+impl Prebooted {
+    /// Kills the guest and releases its processes and sockets.
+    pub async fn discard(self) {
+        self.writer.abort();
+        let _ = self.handle.kill().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.handle.wait()).await;
+        self.handle.cleanup().await;
+        drop(self.listener);
+        let _ = std::fs::remove_file(&self.listen_path);
+    }
+
+    /// The VMM, while the guest waits.
+    pub fn handle(&self) -> &Arc<dyn VmHandle> {
+        &self.handle
+    }
+}
+
+/// The process part of the spec: argv, environment (the default PATH and
+/// HOSTNAME, overridden by the VM's), user, working directory.
+fn process_spec(
+    vm: &Vm,
+    rec: &crate::vm::VmRecord,
+    layers: Vec<DiskSpec>,
+    writable: Option<DiskSpec>,
+) -> ProcessSpec {
     let mut env = vec![
         DEFAULT_PATH.to_string(),
         format!("HOSTNAME={}", &vm.id[..12]),
@@ -207,67 +413,16 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         env.retain(|x| x.split('=').next() != Some(key));
         env.push(e.clone());
     }
-    let spec = ProcessSpec {
+    ProcessSpec {
         layers,
-        writable: Some(writable),
+        writable,
         user: rec.spec.user.clone(),
         argv: rec.spec.argv.clone(),
         env,
         workdir: rec.spec.workdir.clone(),
         stdin: rec.spec.stdin_open,
         hostname: vm.id[..12].to_string(),
-    };
-    let writer = spawn_writer(wr, HostMessage::Spec(spec), vm.to_guest_rx.clone());
-    let mut log = vm
-        .with(|i| i.log_writer.take())
-        .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM's log is closed")))?;
-    let started = tokio::time::timeout(SPAWN_TIMEOUT, frames.recv())
-        .instrument(tracing::info_span!("process-start"))
-        .await;
-    match started {
-        Ok(Some(Ok(GuestMessage::Started { .. }))) => {}
-        Ok(Some(Ok(GuestMessage::Failed { message, code }))) => {
-            // Not a failure of the start: the container's command could
-            // not run, so it exits with the tether's code, as a shell would.
-            // The session acknowledges it and lets the guest power off.
-            let _ = log.append(Stream::Stderr, format!("vmlet: {message}\n").as_bytes());
-            vm.with(|i| {
-                i.rec.exit = Some(ExitInfo {
-                    code,
-                    signal: None,
-                    reason: message,
-                    at_ms: now_ms(),
-                })
-            });
-        }
-        other => {
-            log.seal();
-            writer.abort();
-            let what = match other {
-                Err(_) => "it did not answer in time".to_string(),
-                Ok(None) => "it closed the connection".to_string(),
-                Ok(Some(Ok(m))) => format!("it sent {} instead", kind(&m)),
-                Ok(Some(Err(e))) => e.to_string(),
-            };
-            return Err(fail(err(
-                ErrorCode::Internal,
-                format!("the guest did not start the process: {what}"),
-            )));
-        }
     }
-    vm.phase(Phase::ProcessStarted);
-    vm.transition(&[VmState::Starting], VmState::Running)
-        .map_err(fail)?;
-    agent.persist(vm);
-    agent.emit(vm);
-    tracing::info!(vm = %vm.id, "running");
-    Ok(Connected {
-        handle,
-        listener,
-        listen_path,
-        conn: Some(GuestConn { frames, writer }),
-        log,
-    })
 }
 
 /// The Unix socket path where the guest's dial to the host's tether port
@@ -315,18 +470,27 @@ fn spawn_reader(mut rd: OwnedReadHalf) -> Frames {
 }
 
 /// Owns the write half of one guest connection: `opening` first (the spec
-/// on a fresh boot, `Resume` on a reconnect), then stdin, signals and acks
-/// from the VM's queue, in order. A later connection's writer waits for
-/// this one to end (the queue's lock), so messages never interleave.
+/// on a cold boot, `Prepare` for a pooled VM, `Resume` on a reconnect),
+/// then, if `gate` is set, the message it delivers (a pooled VM's spec at
+/// hand-off), then stdin, signals and acks from the VM's queue, in order.
+/// A later connection's writer waits for this one to end (the queue's
+/// lock), so messages never interleave.
 fn spawn_writer(
     mut wr: OwnedWriteHalf,
     opening: HostMessage,
+    gate: Option<oneshot::Receiver<HostMessage>>,
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut rx = queue.lock().await;
         if write_frame(&mut wr, &opening).await.is_err() {
             return;
+        }
+        if let Some(gate) = gate {
+            let Ok(m) = gate.await else { return };
+            if write_frame(&mut wr, &m).await.is_err() {
+                return;
+            }
         }
         while let Some(m) = rx.recv().await {
             let ack = matches!(m, HostMessage::ExitAck);
@@ -410,6 +574,7 @@ fn kind(m: &GuestMessage) -> &'static str {
         GuestMessage::Stderr(_) => "stderr",
         GuestMessage::Failed { .. } => "failed",
         GuestMessage::Exited { .. } => "exited",
+        GuestMessage::Prepared => "prepared",
     }
 }
 
@@ -568,7 +733,7 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                         let (stdout, stderr) = log.stream_bytes();
                         acked = (stdout, stderr);
                         tracing::info!(vm = %vm.id, stdout, stderr, "the tether is back; resuming its output");
-                        let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, vm.to_guest_rx.clone());
+                        let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, None, vm.to_guest_rx.clone());
                         conn = Some(GuestConn { frames, writer });
                     }
                     Ok(Err(e)) => tracing::warn!(vm = %vm.id, error = %e, "a reconnecting guest did not say hello"),

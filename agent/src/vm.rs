@@ -61,6 +61,13 @@ pub struct VmRecord {
     /// restarted agent can adopt them.
     #[serde(default)]
     pub helper_pids: Vec<u32>,
+    /// A warm-pool member not yet taken by a create: not a container, so
+    /// a restarted agent ends it rather than adopting it.
+    #[serde(default)]
+    pub pooled: bool,
+    /// The VM was booted ahead of demand by a warm pool.
+    #[serde(default)]
+    pub from_pool: bool,
     /// The image's id, resolved at create.
     #[serde(default)]
     pub image_id: Option<String>,
@@ -84,6 +91,8 @@ pub struct Inner {
     pub log_writer: Option<LogWriter>,
     /// A stop was requested: a VMM kill that follows is the stop's doing.
     pub stopping: bool,
+    /// The booted guest of a VM taken from the warm pool, until its start.
+    pub prebooted: Option<crate::start::Prebooted>,
 }
 
 /// A containerVM.
@@ -122,6 +131,7 @@ impl Vm {
                 handle: None,
                 log_writer: writer,
                 stopping: false,
+                prebooted: None,
             }),
         })
     }
@@ -223,6 +233,7 @@ impl Vm {
             memory_mib: g.rec.memory_mib,
             vcpus: g.rec.vcpus,
             log_bytes: self.log.pos().len,
+            start_mode: if g.rec.from_pool { "pool" } else { "cold" }.into(),
         }
     }
 

@@ -176,6 +176,9 @@ pub enum Request {
         /// `[http://|https://]host[:port]/repo[:tag|@sha256:…]`.
         reference: String,
     },
+    /// The warm pools: their targets and what is ready. Answer:
+    /// [`Response::Pools`].
+    Pools,
 }
 
 /// What a container VM should run.
@@ -278,6 +281,36 @@ pub enum Response {
     Image(Box<ImageInfo>),
     /// Answer to [`Request::ImageList`].
     Images(Vec<ImageInfo>),
+    /// Answer to [`Request::Pools`].
+    Pools(Vec<PoolInfo>),
+}
+
+/// One warm pool: guests booted ahead of demand for one image, memory size
+/// and vCPU count, each waiting with its root filesystem mounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// The image as configured.
+    pub image: String,
+    /// The image id the members were booted from.
+    pub image_id: Option<String>,
+    /// Guest memory of each member, MiB.
+    pub memory_mib: u32,
+    /// vCPUs of each member.
+    pub vcpus: u32,
+    /// How many members the pool keeps ready.
+    pub target: u32,
+    /// Members ready now.
+    pub ready: u32,
+    /// Members booting now.
+    pub filling: u32,
+    /// Guest memory the pool holds (ready and booting), MiB.
+    pub memory_held_mib: u64,
+    /// Starts served by a pool member.
+    pub hits: u64,
+    /// Matching creates that found the pool empty and booted cold.
+    pub misses: u64,
+    /// Members that failed to boot or prepare.
+    pub failures: u64,
 }
 
 /// A stored image.
@@ -508,6 +541,9 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// Bytes of stdout and stderr stored in the log.
     pub log_bytes: u64,
+    /// `pool` when the VM was booted ahead of demand by a warm pool,
+    /// `cold` when its start booted it.
+    pub start_mode: String,
 }
 
 /// A VM state change.

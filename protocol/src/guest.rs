@@ -65,6 +65,10 @@ pub enum GuestMessage {
         /// The signal that killed it, if one did.
         signal: Option<i32>,
     },
+    /// Answer to [`HostMessage::Prepare`]: the root filesystem is mounted
+    /// and the tether waits for the spec. (A failure is reported with
+    /// [`GuestMessage::Failed`], code 125.)
+    Prepared,
 }
 
 /// Host → guest.
@@ -97,6 +101,17 @@ pub enum HostMessage {
         stdout: u64,
         /// Stderr bytes stored.
         stderr: u64,
+    },
+    /// Sent instead of a spec to a VM booted ahead of demand (a warm-pool
+    /// VM): mount these disks as the root filesystem now. The tether
+    /// answers [`GuestMessage::Prepared`] and then waits, without a time
+    /// limit, for [`HostMessage::Spec`]; that spec's `layers` and
+    /// `writable` are ignored (the prepared root is used), the rest applies.
+    Prepare {
+        /// Read-only layers, lowest first.
+        layers: Vec<DiskSpec>,
+        /// The writable upper layer; a tmpfs when `None`.
+        writable: Option<DiskSpec>,
     },
 }
 

@@ -77,10 +77,17 @@ pub struct AgentOptions {
 }
 
 impl Default for AgentOptions {
+    /// With `VMLET_TEST_POOL=N` in the environment, every agent keeps a
+    /// warm pool of N busybox guests, so the same tests run against pool
+    /// starts (`scripts/test.sh` runs the lifecycle suites in both modes).
     fn default() -> Self {
+        let extra = match std::env::var("VMLET_TEST_POOL") {
+            Ok(n) if !n.is_empty() && n != "0" => vec!["--pool".into(), format!("busybox={n}")],
+            _ => Vec::new(),
+        };
         AgentOptions {
             boot_timeout: 120.0,
-            extra: Vec::new(),
+            extra,
         }
     }
 }

@@ -481,8 +481,16 @@ impl<C: Connector> Link<C> {
         loop {
             self.apply_acks();
             if let Some(next) = self.next() {
-                if let Err(e) = self.write_next(wr, next).await {
-                    return format!("write failed: {e}");
+                // A write blocked on a host that went away must not wait
+                // forever for the kernel to fail it: the reader's end of
+                // the connection ends the write too. Cancelling it half way
+                // is harmless then, since the connection is done with.
+                tokio::select! {
+                    biased;
+                    why = &mut *reader => return ended(why),
+                    r = self.write_next(wr, next) => if let Err(e) = r {
+                        return format!("write failed: {e}");
+                    },
                 }
                 self.wrote(next);
                 continue;
@@ -526,6 +534,14 @@ impl<C: Connector> Link<C> {
                 log!("warning: the host's Resume for {which:?} {w}");
             }
         }
+        let [out, err] = &self.streams;
+        log!(
+            "host resumes at stdout {}, stderr {}: resending {} + {} bytes",
+            out.cursor,
+            err.cursor,
+            out.sent - out.cursor,
+            err.sent - err.cursor
+        );
     }
 
     /// Bytes held for the host: the cap applies to these.
@@ -600,7 +616,8 @@ impl<C: Connector> Link<C> {
     ///
     /// # Cancel safety
     ///
-    /// Not cancel safe: never select on it.
+    /// Not cancel safe: a cancelled write leaves a partial frame, so cancel
+    /// it only when abandoning the connection.
     async fn write_next(&mut self, wr: &mut WriteHalf<C::Stream>, next: Next) -> io::Result<()> {
         match next {
             Next::Once => write(wr, &self.once.front().expect("an item").1).await,
@@ -656,6 +673,7 @@ fn kind(m: &HostMessage) -> &'static str {
         HostMessage::ExitAck => "ExitAck",
         HostMessage::Resume { .. } => "Resume",
         HostMessage::Ack { .. } => "Ack",
+        HostMessage::Prepare { .. } => "Prepare",
     }
 }
 

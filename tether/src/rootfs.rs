@@ -108,9 +108,13 @@ pub(crate) fn assemble(spec: &ProcessSpec) -> Result<(), Error> {
     )?;
 
     mount_inner(Path::new(ROOT))?;
-    if !spec.hostname.is_empty() {
-        nix::unistd::sethostname(&spec.hostname)
-            .map_err(|e| Error::Hostname(spec.hostname.clone(), e))?;
+    set_hostname(&spec.hostname)
+}
+
+/// Sets the guest's hostname (nothing for an empty one).
+pub(crate) fn set_hostname(name: &str) -> Result<(), Error> {
+    if !name.is_empty() {
+        nix::unistd::sethostname(name).map_err(|e| Error::Hostname(name.to_string(), e))?;
     }
     Ok(())
 }

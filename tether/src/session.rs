@@ -93,10 +93,26 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
     let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
     let (out, _link) = link::start(vsock, first, &hello, in_tx, policy, OUTBOX_QUEUE);
 
-    // A pooled VM waits here until it is handed a container.
+    // A pooled VM is told to prepare its root filesystem first, then waits
+    // here, as long as it takes, until it is handed a container.
+    let mut prepared = false;
     let spec = loop {
         match inbound.recv().await {
             Some(HostMessage::Spec(s)) => break s,
+            Some(HostMessage::Prepare { layers, writable }) if !prepared => {
+                let root = vmlet_protocol::guest::ProcessSpec {
+                    layers,
+                    writable,
+                    ..Default::default()
+                };
+                let start = boottime_us();
+                if let Err(e) = rootfs::assemble(&root) {
+                    return fail(&out, inbound, chain(&e), 125).await;
+                }
+                log!("root filesystem prepared in {} us", boottime_us() - start);
+                out.send(&GuestMessage::Prepared).await?;
+                prepared = true;
+            }
             Some(other) => log!("ignoring {other:?} before the spec"),
             None => return Err(Error::NoSpec),
         }
@@ -106,7 +122,13 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
     // Blocking (it polls for the disks), but nothing else needs the
     // runtime until the process runs: host messages wait in their queue.
     let start = boottime_us();
-    if let Err(e) = rootfs::assemble(&spec) {
+    let root = if prepared {
+        // Only the hostname is the spec's to set; the root is mounted.
+        rootfs::set_hostname(&spec.hostname)
+    } else {
+        rootfs::assemble(&spec)
+    };
+    if let Err(e) = root {
         return fail(&out, inbound, chain(&e), 125).await;
     }
     log!("root filesystem ready in {} us", boottime_us() - start);
@@ -294,6 +316,7 @@ async fn dispatch(
             }
             // The link drops a second spec and handles its own messages.
             HostMessage::Spec(_) => log!("ignoring a second spec"),
+            HostMessage::Prepare { .. } => log!("ignoring Prepare: the process already runs"),
             HostMessage::Resume { .. } | HostMessage::Ack { .. } => {}
         }
     }

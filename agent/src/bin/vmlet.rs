@@ -158,6 +158,8 @@ enum Cmd {
     Version,
     /// Stream state changes of every containerVM.
     Events,
+    /// Show the warm pools: guests booted ahead of demand.
+    Pool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +405,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 "MemoryMiB": info.memory_mib,
                 "Vcpus": info.vcpus,
                 "LogBytes": info.log_bytes,
+                "StartMode": info.start_mode,
                 "Env": info.spec.env,
                 "WorkingDir": info.spec.workdir,
                 "OpenStdin": info.spec.stdin_open,
@@ -419,6 +422,29 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             println!("vmm:     {}", v.vmm);
             println!("accel:   {}", v.accel);
             println!("kernel:  {}", v.kernel);
+            Ok(0)
+        }
+        Cmd::Pool => {
+            let Response::Pools(pools) = client.call(Request::Pools).await? else {
+                return Err(CliError::Usage("unexpected reply to Pools".into()));
+            };
+            println!(
+                "{:<20}  {:>6}  {:>5}  {:>7}  {:>9}  {:>6}  {:>6}  {:>8}",
+                "IMAGE", "TARGET", "READY", "FILLING", "MEMORY", "HITS", "MISSES", "FAILURES"
+            );
+            for p in pools {
+                println!(
+                    "{:<20}  {:>6}  {:>5}  {:>7}  {:>6}MiB  {:>6}  {:>6}  {:>8}",
+                    p.image,
+                    p.target,
+                    p.ready,
+                    p.filling,
+                    p.memory_held_mib,
+                    p.hits,
+                    p.misses,
+                    p.failures
+                );
+            }
             Ok(0)
         }
         Cmd::Events => {

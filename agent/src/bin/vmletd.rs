@@ -60,6 +60,13 @@ struct Args {
     /// Also admit members of this group id on the API socket. Repeatable.
     #[arg(long = "allow-gid")]
     allow_gids: Vec<u32>,
+    /// Keep COUNT guests of IMAGE booted ahead of demand (IMAGE=COUNT), so
+    /// a start is a hand-off. Repeatable.
+    #[arg(long = "pool")]
+    pools: Vec<vmlet_agent::pool::PoolSpec>,
+    /// Most pool members booting at once.
+    #[arg(long, default_value_t = 1)]
+    pool_refill: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +105,8 @@ impl TryFrom<Args> for Config {
         }
         c.allowed_uids = a.allow_uids;
         c.allowed_gids = a.allow_gids;
+        c.pools = a.pools;
+        c.pool_refill = a.pool_refill;
         Ok(c)
     }
 }
@@ -143,6 +152,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mode = config.socket_mode;
     let agent = tokio::task::block_in_place(|| Agent::new(config, vmm))?;
     agent.adopt_running().await;
+    vmlet_agent::pool::start(&agent);
     let listener = server::bind(&socket, mode).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot bind {}: {e}", socket.display()))
     })?;
@@ -153,11 +163,14 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "vmletd ready"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let pool_agent = agent.clone();
     tokio::select! {
         r = server::serve(agent, listener) => r?,
         _ = term.recv() => tracing::info!("SIGTERM: shutting down; VMs keep running"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down; VMs keep running"),
     }
+    // Pool members are not containers and no later agent adopts them.
+    vmlet_agent::pool::drain(&pool_agent).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

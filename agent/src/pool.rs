@@ -1,0 +1,294 @@
+//! Warm pools: guests booted ahead of demand, so a start is a hand-off.
+//!
+//! A pool keeps `target` guests of one image (at the agent's default memory
+//! and vCPUs) booted, with their layer disks and a fresh writable disk
+//! attached and the root filesystem already mounted by the tether
+//! (`HostMessage::Prepare`). A create that matches takes one: the VM keeps
+//! the pooled guest's id, directory and CID, and its start only sends the
+//! spec. A VM is never reused: a taken member is gone from the pool, which
+//! refills in the background, at most `refill` boots at once. When the pool
+//! is empty a start boots cold.
+//!
+//! Members whose image changed (re-tagged, removed) are discarded, never
+//! handed out. Members count against the host's guest-memory budget.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore};
+use vmlet_protocol::api::PoolInfo;
+
+use crate::agent::Agent;
+use crate::start::Prebooted;
+use crate::vm::Vm;
+
+/// `IMAGE=N`: keep N guests of IMAGE ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// The image name.
+    pub image: String,
+    /// How many guests to keep ready.
+    pub size: u32,
+}
+
+impl std::str::FromStr for PoolSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (image, n) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("pool {s:?} is not IMAGE=COUNT"))?;
+        let size = n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= 64)
+            .ok_or_else(|| format!("pool size {n:?} is not a number from 0 to 64"))?;
+        crate::ids::validate_image(image).map_err(|e| e.message)?;
+        Ok(PoolSpec {
+            image: image.to_string(),
+            size,
+        })
+    }
+}
+
+/// One pool's members and counters.
+#[derive(Debug)]
+struct Pool {
+    spec: PoolSpec,
+    image_id: Mutex<Option<String>>,
+    ready: Mutex<VecDeque<(Arc<Vm>, Prebooted)>>,
+    filling: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    failures: AtomicU64,
+    wake: Notify,
+}
+
+/// Every pool of the agent.
+#[derive(Debug)]
+pub struct Pools {
+    pools: Vec<Arc<Pool>>,
+    refill: Arc<Semaphore>,
+    memory_mib: u32,
+    vcpus: u32,
+}
+
+impl Pools {
+    /// Pools for `specs`, booting at most `refill` members at once.
+    pub fn new(specs: &[PoolSpec], refill: usize, memory_mib: u32, vcpus: u32) -> Self {
+        Pools {
+            pools: specs
+                .iter()
+                .filter(|s| s.size > 0)
+                .map(|s| {
+                    Arc::new(Pool {
+                        spec: s.clone(),
+                        image_id: Mutex::new(None),
+                        ready: Mutex::new(VecDeque::new()),
+                        filling: AtomicU64::new(0),
+                        hits: AtomicU64::new(0),
+                        misses: AtomicU64::new(0),
+                        failures: AtomicU64::new(0),
+                        wake: Notify::new(),
+                    })
+                })
+                .collect(),
+            refill: Arc::new(Semaphore::new(refill.max(1))),
+            memory_mib,
+            vcpus,
+        }
+    }
+
+    /// Takes a ready member booted from `image_id` with this memory and
+    /// vCPU count, if there is one; counts a miss for a matching pool that
+    /// is empty.
+    pub fn take(
+        &self,
+        image_id: &str,
+        memory_mib: u32,
+        vcpus: u32,
+    ) -> Option<(Arc<Vm>, Prebooted)> {
+        if memory_mib != self.memory_mib || vcpus != self.vcpus {
+            return None;
+        }
+        for p in &self.pools {
+            if p.image_id.lock().as_deref() != Some(image_id) {
+                continue;
+            }
+            let got = p.ready.lock().pop_front();
+            match got {
+                Some(m) => {
+                    p.hits.fetch_add(1, Ordering::Relaxed);
+                    p.wake.notify_one();
+                    return Some(m);
+                }
+                None => {
+                    p.misses.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    /// Guest memory held by pool members (ready and booting), MiB.
+    pub fn memory_held_mib(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| {
+                (p.ready.lock().len() as u64 + p.filling.load(Ordering::Relaxed))
+                    * u64::from(self.memory_mib)
+            })
+            .sum()
+    }
+
+    /// CIDs of pool members, so no VM is given one of them.
+    pub fn cids(&self) -> Vec<u32> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.ready
+                    .lock()
+                    .iter()
+                    .map(|(vm, _)| vm.with(|i| i.rec.cid))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// What `vmlet pool` shows.
+    pub fn info(&self) -> Vec<PoolInfo> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let ready = p.ready.lock().len() as u32;
+                let filling = p.filling.load(Ordering::Relaxed) as u32;
+                PoolInfo {
+                    image: p.spec.image.clone(),
+                    image_id: p.image_id.lock().clone(),
+                    memory_mib: self.memory_mib,
+                    vcpus: self.vcpus,
+                    target: p.spec.size,
+                    ready,
+                    filling,
+                    memory_held_mib: u64::from(ready + filling) * u64::from(self.memory_mib),
+                    hits: p.hits.load(Ordering::Relaxed),
+                    misses: p.misses.load(Ordering::Relaxed),
+                    failures: p.failures.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Starts one refill loop per pool.
+pub fn start(agent: &Arc<Agent>) {
+    for p in &agent.pools.pools {
+        tokio::spawn(refill_loop(agent.clone(), p.clone()));
+    }
+}
+
+async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        // The image may have been re-tagged or removed: members of another
+        // image are discarded, never handed out.
+        let current = agent.images.resolve(&pool.spec.image).ok().map(|i| i.id);
+        let stale: Vec<_> = {
+            let mut id = pool.image_id.lock();
+            if *id != current {
+                *id = current.clone();
+                pool.ready.lock().drain(..).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        for (vm, pre) in stale {
+            tracing::info!(vm = %vm.id, image = %pool.spec.image, "discarding a pool member of an image that changed");
+            discard(&agent, vm, pre).await;
+        }
+        if current.is_none() {
+            tracing::warn!(image = %pool.spec.image, "pool image is not in the store; not filling the pool");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        }
+        let want = u64::from(pool.spec.size);
+        let have = pool.ready.lock().len() as u64 + pool.filling.load(Ordering::Relaxed);
+        let (_, memory) = agent.live_usage();
+        let fits = memory + u64::from(agent.config.memory_mib) <= agent.config.max_total_memory_mib;
+        if have < want && fits {
+            let Ok(permit) = agent.pools.refill.clone().acquire_owned().await else {
+                return;
+            };
+            pool.filling.fetch_add(1, Ordering::Relaxed);
+            let (agent2, pool2) = (agent.clone(), pool.clone());
+            let ok = tokio::spawn(async move {
+                let r = fill_one(&agent2, &pool2).await;
+                pool2.filling.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+                pool2.wake.notify_one();
+                r
+            });
+            // One boot at a time per loop turn; failures back off.
+            match ok.await {
+                Ok(true) => backoff = Duration::from_secs(1),
+                _ => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+            continue;
+        }
+        // Woken when a member is taken; re-checked now and then for image
+        // changes and memory freed by exited VMs.
+        let _ = tokio::time::timeout(Duration::from_secs(2), pool.wake.notified()).await;
+    }
+}
+
+async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
+    let vm = match agent.create_pool_member(&pool.spec.image) {
+        Ok(vm) => vm,
+        Err(e) => {
+            pool.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(image = %pool.spec.image, error = %e, "cannot create a pool member");
+            return false;
+        }
+    };
+    match crate::start::preboot(agent, &vm).await {
+        Ok(pre) => {
+            let image_ok =
+                pool.image_id.lock().as_deref() == vm.with(|i| i.rec.image_id.clone()).as_deref();
+            if image_ok {
+                tracing::debug!(vm = %vm.id, image = %pool.spec.image, "pool member ready");
+                pool.ready.lock().push_back((vm, pre));
+            } else {
+                discard(agent, vm, pre).await;
+            }
+            true
+        }
+        Err(e) => {
+            pool.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(vm = %vm.id, image = %pool.spec.image, error = %e, "a pool member failed to boot");
+            agent.drop_pool_member(&vm);
+            false
+        }
+    }
+}
+
+async fn discard(agent: &Arc<Agent>, vm: Arc<Vm>, pre: Prebooted) {
+    pre.discard().await;
+    agent.drop_pool_member(&vm);
+}
+
+/// Kills every ready member (the agent is shutting down: pool members are
+/// not containers and nobody will adopt them).
+pub async fn drain(agent: &Arc<Agent>) {
+    for p in &agent.pools.pools {
+        let members: Vec<_> = p.ready.lock().drain(..).collect();
+        for (vm, pre) in members {
+            discard(agent, vm, pre).await;
+        }
+    }
+}
