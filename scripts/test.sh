@@ -11,4 +11,8 @@ cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings
 # TCG guests are CPU-bound: two test threads on two cores keep every boot
 # well inside its timeout.
-cargo test --workspace -- --test-threads="${VMLET_TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2}"
+# The same lifecycle suites again with every agent keeping a warm pool, so
+# pool starts are held to exactly the behaviour of cold ones.
+VMLET_TEST_POOL=2 cargo test -p vmlet-tests --no-fail-fast \
+    --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"

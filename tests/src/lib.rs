@@ -260,6 +260,42 @@ impl TestAgent {
         pids
     }
 
+    /// Directories of VMs that are containers (warm-pool members, which
+    /// belong to the agent until a create takes them, are left out).
+    pub fn container_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|d| {
+                let rec = std::fs::read(d.join("vm.json")).unwrap_or_default();
+                let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap_or_default();
+                rec["pooled"] != serde_json::Value::Bool(true)
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until no process belongs to a container VM.
+    pub fn assert_no_container_processes(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pids: Vec<i32> = self
+                .container_dirs()
+                .iter()
+                .flat_map(|d| Self::processes_mentioning(d))
+                .collect();
+            if pids.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container processes still alive: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The directory of VM `id`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.state_dir().join("vms").join(id)

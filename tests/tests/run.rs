@@ -26,13 +26,9 @@ fn echo_and_exit_codes_and_rm_leaves_nothing() {
     // --rm removed both: nothing listed, no VM directory, no process.
     let ps = a.run(&["ps", "-a", "-q"]);
     assert_eq!(stdout(&ps), "", "ps -a after --rm: {}", stdout(&ps));
-    let left: Vec<_> = std::fs::read_dir(a.state_dir().join("vms"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = a.container_dirs();
     assert!(left.is_empty(), "VM directories left: {left:?}");
-    assert!(TestAgent::processes_mentioning(&a.state_dir().join("vms")).is_empty());
+    a.assert_no_container_processes();
 }
 
 #[test]
@@ -114,5 +110,5 @@ fn four_vms_at_once_each_get_their_own_output() {
             assert_eq!(o.status.code(), Some(10 + i));
         }
     });
-    assert!(TestAgent::processes_mentioning(&a.state_dir().join("vms")).is_empty());
+    a.assert_no_container_processes();
 }
