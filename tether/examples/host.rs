@@ -1,18 +1,25 @@
 //! Dev-only host side of a tether boot test: listens where
 //! vhost-device-vsock forwards the guest's connections to port 1024
 //! (`<uds-path>_1024`), hands the tether a spec, prints everything it
-//! sends, feeds stdin, acknowledges the exit.
+//! sends, feeds stdin, acknowledges output and the exit, and (like the
+//! agent) answers a reconnecting tether's hello with `Resume` and the
+//! offsets it stored.
 //!
 //! ```text
 //! host --listen /tmp/x/vm.vsock_1024 [--layer SERIAL:FSTYPE]... [--writable SERIAL:FSTYPE]
 //!      [--env K=V]... [--workdir DIR] [--hostname NAME] [--stdin LINE]... [--signal N]
-//!      [--drop-after-started] [--timeout SECS] -- ARGV...
+//!      [--drop-after-started] [--drop-after-bytes N] [--stdout-file F] [--stderr-file F]
+//!      [--timeout SECS] -- ARGV...
 //! ```
 //!
 //! `--stdin LINE`: send LINE and a newline, wait until stdout has echoed it,
 //! then the next; CloseStdin after the last. `--signal N`: send signal N once
 //! the first output arrived. `--drop-after-started`: hang up after Started
-//! and accept the tether's reconnection. Exits with the container's code
+//! and accept the tether's reconnection. `--drop-after-bytes N`: hang up
+//! once N stdout bytes are stored, without reading what is in flight, and
+//! accept the reconnection. `--stdout-file`/`--stderr-file`: write the
+//! stored streams there at the exit. Every output frame is acknowledged
+//! once stored. Exits with the container's code
 //! (128+signal if killed). Without `--layer`, the one layer is `layer0:ext4`.
 
 use std::time::{Duration, Instant};
@@ -29,6 +36,9 @@ struct Args {
     stdin: Vec<String>,
     signal: Option<i32>,
     drop_after_started: bool,
+    drop_after_bytes: Option<usize>,
+    stdout_file: Option<String>,
+    stderr_file: Option<String>,
     timeout: u64,
 }
 
@@ -63,6 +73,9 @@ fn parse() -> Args {
             "--signal" => a.signal = Some(val().parse().expect("signal number")),
             "--timeout" => a.timeout = val().parse().expect("seconds"),
             "--drop-after-started" => a.drop_after_started = true,
+            "--drop-after-bytes" => a.drop_after_bytes = Some(val().parse().expect("bytes")),
+            "--stdout-file" => a.stdout_file = Some(val()),
+            "--stderr-file" => a.stderr_file = Some(val()),
             "--" => {
                 a.spec.argv = it.by_ref().collect();
                 break;
@@ -122,7 +135,10 @@ async fn session(args: Args) -> i32 {
     let mut awaiting_echo: Option<String> = None;
     let mut signal = args.signal;
     let mut dropped = false;
+    let mut drop_after_bytes = args.drop_after_bytes;
     let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut acked = 0usize;
+    let mut acks = 0u32;
     loop {
         let msg = match read_frame::<_, GuestMessage>(&mut s, MAX_GUEST_FRAME).await {
             Ok(Some(m)) => m,
@@ -147,7 +163,17 @@ async fn session(args: Args) -> i32 {
                 spec_sent = true;
                 reply.push(HostMessage::Spec(args.spec.clone()));
             }
-            GuestMessage::Hello { .. } => println!("(re-hello after reconnect)"),
+            GuestMessage::Hello { .. } => {
+                println!(
+                    "(re-hello after reconnect: Resume from stdout={} stderr={})",
+                    out.len(),
+                    err.len()
+                );
+                reply.push(HostMessage::Resume {
+                    stdout: out.len() as u64,
+                    stderr: err.len() as u64,
+                });
+            }
             GuestMessage::Started { .. } => {
                 if args.drop_after_started && !dropped {
                     dropped = true;
@@ -201,14 +227,68 @@ async fn session(args: Args) -> i32 {
                     out.len(),
                     err.len()
                 );
+                println!("acks sent: {acks}");
+                for (file, data) in [(&args.stdout_file, &out), (&args.stderr_file, &err)] {
+                    if let Some(f) = file {
+                        std::fs::write(f, data).expect("write the stream file");
+                    }
+                }
                 wait_hangup(&mut s, t0).await;
                 return code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
             }
+            // Messages newer than this example are shown above and ignored.
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+        // Unlike the agent (a timer), this loop only wakes on a frame, so
+        // the last bytes of a burst would go unacknowledged until the next
+        // one and the tether would take the connection for stalled: every
+        // output frame is acknowledged here, at once.
+        let stored = out.len() + err.len();
+        if stored > acked {
+            reply.push(HostMessage::Ack {
+                stdout: out.len() as u64,
+                stderr: err.len() as u64,
+            });
+            acked = stored;
+            acks += 1;
+        }
+        if drop_after_bytes.is_some_and(|n| out.len() >= n) {
+            drop_after_bytes = None;
+            // As an agent that dies with bytes received but not stored: read
+            // on without storing (ending mid-frame, most likely), then hang up.
+            let discarded = discard(&mut s, 300_000).await;
+            println!(
+                "dropping the connection mid-stream with stdout={} stderr={} stored, \
+                 {discarded} more bytes received and discarded; accepting again in 1 s",
+                out.len(),
+                err.len()
+            );
+            drop(s);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            s = accept(&listener, t0).await;
+            continue;
         }
         for m in reply {
             write_frame(&mut s, &m).await.expect("write");
         }
     }
+}
+
+/// Reads and throws away up to `limit` bytes (less if the stream goes
+/// quiet for half a second); returns how many.
+async fn discard(s: &mut UnixStream, limit: usize) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 7001];
+    let mut n = 0;
+    while n < limit {
+        let want = buf.len().min(limit - n);
+        match timeout(Duration::from_millis(500), s.read(&mut buf[..want])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => n += k,
+        }
+    }
+    n
 }
 
 /// After the ack the guest powers off; its end of the stream closes.

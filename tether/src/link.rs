@@ -43,7 +43,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use vmlet_protocol::frame::{self, FrameError, MAX_CHUNK, MAX_FRAME_LEN};
 use vmlet_protocol::guest::{GuestMessage, HostMessage};
 
@@ -65,6 +65,14 @@ pub(crate) struct Policy {
     /// How long a host may take to send its first message after a
     /// resuming hello before the link hangs up and dials again.
     pub(crate) resume_patience: Duration,
+    /// How long written output (or the exit report) may go unacknowledged,
+    /// or a write stay blocked, before the link takes the connection for
+    /// dead, hangs up and dials again. The transport does not always say
+    /// so itself: vhost-device-vsock 0.3.0 never tells the guest when the
+    /// host closes a connection it had not read everything from (an agent
+    /// that crashed). Hanging up on a live but slow host costs only a
+    /// resumption.
+    pub(crate) stall_patience: Duration,
 }
 
 impl Default for Policy {
@@ -77,6 +85,8 @@ impl Default for Policy {
             // or 100 ms, so only a host that is away fills it.
             retain_cap: 8 << 20,
             resume_patience: Duration::from_secs(30),
+            // The agent acks every 100 ms while output flows.
+            stall_patience: Duration::from_secs(4),
         }
     }
 }
@@ -321,10 +331,10 @@ impl Stream {
     /// The host stored everything before `upto`: forget it. Clamped to
     /// what was ever written (the host cannot have stored more). Cheap:
     /// constant time unless whole chunks are freed.
-    fn ack(&mut self, upto: u64) {
+    fn ack(&mut self, upto: u64) -> bool {
         let upto = upto.min(self.sent);
         if upto <= self.acked {
-            return;
+            return false;
         }
         self.acked = upto;
         while let Some(c) = self.chunks.front() {
@@ -335,6 +345,7 @@ impl Stream {
             self.chunks.pop_front();
         }
         self.cursor = self.cursor.max(upto);
+        true
     }
 
     /// A resuming host stored `from` bytes: write again from there. Returns
@@ -349,14 +360,14 @@ impl Stream {
             ));
         }
         if from > self.sent {
-            self.ack(self.sent);
+            let _ = self.ack(self.sent);
             self.cursor = self.sent;
             return Some(format!(
                 "asks from byte {from}, beyond the {} bytes sent; nothing to resend",
                 self.sent
             ));
         }
-        self.ack(from);
+        let _ = self.ack(from);
         self.cursor = from;
         None
     }
@@ -478,8 +489,16 @@ impl<C: Connector> Link<C> {
                 }
             }
         }
+        // When the host last showed it was alive, for the stall check.
+        let mut progress = Instant::now();
         loop {
-            self.apply_acks();
+            if self.apply_acks() || !self.outstanding() {
+                progress = Instant::now();
+            }
+            let stalled = progress + self.policy.stall_patience;
+            let patience = self.policy.stall_patience;
+            let stall =
+                || format!("no acknowledgement for {patience:?}; taking the connection for dead");
             if let Some(next) = self.next() {
                 // A write blocked on a host that went away must not wait
                 // forever for the kernel to fail it: the reader's end of
@@ -488,6 +507,7 @@ impl<C: Connector> Link<C> {
                 tokio::select! {
                     biased;
                     why = &mut *reader => return ended(why),
+                    () = sleep_until(stalled) => return stall(),
                     r = self.write_next(wr, next) => if let Err(e) = r {
                         return format!("write failed: {e}");
                     },
@@ -496,8 +516,10 @@ impl<C: Connector> Link<C> {
                 continue;
             }
             let room = self.held() < self.policy.retain_cap;
+            let outstanding = self.outstanding();
             tokio::select! {
                 why = &mut *reader => return ended(why),
+                () = sleep_until(stalled), if outstanding => return stall(),
                 // Cannot fail: `self.host` holds the sender.
                 _ = self.acks.changed() => {}
                 next = self.out.recv(), if self.out_open && room => self.take(next),
@@ -578,15 +600,26 @@ impl<C: Connector> Link<C> {
         }
     }
 
-    /// Forgets what the host acknowledged. Cheap when nothing changed.
-    fn apply_acks(&mut self) {
+    /// Forgets what the host acknowledged; returns whether that was
+    /// anything new. Cheap when nothing changed.
+    fn apply_acks(&mut self) -> bool {
         let a = *self.acks.borrow_and_update();
+        let mut moved = false;
         for which in Output::BOTH {
-            self.streams[which.index()].ack(a.stored[which.index()]);
+            moved |= self.streams[which.index()].ack(a.stored[which.index()]);
         }
-        if a.exit_acked {
+        if a.exit_acked && self.report.is_some() {
             self.report = None;
+            moved = true;
         }
+        moved
+    }
+
+    /// Whether this connection carries something the host has yet to
+    /// acknowledge.
+    fn outstanding(&self) -> bool {
+        self.streams.iter().any(|s| s.cursor > s.acked)
+            || self.report.as_ref().is_some_and(|r| r.written)
     }
 
     /// The oldest item not yet written on this connection.
@@ -763,6 +796,7 @@ mod tests {
             attempt_timeout: Duration::from_millis(100),
             retain_cap: 1 << 20,
             resume_patience: Duration::from_secs(5),
+            stall_patience: Duration::from_secs(10),
         }
     }
 
@@ -1272,6 +1306,46 @@ mod tests {
         // The session saw the signal, not the spec.
         assert_eq!(in_rx.recv().await, Some(HostMessage::Signal(2)));
         assert!(in_rx.try_recv().is_err());
+        task.abort();
+    }
+
+    /// A connection the transport never reports dead (a host that stopped
+    /// reading and acknowledging) is hung up after the stall patience; the
+    /// output goes on on the next one, from where the host stored.
+    #[tokio::test]
+    async fn silent_dead_connection_is_redialled() {
+        let policy = Policy {
+            stall_patience: Duration::from_millis(300),
+            ..fast()
+        };
+        let (pairs, mut host1, out, _in_rx, task) = started(policy, 2).await;
+        out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
+        // host1 stays open but silent: no ack, no close.
+        let mut host2 = pairs.next();
+        assert_eq!(recv(&mut host2).await, Some(hello()));
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 3).await, b"abc");
+        send(
+            &mut host2,
+            HostMessage::Ack {
+                stdout: 3,
+                stderr: 0,
+            },
+        )
+        .await;
+        // Acknowledged: no more stalls on a quiet connection.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        out.output(Output::Stdout, b"d".to_vec()).await.unwrap();
+        assert_eq!(recv_output(&mut host2, Output::Stdout, 1).await, b"d");
+        drop(host1);
         task.abort();
     }
 

@@ -43,8 +43,11 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 /// the agent; a restarted agent re-adopts them within this time or loses
 /// the report.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(120);
-/// How long to wait for the host to acknowledge the exit report.
-const ACK_PATIENCE: Duration = Duration::from_secs(5);
+/// How long to wait for the host to acknowledge the exit report once it is
+/// written on a connection. Longer than the link's stall patience, so a
+/// connection that died silently is redialled (and the report written
+/// again) before the tether gives up.
+const ACK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Why the session could not go on.
 #[derive(Debug, thiserror::Error)]
