@@ -154,7 +154,14 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one payload (without its header), with a byte limit of
 /// `payload.len()` so a lying length prefix inside the payload cannot make
-/// bincode allocate beyond what was actually received.
+/// bincode read, or keep, more than was actually received: the decode fails
+/// at the lie.
+///
+/// Before it fails, serde may preallocate up to 1 MiB for a sequence whose
+/// prefix lies (`serde::de::size_hint::cautious` caps the hint there; bincode
+/// passes the claimed length through), freed at once. So one decode holds at
+/// most about 1 MiB beyond what the payload explains; the fuzz targets in
+/// `fuzz/` check that bound.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     let limit = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     options(limit)
