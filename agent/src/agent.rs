@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use tokio::sync::broadcast;
 use vmlet_protocol::api::{CreateSpec, Event, ExitInfo, VmState, VmSummary};
 use vmlet_protocol::{ApiError, ErrorCode};
-use vmm_shim::{Disk, VmConfig, Vmm};
+use vmm_shim::{Disk, StagedFile, VmConfig, Vmm};
 
 use crate::config::Config;
 use crate::ids;
@@ -123,6 +123,23 @@ impl Agent {
             cmdline.push(' ');
             cmdline.push_str(&config.extra_cmdline);
         }
+        // Pre-staging: the kernel and initrd go into sealed memory once,
+        // so no start reads them from disk or sees them change.
+        let staged = (
+            StagedFile::stage(&kernel, "kernel").map_err(|source| SetupError::Io {
+                path: kernel.clone(),
+                source,
+            })?,
+            StagedFile::stage(&initrd, "initrd").map_err(|source| SetupError::Io {
+                path: initrd.clone(),
+                source,
+            })?,
+        );
+        tracing::info!(
+            kernel_bytes = staged.0.len(),
+            initrd_bytes = staged.1.len(),
+            "staged the guest kernel and initrd in sealed memory"
+        );
         let template = VmTemplate {
             base: VmConfig {
                 id: String::new(),
@@ -136,6 +153,7 @@ impl Agent {
                 disks: Vec::new(),
                 accel: config.accel,
                 vsock_uds: PathBuf::new(),
+                staged: Some(staged),
             },
         };
         let (events, _) = broadcast::channel(1024);

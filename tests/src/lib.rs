@@ -74,6 +74,8 @@ pub struct AgentOptions {
     pub boot_timeout: f64,
     /// More arguments.
     pub extra: Vec<String>,
+    /// Another guest directory than the installed one.
+    pub guest_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -88,6 +90,7 @@ impl Default for AgentOptions {
         AgentOptions {
             boot_timeout: 120.0,
             extra,
+            guest_dir: None,
         }
     }
 }
@@ -133,7 +136,7 @@ impl TestAgent {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--guest-dir")
-            .arg(guest_dir())
+            .arg(self.opts.guest_dir.clone().unwrap_or_else(guest_dir))
             .arg("--tether")
             .arg(tether())
             .arg("--boot-timeout")
@@ -187,6 +190,49 @@ impl TestAgent {
     /// The pid of the running vmletd.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's peak resident memory so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    /// The agent's resident memory now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    fn proc_status_kib(&self, key: &str) -> u64 {
+        let pid = self.pid().expect("vmletd runs");
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    }
+
+    /// How many file descriptors the agent holds open.
+    pub fn fd_count(&self) -> usize {
+        let pid = self.pid().expect("vmletd runs");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("proc fd")
+            .count()
+    }
+
+    /// A raw connection to the API socket, reads bounded by 20 s, before
+    /// any hello.
+    pub fn raw_connection(&self) -> std::os::unix::net::UnixStream {
+        let s = std::os::unix::net::UnixStream::connect(&self.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    }
+
+    /// A raw connection that has negotiated the API version.
+    pub fn raw_client(&self) -> std::os::unix::net::UnixStream {
+        let mut s = self.raw_connection();
+        raw_hello(&mut s);
+        s
     }
 
     /// The agent's state directory.
@@ -318,6 +364,31 @@ impl TestAgent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Says hello on a raw API connection and checks the answer.
+pub fn raw_hello(s: &mut std::os::unix::net::UnixStream) {
+    use vmlet_protocol::api::{ClientMessage, Request, Response, ServerMessage};
+    use vmlet_protocol::frame::{self, MAX_FRAME_LEN};
+    frame::write_frame(
+        s,
+        &ClientMessage {
+            id: 1,
+            body: Request::Hello {
+                min_version: 1,
+                max_version: 1,
+                client: "test".into(),
+            },
+        },
+    )
+    .expect("write hello");
+    let r: ServerMessage = frame::read_frame(s, MAX_FRAME_LEN)
+        .expect("read hello")
+        .expect("a hello reply");
+    assert!(
+        matches!(r.body, Response::Hello { version: 1, .. }),
+        "{r:?}"
+    );
 }
 
 /// Waits for a child with a deadline, killing it past the deadline.

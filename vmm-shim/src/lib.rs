@@ -20,10 +20,12 @@ pub mod accel;
 mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod staged;
 pub mod vsock_backend;
 
 pub use accel::{detect_accel, Accel, ParseAccelError};
 pub use qemu::{Qemu, VmPaths};
+pub use staged::StagedFile;
 
 /// A block device given to the guest as a virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +67,10 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// The initramfs.
     pub initrd: PathBuf,
+    /// The kernel and initrd staged in sealed memory: when set, the VMM
+    /// loads them from these (inherited descriptors) and never reads
+    /// `kernel` or `initrd` from disk.
+    pub staged: Option<(StagedFile, StagedFile)>,
     /// Extra kernel arguments, appended to the backend's base arguments.
     pub cmdline: String,
     /// Guest memory in MiB.

@@ -30,6 +30,7 @@ impl Process {
         program: &std::path::Path,
         args: &[String],
         log: &File,
+        inherit: &[crate::staged::Inherit],
     ) -> io::Result<Self> {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -42,6 +43,23 @@ impl Process {
         // the VMM away from the agent's terminal signals (^C, hangup): VMs outlive the agent.
         unsafe {
             cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        if !inherit.is_empty() {
+            let inherit = inherit.to_vec();
+            // SAFETY: the closure runs in the forked child before exec and only calls dup2(2),
+            // which is async-signal-safe; the source descriptors are open in the parent (the
+            // caller keeps them alive across spawn) and so in the child. dup2 clears
+            // close-on-exec on the target, so the program inherits them at fixed numbers.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for i in &inherit {
+                        if libc::dup2(i.from, i.to) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn()?;
         let pid = child.id().expect("a child that was just spawned has a pid");
@@ -266,6 +284,7 @@ mod tests {
             "/bin/sh".as_ref(),
             &["-c".into(), "exit 7".into()],
             &log,
+            &[],
         )
         .unwrap();
         let (a, b) = tokio::join!(p.wait(), p.wait());
@@ -283,7 +302,7 @@ mod tests {
     async fn undo_kills_unless_disarmed() {
         let (_d, log) = log();
         let sleep =
-            || Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log).unwrap();
+            || Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log, &[]).unwrap();
         let (a, b) = (sleep(), sleep());
         let mut undo = Undo::default();
         undo.process(&a);
@@ -333,7 +352,7 @@ mod tests {
     #[tokio::test]
     async fn kills_and_runs_in_its_own_session() {
         let (_d, log) = log();
-        let p = Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log).unwrap();
+        let p = Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log, &[]).unwrap();
         let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(p.pid() as i32))).unwrap();
         assert_eq!(
             sid.as_raw(),

@@ -124,8 +124,17 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
-    push(&["-kernel", &cfg.kernel.display().to_string()]);
-    push(&["-initrd", &cfg.initrd.display().to_string()]);
+    match &cfg.staged {
+        // Inherited sealed memfds (see `inherited_fds`): no disk read.
+        Some(_) => {
+            push(&["-kernel", &format!("/proc/self/fd/{KERNEL_FD}")]);
+            push(&["-initrd", &format!("/proc/self/fd/{INITRD_FD}")]);
+        }
+        None => {
+            push(&["-kernel", &cfg.kernel.display().to_string()]);
+            push(&["-initrd", &cfg.initrd.display().to_string()]);
+        }
+    }
     push(&["-append", &kernel_cmdline(cfg)]);
     // "file:" takes the rest of the argument as the path: no comma doubling here.
     push(&["-serial", &format!("file:{}", paths.console.display())]);
@@ -156,6 +165,28 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
     a
 }
 
+/// Where QEMU finds a staged kernel and initrd among its descriptors.
+const KERNEL_FD: i32 = 100;
+const INITRD_FD: i32 = 101;
+
+/// The descriptors QEMU must inherit for `cfg`.
+fn inherited_fds(cfg: &VmConfig) -> Vec<crate::staged::Inherit> {
+    use std::os::fd::AsRawFd;
+    match &cfg.staged {
+        Some((k, i)) => vec![
+            crate::staged::Inherit {
+                from: k.as_fd().as_raw_fd(),
+                to: KERNEL_FD,
+            },
+            crate::staged::Inherit {
+                from: i.as_fd().as_raw_fd(),
+                to: INITRD_FD,
+            },
+        ],
+        None => Vec::new(),
+    }
+}
+
 /// Rejects what QEMU would reject later, or worse, misread.
 pub fn validate(cfg: &VmConfig, paths: &VmPaths) -> Result<(), Error> {
     let bad = |m: String| Err(Error::InvalidConfig(m));
@@ -179,7 +210,7 @@ pub fn validate(cfg: &VmConfig, paths: &VmPaths) -> Result<(), Error> {
         ));
     }
     for (what, p) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
-        if !p.is_file() {
+        if cfg.staged.is_none() && !p.is_file() {
             return bad(format!("the {what} {} does not exist", p.display()));
         }
     }
@@ -441,7 +472,7 @@ impl Vmm for Qemu {
 
         let args = argv(cfg, &paths, self.acpi);
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
-        let qemu = match Process::spawn("qemu", &self.binary, &args, &log) {
+        let qemu = match Process::spawn("qemu", &self.binary, &args, &log, &inherited_fds(cfg)) {
             Ok(p) => p,
             Err(e) => {
                 backend.shutdown().await;
@@ -708,6 +739,7 @@ mod tests {
             ],
             accel,
             vsock_uds: "/run/vmlet/vm1/vsock.sock".into(),
+            staged: None,
         }
     }
 
@@ -828,6 +860,7 @@ mod tests {
                 read_only: true,
             }],
             vsock_uds: dir.path().join("vsock.sock"),
+            staged: None,
             ..cfg(Accel::Tcg)
         };
         let paths = VmPaths::new(&good.dir);
@@ -943,6 +976,7 @@ mod tests {
             initrd: f.clone(),
             disks: vec![],
             vsock_uds: dir.path().join("vsock.sock"),
+            staged: None,
             ..cfg(Accel::Tcg)
         };
         let q = Qemu::with_binaries(fake, backend);
@@ -993,6 +1027,7 @@ mod tests {
             initrd: f.clone(),
             disks: vec![],
             vsock_uds: dir.path().join("vsock.sock"),
+            staged: None,
             ..cfg(Accel::Tcg)
         };
         let q = Qemu::with_binaries(fake, backend);

@@ -92,8 +92,14 @@ impl VsockBackend {
                 source,
             })?;
         }
-        let process = Process::spawn("vhost-device-vsock", program, &args(cid, socket, uds), log)
-            .map_err(|source| Error::Spawn {
+        let process = Process::spawn(
+            "vhost-device-vsock",
+            program,
+            &args(cid, socket, uds),
+            log,
+            &[],
+        )
+        .map_err(|source| Error::Spawn {
             program: program.to_owned(),
             source,
         })?;

@@ -136,6 +136,7 @@ fn config(env: &Env, dir: &Path, initrd: &Path, cid: u32, cmdline: &str) -> VmCo
         }],
         accel: detect_accel(),
         vsock_uds: dir.join("vsock.sock"),
+        staged: None,
     }
 }
 

@@ -1,0 +1,350 @@
+//! Mode (a): the start a user would script by hand, with the same kernel,
+//! initrd, image disk and QEMU flags as the agent, and none of its help.
+//!
+//! What the script does, timed from before the copy:
+//!
+//! ```sh
+//! cp rootfs disk.img                                   # copied
+//! # listen on vm.vsock_1024 for the tether             (before anything can dial it)
+//! vhost-device-vsock --guest-cid 3 --socket vhost.sock --uds-path vm.vsock &
+//! # wait for vhost.sock                                # backend-ready
+//! qemu-system-x86_64 <the agent's microvm argv> &      # vmm-spawned
+//! # accept, read the tether's Hello                    # guest-booted (= ready)
+//! # send Spec: echo ready; read until Stdout           # first-output
+//! # read Exited, send ExitAck; the guest powers off
+//! ```
+//!
+//! The QEMU argv comes from `vmm_shim::qemu::argv` and the backend's from
+//! `vmm_shim::vsock_backend::args`, so the two modes cannot drift apart in
+//! flags. Only the orchestration differs: the agent attaches the image disk
+//! read-only instead of copying it, keeps its own listener, and so on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use vmlet_protocol::aio::{read_frame, write_frame};
+use vmlet_protocol::guest::{
+    DiskSpec, GuestMessage, HostMessage, ProcessSpec, GUEST_PROTOCOL_VERSION, MAX_GUEST_FRAME,
+    TETHER_PORT,
+};
+use vmm_shim::{Accel, Disk, VmConfig, VmPaths};
+
+/// Everything the hand-written script is given.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `vhost-device-vsock`.
+    pub backend: PathBuf,
+    /// The PVH `vmlinux`.
+    pub kernel: PathBuf,
+    /// The initrd the agent generated.
+    pub initrd: PathBuf,
+    /// The image's root filesystem disk (copied per start).
+    pub rootfs: PathBuf,
+    /// Its filesystem type, as the tether mounts it.
+    pub fstype: String,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Where each start gets its own directory.
+    pub work_dir: PathBuf,
+    /// How long the guest may take to say hello.
+    pub boot_timeout: Duration,
+}
+
+/// One baseline start.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    /// Milliseconds from the start of the script to each step.
+    pub phases_ms: BTreeMap<&'static str, f64>,
+    /// PSS of QEMU and the backend, KiB, when sampled.
+    pub pss_kib: Option<u64>,
+}
+
+/// The phases of a baseline start, in order.
+pub const PHASES: [&str; 5] = [
+    "copied",
+    "backend-ready",
+    "vmm-spawned",
+    "guest-booted",
+    "first-output",
+];
+
+/// Kills and reaps a child on every path out of [`Baseline::run`].
+struct Reaper(Vec<Child>);
+
+impl Reaper {
+    async fn finish(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+impl Baseline {
+    /// One start running `argv`. With `sample_after`, the memory of QEMU
+    /// and the backend is read that long after the first output (the
+    /// command must still be running then).
+    pub async fn run(
+        &self,
+        slot: usize,
+        argv: &[&str],
+        sample_after: Option<Duration>,
+    ) -> anyhow::Result<Run> {
+        let dir = self.work_dir.join(format!("baseline-{slot}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let mut reaper = Reaper(Vec::new());
+        let r = self.run_in(&dir, argv, sample_after, &mut reaper).await;
+        reaper.finish().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    async fn run_in(
+        &self,
+        dir: &Path,
+        argv: &[&str],
+        sample_after: Option<Duration>,
+        reaper: &mut Reaper,
+    ) -> anyhow::Result<Run> {
+        let log = std::fs::File::create(dir.join("vmm.log"))?;
+        let disk = dir.join("disk.img");
+        let uds = dir.join("vm.vsock");
+        let paths = VmPaths::new(dir);
+        let mut run = Run::default();
+        let t0 = Instant::now();
+        let mark = |run: &mut Run, p: &'static str| {
+            run.phases_ms.insert(p, t0.elapsed().as_secs_f64() * 1000.0);
+        };
+
+        let st = Command::new("cp")
+            .arg(&self.rootfs)
+            .arg(&disk)
+            .status()
+            .await
+            .context("cp")?;
+        if !st.success() {
+            bail!("cp {} failed: {st}", self.rootfs.display());
+        }
+        mark(&mut run, "copied");
+
+        let mut listen = uds.clone().into_os_string();
+        listen.push(format!("_{TETHER_PORT}"));
+        let listener = UnixListener::bind(&listen).context("listening for the tether")?;
+
+        let backend = Command::new(&self.backend)
+            .args(vmm_shim::vsock_backend::args(3, &paths.vhost_vsock, &uds))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {}", self.backend.display()))?;
+        let backend_pid = backend.id();
+        reaper.0.push(backend);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !paths.vhost_vsock.exists() {
+            if Instant::now() > deadline {
+                bail!("vhost-device-vsock did not create its socket in 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        mark(&mut run, "backend-ready");
+
+        let cfg = VmConfig {
+            id: format!("baseline-{}", std::process::id()),
+            dir: dir.to_owned(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: format!("vmlet.port={TETHER_PORT}"),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            cid: 3,
+            disks: vec![Disk {
+                path: disk.clone(),
+                serial: "layer0".into(),
+                read_only: false,
+            }],
+            accel: self.accel,
+            vsock_uds: uds.clone(),
+            staged: None,
+        };
+        let qemu = Command::new(&self.qemu)
+            .args(vmm_shim::qemu::argv(&cfg, &paths, true))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {}", self.qemu.display()))?;
+        let qemu_pid = qemu.id();
+        reaper.0.push(qemu);
+        mark(&mut run, "vmm-spawned");
+
+        let (stream, _) = tokio::time::timeout(self.boot_timeout, listener.accept())
+            .await
+            .with_context(|| {
+                format!(
+                    "the guest did not dial in within {:?}; console: {}",
+                    self.boot_timeout,
+                    tail(&paths.console)
+                )
+            })??;
+        let (mut rd, mut wr) = stream.into_split();
+        match read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME).await? {
+            Some(GuestMessage::Hello { version, .. }) if version == GUEST_PROTOCOL_VERSION => {}
+            other => bail!("expected the tether's hello, got {other:?}"),
+        }
+        mark(&mut run, "guest-booted");
+
+        let spec = ProcessSpec {
+            layers: vec![DiskSpec {
+                serial: "layer0".into(),
+                fstype: self.fstype.clone(),
+            }],
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
+            hostname: "baseline".into(),
+            ..Default::default()
+        };
+        write_frame(&mut wr, &HostMessage::Spec(spec)).await?;
+        let mut exited = false;
+        let mut first = true;
+        while let Some(m) = tokio::time::timeout(
+            Duration::from_secs(60),
+            read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME),
+        )
+        .await
+        .context("the guest went silent")??
+        {
+            match m {
+                GuestMessage::Stdout(_) | GuestMessage::Stderr(_) if first => {
+                    first = false;
+                    mark(&mut run, "first-output");
+                    if let Some(d) = sample_after {
+                        tokio::time::sleep(d).await;
+                        let mut total = 0;
+                        for pid in [qemu_pid, backend_pid].into_iter().flatten() {
+                            total += crate::sys::pss_kib(pid)
+                                .with_context(|| format!("reading the PSS of {pid}"))?;
+                        }
+                        run.pss_kib = Some(total);
+                    }
+                }
+                GuestMessage::Failed { message, code } => {
+                    bail!("the tether failed ({code}): {message}")
+                }
+                GuestMessage::Exited { .. } => {
+                    exited = true;
+                    write_frame(&mut wr, &HostMessage::ExitAck).await?;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if first {
+            bail!("the command wrote nothing");
+        }
+        if !exited {
+            bail!("the guest hung up before reporting the exit");
+        }
+        // The tether powers the VM off after the ack; give it a moment, then
+        // the reaper kills whatever is left.
+        if let Some(q) = reaper.0.last_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), q.wait()).await;
+        }
+        Ok(run)
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// Finds the image disk the agent built in its state directory: the only
+/// `rootfs.ext4`, `disk.ext4` or `disk.erofs` under `images/` (a private
+/// state directory holds only the default busybox image). Returns it with
+/// its filesystem type.
+pub fn find_image_disk(state_dir: &Path) -> Option<(PathBuf, String)> {
+    fn walk(d: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+        if depth > 6 {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                if e.file_name() != "tmp" {
+                    walk(&p, depth + 1, out);
+                }
+            } else if ft.is_file()
+                && matches!(
+                    e.file_name().to_str(),
+                    Some("rootfs.ext4" | "disk.ext4" | "disk.erofs")
+                )
+            {
+                out.push(p);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&state_dir.join("images"), 0, &mut found);
+    found.sort();
+    let p = found.into_iter().next()?;
+    let fstype = p.extension()?.to_str()?.to_string();
+    Some((p, fstype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_image_disk_in_either_layout() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(find_image_disk(d.path()).is_none());
+        let old = d.path().join("images/busybox");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("rootfs.ext4"), b"").unwrap();
+        assert_eq!(
+            find_image_disk(d.path()),
+            Some((old.join("rootfs.ext4"), "ext4".into()))
+        );
+        let d = tempfile::tempdir().unwrap();
+        let new = d.path().join("images/layers/sha256/ab12");
+        std::fs::create_dir_all(&new).unwrap();
+        std::fs::create_dir_all(d.path().join("images/tmp/x")).unwrap();
+        std::fs::write(d.path().join("images/tmp/x/disk.erofs"), b"").unwrap();
+        std::fs::write(new.join("disk.erofs"), b"").unwrap();
+        std::fs::write(new.join("layer.json"), b"{}").unwrap();
+        assert_eq!(
+            find_image_disk(d.path()),
+            Some((new.join("disk.erofs"), "erofs".into()))
+        );
+    }
+}

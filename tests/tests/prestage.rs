@@ -1,0 +1,78 @@
+//! Pre-staging: the guest kernel and initrd live in sealed memory from the
+//! agent's start, so no start reads them from disk.
+
+use std::path::Path;
+
+use vmlet_tests::{guest_dir, stderr, stdout, AgentOptions, TestAgent};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn starts_never_read_the_kernel_or_initrd_from_disk() {
+    // A private copy of the guest files, so they can be deleted under the
+    // running agent.
+    let guest = tempfile::tempdir().unwrap();
+    copy_dir(&guest_dir(), guest.path());
+    let a = TestAgent::start_with(AgentOptions {
+        guest_dir: Some(guest.path().to_path_buf()),
+        ..Default::default()
+    });
+    // Once staged, the files on disk are not needed: delete them.
+    std::fs::remove_file(guest.path().join("vmlinux")).unwrap();
+    std::fs::remove_file(a.state_dir().join("guest/initrd.cpio")).unwrap();
+
+    let o = a.run(&[
+        "run",
+        "-d",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo staged; sleep 1000",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = stdout(&o).trim().to_string();
+    let info: serde_json::Value = serde_json::from_slice(&a.run(&["inspect", &id]).stdout).unwrap();
+    let pid = info["VmmPid"].as_i64().unwrap();
+    // QEMU was told to load both from inherited descriptors, which are
+    // sealed memfds.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let after = |flag: &str| {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1].clone()
+    };
+    for (flag, name) in [("-kernel", "vmlet-kernel"), ("-initrd", "vmlet-initrd")] {
+        let path = after(flag);
+        let fd = path
+            .strip_prefix("/proc/self/fd/")
+            .expect("an inherited descriptor");
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert!(
+            target
+                .to_string_lossy()
+                .starts_with(&format!("/memfd:{name}")),
+            "{flag} is {target:?}"
+        );
+    }
+    // And the guest booted from them, with the files gone from disk.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stdout(&a.run(&["logs", &id])) != "staged\n" {
+        assert!(std::time::Instant::now() < deadline, "no output");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
+}
