@@ -87,6 +87,8 @@ pub struct Agent {
     /// Warm pools.
     pub pools: crate::pool::Pools,
     vms: RwLock<HashMap<String, Arc<Vm>>>,
+    /// Layer disks kept in memory (pre-staged images), by path.
+    warm: parking_lot::Mutex<HashMap<PathBuf, memmap2::Mmap>>,
     /// vsock CIDs in use, by VMs and pool members alike: no two guests of
     /// this host ever share one.
     cids: parking_lot::Mutex<std::collections::BTreeSet<u32>>,
@@ -172,6 +174,7 @@ impl Agent {
             pools,
             vms: RwLock::default(),
             cids: Default::default(),
+            warm: Default::default(),
             events,
         });
         agent.load_existing();
@@ -314,6 +317,47 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Loads `image`'s layer disks into memory and keeps them mapped, so
+    /// starts of it wait on no disk. Returns the bytes staged.
+    pub async fn prestage(self: &Arc<Self>, image: &str) -> Result<u64, ApiError> {
+        let img = self.images.resolve(image)?;
+        let mut total = 0;
+        for diff_id in &img.layers {
+            let path = self.images.layer_disk(diff_id)?.path;
+            if self.warm.lock().contains_key(&path) {
+                continue;
+            }
+            let p = path.clone();
+            let map = tokio::task::spawn_blocking(move || -> std::io::Result<memmap2::Mmap> {
+                let f = fs::File::open(&p)?;
+                // SAFETY: layer disks are immutable once converted (content
+                // addressed, written once, renamed into place); the mapping
+                // is only read.
+                let map = unsafe { memmap2::Mmap::map(&f)? };
+                let _ = map.advise(memmap2::Advice::WillNeed);
+                // Touch every page so it is resident now, not at first use.
+                let mut sum = 0u8;
+                for b in map.iter().step_by(4096) {
+                    sum = sum.wrapping_add(*b);
+                }
+                std::hint::black_box(sum);
+                Ok(map)
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("prestage task: {e}")))?
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("cannot load {} into memory: {e}", path.display()),
+                )
+            })?;
+            total += map.len() as u64;
+            self.warm.lock().insert(path, map);
+        }
+        tracing::info!(image, bytes = total, "pre-staged image layers in memory");
+        Ok(total)
     }
 
     /// Writes the VM's record to disk.

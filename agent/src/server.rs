@@ -532,6 +532,7 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
             Err(e) => Err(e),
         },
         Request::Pools => Ok(Response::Pools(agent.pools.info())),
+        Request::Prestage { image } => agent.prestage(&image).await.map(|_| Response::Done),
         Request::List { all } => Ok(Response::List(agent.list(all))),
         Request::Inspect { vm } => agent
             .resolve(&vm)

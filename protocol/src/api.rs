@@ -179,6 +179,13 @@ pub enum Request {
     /// The warm pools: their targets and what is ready. Answer:
     /// [`Response::Pools`].
     Pools,
+    /// Loads an image's layer disks into memory and keeps them there, so
+    /// the first start of the image waits on no disk. Answer:
+    /// [`Response::Done`].
+    Prestage {
+        /// Image name or id.
+        image: String,
+    },
 }
 
 /// What a container VM should run.

@@ -76,3 +76,29 @@ fn starts_never_read_the_kernel_or_initrd_from_disk() {
     }
     assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
 }
+
+#[test]
+fn prestage_keeps_an_images_layers_in_memory() {
+    let a = TestAgent::start();
+    let o = a.run(&["prestage", "busybox"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The agent holds every layer disk of the image mapped.
+    let info: serde_json::Value =
+        serde_json::from_slice(&a.run(&["image", "inspect", "busybox"]).stdout).unwrap_or_default();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", a.pid().unwrap())).unwrap();
+    let layers_dir = a.state_dir().join("images");
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains(&*layers_dir.to_string_lossy()) && l.contains("disk."))
+        .collect();
+    assert!(
+        !mapped.is_empty(),
+        "no layer disk mapped; image {info}\n{maps}"
+    );
+    let o = a.run(&["prestage", "no-such-image"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("no image"), "{}", stderr(&o));
+    // And a start of it works as ever.
+    let o = a.run(&["run", "--rm", "busybox", "--", "echo", "warm"]);
+    assert_eq!(stdout(&o), "warm\n");
+}

@@ -160,6 +160,12 @@ enum Cmd {
     Events,
     /// Show the warm pools: guests booted ahead of demand.
     Pool,
+    /// Load an image's layer disks into the agent's memory ahead of its
+    /// first start.
+    Prestage {
+        /// Image name or id.
+        image: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -422,6 +428,15 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             println!("vmm:     {}", v.vmm);
             println!("accel:   {}", v.accel);
             println!("kernel:  {}", v.kernel);
+            Ok(0)
+        }
+        Cmd::Prestage { image } => {
+            client
+                .call(Request::Prestage {
+                    image: image.clone(),
+                })
+                .await?;
+            println!("{image}");
             Ok(0)
         }
         Cmd::Pool => {
