@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-guest.sh
+scripts/install-test-deps.sh
 scripts/build.sh
 cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings

@@ -504,16 +504,54 @@ impl ImageStore {
 
         let _g = self.records.lock().expect("records lock");
         let hexd = &id[7..];
-        let mut rec = ImageRecord {
+        let rec = ImageRecord {
             id: id.clone(),
             names: norm_names.clone(),
             layers: diff_ids,
             config: cfg,
             created_ms: crate::vm::now_ms(),
         };
-        // A name points at one image: take it from any other.
+        let rec = self.claim_names(rec, &norm_names)?;
+        let p = self.image_path(hexd);
+        tracing::info!(image = %id, names = ?rec.names, path = %p.display(), "image stored");
+        Ok(rec)
+    }
+
+    /// Points `names` at the stored image `id`, taking them from any
+    /// other: a pull of an image that is here already, layers and all.
+    pub fn add_names(&self, id: &str, names: &[String]) -> Result<ImageRecord, ApiError> {
+        let mut norm_names = Vec::new();
+        for n in names {
+            ids::validate_image(n)?;
+            norm_names.push(normalize_name(n));
+        }
+        let _g = self.records.lock().expect("records lock");
+        let rec = self
+            .records()
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| api(ErrorCode::NotFound, format!("no image {id} in the store")))?;
+        let rec = self.claim_names(rec, &norm_names)?;
+        tracing::info!(image = %id, names = ?rec.names, "image names added");
+        Ok(rec)
+    }
+
+    /// Writes `rec` with `names` added, keeping the names and creation
+    /// time a stored record of the same id has, and takes `names` from
+    /// every other image (a name points at one image). Call with
+    /// `records` held.
+    fn claim_names(
+        &self,
+        mut rec: ImageRecord,
+        norm_names: &[String],
+    ) -> Result<ImageRecord, ApiError> {
+        for n in norm_names {
+            if !rec.names.contains(n) {
+                rec.names.push(n.clone());
+            }
+        }
         for mut other in self.records() {
-            if other.id == id {
+            if other.id == rec.id {
                 for n in other.names {
                     if !rec.names.contains(&n) {
                         rec.names.push(n);
@@ -529,8 +567,6 @@ impl ImageStore {
             }
         }
         self.write_record(&rec)?;
-        let p = self.image_path(hexd);
-        tracing::info!(image = %id, names = ?rec.names, path = %p.display(), "image stored");
         Ok(rec)
     }
 
