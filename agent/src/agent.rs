@@ -57,15 +57,34 @@ pub struct VmTemplate {
 }
 
 impl VmTemplate {
+    /// A template compiled from a base config (its per-VM fields are
+    /// ignored).
+    pub fn new(base: VmConfig) -> Self {
+        VmTemplate { base }
+    }
+
     /// A per-VM config from the template.
     pub fn instantiate(&self, vm: &Vm, rec: &VmRecord, disks: Vec<Disk>) -> VmConfig {
+        self.clone_for(&vm.id, &vm.dir, rec.cid, rec.memory_mib, rec.vcpus, disks)
+    }
+
+    /// Clones the template and fills in only what is per-VM.
+    pub fn clone_for(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        cid: u32,
+        memory_mib: u32,
+        vcpus: u32,
+        disks: Vec<Disk>,
+    ) -> VmConfig {
         let mut c = self.base.clone();
-        c.id.clone_from(&vm.id);
-        c.dir.clone_from(&vm.dir);
-        c.vsock_uds = vm.dir.join("vsock.sock");
-        c.cid = rec.cid;
-        c.memory_mib = rec.memory_mib;
-        c.vcpus = rec.vcpus;
+        id.clone_into(&mut c.id);
+        dir.clone_into(&mut c.dir);
+        c.vsock_uds = dir.join("vsock.sock");
+        c.cid = cid;
+        c.memory_mib = memory_mib;
+        c.vcpus = vcpus;
         c.disks = disks;
         c
     }
@@ -142,22 +161,20 @@ impl Agent {
             initrd_bytes = staged.1.len(),
             "staged the guest kernel and initrd in sealed memory"
         );
-        let template = VmTemplate {
-            base: VmConfig {
-                id: String::new(),
-                dir: PathBuf::new(),
-                kernel,
-                initrd,
-                cmdline,
-                memory_mib: config.memory_mib,
-                vcpus: config.vcpus,
-                cid: 0,
-                disks: Vec::new(),
-                accel: config.accel,
-                vsock_uds: PathBuf::new(),
-                staged: Some(staged),
-            },
-        };
+        let template = VmTemplate::new(VmConfig {
+            id: String::new(),
+            dir: PathBuf::new(),
+            kernel,
+            initrd,
+            cmdline,
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            cid: 0,
+            disks: Vec::new(),
+            accel: config.accel,
+            vsock_uds: PathBuf::new(),
+            staged: Some(staged),
+        });
         let (events, _) = broadcast::channel(1024);
         let pools = crate::pool::Pools::new(
             &config.pools,
