@@ -1044,6 +1044,157 @@ mod tests {
         }
     }
 
+    /// A registry on loopback that answers each request (one per
+    /// connection) with `route(path, headers)`; it records what it saw.
+    struct Fake {
+        base: String,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    type Route = dyn Fn(&str, &str, &str) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + Sync;
+
+    impl Fake {
+        fn start(route: Arc<Route>) -> Fake {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", l.local_addr().unwrap());
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (seen2, base2) = (seen.clone(), base.clone());
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { return };
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !req.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                        req.push(b[0]);
+                    }
+                    let req = String::from_utf8_lossy(&req).to_string();
+                    let path = req.split(' ').nth(1).unwrap_or_default().to_string();
+                    let header = |n: &str| {
+                        req.lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case(n).then(|| v.trim().to_string())
+                            })
+                            .unwrap_or_default()
+                    };
+                    let (auth, range) = (header("authorization"), header("range"));
+                    seen2
+                        .lock()
+                        .unwrap()
+                        .push(format!("{path} auth={auth} range={range}"));
+                    let (status, headers, body) = route(&path, &auth, &range);
+                    let mut out = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    for (k, v) in headers {
+                        out.push_str(&format!("{k}: {}\r\n", v.replace("{base}", &base2)));
+                    }
+                    out.push_str("\r\n");
+                    let _ = c.write_all(out.as_bytes());
+                    let _ = c.write_all(&body);
+                }
+            });
+            Fake { base, seen }
+        }
+
+        fn client(&self) -> Client {
+            let host = self.base.strip_prefix("http://").unwrap();
+            Client::new(&r(&format!("http://{host}/x/y:t")))
+        }
+    }
+
+    fn digest(b: &[u8]) -> String {
+        format!("sha256:{}", hex(&Sha256::digest(b)))
+    }
+
+    #[test]
+    fn bearer_token_then_index_to_amd64_then_blobs() {
+        let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let bd = digest(&blob);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"digest": bd, "size": blob.len()},
+            "layers": [{"digest": bd, "size": blob.len()}],
+        }))
+        .unwrap();
+        let md = digest(&manifest);
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+            "manifests": [
+                {"digest": format!("sha256:{}", "0".repeat(64)), "platform": {"architecture": "arm64", "os": "linux"}},
+                {"digest": md, "platform": {"architecture": "amd64", "os": "linux"}},
+            ],
+        }))
+        .unwrap();
+        let (blob2, bd2, md2) = (blob.clone(), bd.clone(), md.clone());
+        let fake = Fake::start(Arc::new(move |path: &str, auth: &str, _range: &str| {
+            if path.starts_with("/token?") {
+                assert_eq!(
+                    path,
+                    "/token?service=reg%20svc&scope=repository%3Ax%2Fy%3Apull"
+                );
+                return (200, vec![], br#"{"token":"t0k"}"#.to_vec());
+            }
+            if auth != "Bearer t0k" {
+                let ch =
+                    r#"Bearer realm="{base}/token",service="reg svc",scope="repository:x/y:pull""#;
+                return (401, vec![("WWW-Authenticate".into(), ch.into())], vec![]);
+            }
+            if path == "/v2/x/y/manifests/t" {
+                (200, vec![], index.clone())
+            } else if path == format!("/v2/x/y/manifests/{md2}") {
+                (
+                    200,
+                    vec![("Docker-Content-Digest".into(), md2.clone())],
+                    manifest.clone(),
+                )
+            } else if path == format!("/v2/x/y/blobs/{bd2}") {
+                // Range is ignored: a 200 makes the client start over.
+                (200, vec![], blob2.clone())
+            } else {
+                (404, vec![], b"{\"errors\":[]}".to_vec())
+            }
+        }));
+        let mut c = fake.client();
+        let (m, n) = c.resolve_manifest("t").unwrap();
+        assert!(n > 0);
+        assert_eq!(m.layers[0].digest, bd);
+        assert_eq!(c.small_blob(&bd, "config").unwrap(), blob);
+
+        let tmp = tempfile::tempdir().unwrap();
+        // A stale partial whose bytes are wrong: the 200 replaces it.
+        std::fs::write(
+            tmp.path().join(format!("blob-{}.partial", &bd[7..])),
+            b"junk",
+        )
+        .unwrap();
+        let (p, got) = c
+            .blob_to_file(tmp.path(), &bd, blob.len() as u64, 1 << 30)
+            .unwrap();
+        assert_eq!(got, blob.len() as u64);
+        assert_eq!(std::fs::read(&p).unwrap(), blob);
+        let seen = fake.seen.lock().unwrap().clone();
+        assert!(
+            seen[0].contains("auth= "),
+            "first ask is anonymous: {seen:?}"
+        );
+        assert!(
+            seen.iter().any(|s| s.contains("range=bytes=4-")),
+            "{seen:?}"
+        );
+
+        // More bytes than the manifest says: refused, partial deleted.
+        std::fs::remove_file(&p).unwrap();
+        let e = c.blob_to_file(tmp.path(), &bd, 1000, 1 << 30).unwrap_err();
+        assert!(matches!(e, PullError::TooLarge { .. }), "{e}");
+        let e = c.manifest("nosuch").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn bearer_challenges_parse() {
         let c = parse_bearer(
