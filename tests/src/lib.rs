@@ -76,6 +76,10 @@ pub struct AgentOptions {
     pub extra: Vec<String>,
     /// Another guest directory than the installed one.
     pub guest_dir: Option<PathBuf>,
+    /// The tether to boot guests with; the workspace's musl build if `None`.
+    pub tether: Option<PathBuf>,
+    /// Run vmletd with at most this many open file descriptors.
+    pub nofile: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -91,6 +95,8 @@ impl Default for AgentOptions {
             boot_timeout: 120.0,
             extra,
             guest_dir: None,
+            tether: None,
+            nofile: None,
         }
     }
 }
@@ -130,7 +136,16 @@ impl TestAgent {
             .append(true)
             .open(self.dir.path().join("vmletd.log"))
             .expect("log file");
-        let child = Command::new(bin("vmletd"))
+        // prlimit execs vmletd, so the child's pid is vmletd's.
+        let mut cmd = match self.opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bin("vmletd"));
+                c
+            }
+            None => Command::new(bin("vmletd")),
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--socket")
@@ -138,7 +153,7 @@ impl TestAgent {
             .arg("--guest-dir")
             .arg(self.opts.guest_dir.clone().unwrap_or_else(guest_dir))
             .arg("--tether")
-            .arg(tether())
+            .arg(self.opts.tether.clone().unwrap_or_else(tether))
             .arg("--boot-timeout")
             .arg(self.opts.boot_timeout.to_string())
             .args(&self.opts.extra)
@@ -200,6 +215,12 @@ impl TestAgent {
     /// The agent's resident memory now (`VmRSS`), in KiB.
     pub fn rss_kib(&self) -> u64 {
         self.proc_status_kib("VmRSS:")
+    }
+
+    /// The agent's anonymous resident memory now (`RssAnon`, without the
+    /// staged kernel and files it maps), in KiB.
+    pub fn anon_rss_kib(&self) -> u64 {
+        self.proc_status_kib("RssAnon:")
     }
 
     fn proc_status_kib(&self, key: &str) -> u64 {
@@ -270,9 +291,14 @@ impl TestAgent {
             });
         let mut child = c.spawn().expect("spawn vmlet");
         if let Some(data) = input {
-            use std::io::Write;
+            // Written from a thread, so a child that answers before it has
+            // read everything cannot deadlock against this writer.
             let mut stdin = child.stdin.take().expect("stdin");
-            stdin.write_all(data).expect("write stdin");
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(&data);
+            });
         }
         wait_output(child, Duration::from_secs(240), &format!("vmlet {args:?}"))
     }
@@ -393,21 +419,44 @@ pub fn raw_hello(s: &mut std::os::unix::net::UnixStream) {
 
 /// Waits for a child with a deadline, killing it past the deadline.
 pub fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
+    // The pipes are drained while waiting: a child with more output than
+    // a pipe holds would otherwise block on write and never exit.
+    fn drain(p: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break Some(st);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{what} did not finish in {limit:?}; stdout {:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().expect("stdout reader");
+    let stderr = err.join().expect("stderr reader");
+    match status {
+        Some(status) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "{what} did not finish in {limit:?}; stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
     }
 }
 
