@@ -303,6 +303,25 @@ impl TestAgent {
         wait_output(child, Duration::from_secs(240), &format!("vmlet {args:?}"))
     }
 
+    /// `vmlet run -d ARGS…`: starts a detached containerVM, checks that
+    /// worked, and returns its id.
+    pub fn detach(&self, args: &[&str]) -> String {
+        let mut all = vec!["run", "-d"];
+        all.extend_from_slice(args);
+        let o = self.run(&all);
+        assert_eq!(o.status.code(), Some(0), "vmlet {all:?}: {}", stderr(&o));
+        let id = stdout(&o).trim().to_string();
+        assert_eq!(id.len(), 16, "not an id: {id:?}");
+        id
+    }
+
+    /// `vmlet inspect ID` as JSON.
+    pub fn inspect(&self, id: &str) -> serde_json::Value {
+        let o = self.run(&["inspect", id]);
+        assert_eq!(o.status.code(), Some(0), "inspect {id}: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("inspect prints JSON")
+    }
+
     /// An API client.
     pub async fn client(&self) -> Client {
         Client::connect(&self.socket).await.expect("connect")
@@ -511,4 +530,51 @@ pub fn stdout(o: &Output) -> String {
 /// Stderr of an output as a string.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Samples a process's resident memory (`VmRSS`) every 50 ms until
+/// stopped, and keeps the highest figure: unlike `VmHWM`, it leaves out
+/// what the process held before sampling began (vmletd stages the guest
+/// kernel and initrd through memory at startup).
+#[derive(Debug)]
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    /// Starts sampling the agent.
+    pub fn start(a: &TestAgent) -> RssSampler {
+        let pid = a.pid().expect("vmletd runs");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut max = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kib) = st
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                {
+                    max = max.max(kib);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            max
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the highest `VmRSS` seen, in KiB.
+    pub fn max_kib(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("sampler"))
+            .unwrap_or(0)
+    }
 }

@@ -5,18 +5,10 @@ use std::time::{Duration, Instant};
 
 use vmlet_tests::{stderr, stdout, wait_output, TestAgent};
 
-fn inspect(a: &TestAgent, id: &str) -> serde_json::Value {
-    let o = a.run(&["inspect", id]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    serde_json::from_slice(&o.stdout).expect("inspect prints JSON")
-}
-
 #[test]
 fn detached_logs_attach_wait_ps_inspect_rm() {
     let a = TestAgent::start();
-    let o = a.run(&[
-        "run",
-        "-d",
+    let id = a.detach(&[
         "--name",
         "ticker",
         "busybox",
@@ -25,8 +17,6 @@ fn detached_logs_attach_wait_ps_inspect_rm() {
         "-c",
         "for i in 1 2 3 4 5; do echo line $i; sleep 1; done; echo bye >&2; exit 3",
     ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let id = stdout(&o).trim().to_string();
     assert_eq!(id.len(), 16, "{id:?}");
 
     // Two followers at once: `logs -f` and `attach`.
@@ -67,7 +57,7 @@ fn detached_logs_attach_wait_ps_inspect_rm() {
     assert_eq!(stdout(&a.run(&["logs", &id])), want);
 
     // inspect shows every phase of the start, in order.
-    let info = inspect(&a, &id);
+    let info = a.inspect(&id);
     assert_eq!(info["State"], "exited");
     assert_eq!(info["Exit"]["Code"], 3);
     let phases = info["PhasesMs"].as_object().unwrap();
@@ -110,29 +100,25 @@ fn stop_sigterm_then_kill_after_timeout() {
     let a = TestAgent::start();
     // A process that ignores SIGTERM: stop must kill the VM after the
     // timeout and report it.
-    let o = a.run(&[
-        "run",
-        "-d",
+    let stubborn = a.detach(&[
         "busybox",
         "--",
         "sh",
         "-c",
         "trap '' TERM; echo ready; while true; do sleep 1; done",
     ]);
-    let stubborn = stdout(&o).trim().to_string();
     // One that honours SIGTERM.
-    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
-    let polite = stdout(&o).trim().to_string();
+    let polite = a.detach(&["busybox", "--", "sleep", "1000"]);
 
     let t = Instant::now();
     let o = a.run(&["stop", "-t", "3", &polite]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(t.elapsed() < Duration::from_secs(30));
-    assert_eq!(inspect(&a, &polite)["Exit"]["Signal"], 15);
+    assert_eq!(a.inspect(&polite)["Exit"]["Signal"], 15);
 
     let o = a.run(&["stop", "-t", "2", &stubborn]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let info = inspect(&a, &stubborn);
+    let info = a.inspect(&stubborn);
     assert_eq!(info["State"], "exited");
     assert_eq!(info["Exit"]["Code"], 137, "{info}");
     a.assert_no_processes(&stubborn);
@@ -143,15 +129,13 @@ fn stop_sigterm_then_kill_after_timeout() {
 #[test]
 fn kill_signal_and_vmm_killed_from_outside() {
     let a = TestAgent::start();
-    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
-    let id = stdout(&o).trim().to_string();
+    let id = a.detach(&["busybox", "--", "sleep", "1000"]);
     let o = a.run(&["kill", "-s", "KILL", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "137");
 
-    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
-    let id = stdout(&o).trim().to_string();
-    let pid = inspect(&a, &id)["VmmPid"]
+    let id = a.detach(&["busybox", "--", "sleep", "1000"]);
+    let pid = a.inspect(&id)["VmmPid"]
         .as_i64()
         .expect("a running VM has a VMM pid");
     // QEMU runs confined by its seccomp sandbox (mode 2: filter).
@@ -169,7 +153,7 @@ fn kill_signal_and_vmm_killed_from_outside() {
     .unwrap();
     let w = a.run(&["wait", &id]);
     assert_eq!(stdout(&w).trim(), "255");
-    let info = inspect(&a, &id);
+    let info = a.inspect(&id);
     let reason = info["Exit"]["Reason"].as_str().unwrap();
     assert!(
         reason.contains("VMM") && reason.contains("SIGKILL"),

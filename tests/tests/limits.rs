@@ -60,11 +60,7 @@ fn a_start_over_the_memory_limit_fails_fast() {
         extra: vec!["--max-total-memory".into(), "400".into()],
         ..Default::default()
     });
-    let o = a.run(&[
-        "run", "-d", "--memory", "256", "busybox", "--", "sleep", "1000",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let first = stdout(&o).trim().to_string();
+    let first = a.detach(&["--memory", "256", "busybox", "--", "sleep", "1000"]);
     let o = a.run(&["run", "--rm", "--memory", "256", "busybox", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert!(stderr(&o).contains("limit is 400 MiB"), "{}", stderr(&o));

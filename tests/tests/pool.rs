@@ -5,10 +5,6 @@ use std::time::{Duration, Instant};
 
 use vmlet_tests::{stderr, stdout, AgentOptions, TestAgent};
 
-fn inspect(a: &TestAgent, id: &str) -> serde_json::Value {
-    serde_json::from_slice(&a.run(&["inspect", id]).stdout).expect("inspect JSON")
-}
-
 /// Waits (bounded) until the pool reports `n` ready members.
 fn wait_ready(a: &TestAgent, n: u32) -> String {
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -54,7 +50,7 @@ fn starts_are_hand_offs_and_the_pool_refills() {
             stdout(&o).trim().to_string()
         })
         .collect();
-    let infos: Vec<_> = ids.iter().map(|id| inspect(&a, id)).collect();
+    let infos: Vec<_> = ids.iter().map(|id| a.inspect(id)).collect();
     for (i, info) in infos.iter().enumerate() {
         assert_eq!(info["StartMode"], "pool", "{info}");
         // No boot in the start: the guest said hello before it.
@@ -79,12 +75,9 @@ fn starts_are_hand_offs_and_the_pool_refills() {
         a.assert_no_processes(id);
     }
     // A create the pool does not match (other memory size) boots cold.
-    let o = a.run(&[
-        "run", "-d", "--memory", "192", "busybox", "--", "echo", "cold",
-    ]);
-    let id = stdout(&o).trim().to_string();
+    let id = a.detach(&["--memory", "192", "busybox", "--", "echo", "cold"]);
     assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "0");
-    assert_eq!(inspect(&a, &id)["StartMode"], "cold");
+    assert_eq!(a.inspect(&id)["StartMode"], "cold");
     assert_eq!(stdout(&a.run(&["logs", &id])), "cold\n");
 }
 

@@ -31,18 +31,8 @@ fn starts_never_read_the_kernel_or_initrd_from_disk() {
     std::fs::remove_file(guest.path().join("vmlinux")).unwrap();
     std::fs::remove_file(a.state_dir().join("guest/initrd.cpio")).unwrap();
 
-    let o = a.run(&[
-        "run",
-        "-d",
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "echo staged; sleep 1000",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let id = stdout(&o).trim().to_string();
-    let info: serde_json::Value = serde_json::from_slice(&a.run(&["inspect", &id]).stdout).unwrap();
+    let id = a.detach(&["busybox", "--", "sh", "-c", "echo staged; sleep 1000"]);
+    let info = a.inspect(&id);
     let pid = info["VmmPid"].as_i64().unwrap();
     // QEMU was told to load both from inherited descriptors, which are
     // sealed memfds.

@@ -19,10 +19,8 @@ fn want(prefix: &str) -> String {
 fn killed_agent_is_replaced_and_every_byte_survives() {
     let mut a = TestAgent::start();
     // A VM whose VMM dies while the agent is away.
-    let o = a.run(&["run", "-d", "busybox", "--", "sleep", "1000"]);
-    let doomed = stdout(&o).trim().to_string();
-    let info: serde_json::Value =
-        serde_json::from_slice(&a.run(&["inspect", &doomed]).stdout).unwrap();
+    let doomed = a.detach(&["busybox", "--", "sleep", "1000"]);
+    let info = a.inspect(&doomed);
     let doomed_pid = info["VmmPid"].as_i64().unwrap() as i32;
     // Two that stream for longer than the agent is away.
     let ids: Vec<String> = (0..2)
@@ -64,8 +62,7 @@ fn killed_agent_is_replaced_and_every_byte_survives() {
             "stderr of {id} differs after the restart"
         );
     }
-    let info: serde_json::Value =
-        serde_json::from_slice(&a.run(&["inspect", &doomed]).stdout).unwrap();
+    let info = a.inspect(&doomed);
     assert_eq!(info["State"], "exited", "{info}");
     assert!(
         info["Exit"]["Reason"]
@@ -77,16 +74,7 @@ fn killed_agent_is_replaced_and_every_byte_survives() {
     a.assert_no_processes(&doomed);
 
     // An adopted VM can be attached to, stopped and removed like any other.
-    let o = a.run(&[
-        "run",
-        "-d",
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "echo hi; sleep 1000",
-    ]);
-    let id = stdout(&o).trim().to_string();
+    let id = a.detach(&["busybox", "--", "sh", "-c", "echo hi; sleep 1000"]);
     a.restart();
     // Whether "hi" reached the old agent or is resent to the new one, it
     // arrives exactly once.
