@@ -161,6 +161,8 @@ struct Report {
     vcpus: u32,
     results: Vec<ModeResult>,
     memory: Memory,
+    /// The 1-minute load average before and after the run.
+    load_average: (Option<f64>, Option<f64>),
 }
 
 const COMMAND: [&str; 2] = ["echo", "ready"];
@@ -416,6 +418,7 @@ async fn run(
     agent_pid: u32,
     shape: &vmlet_protocol::api::VmInfo,
 ) -> anyhow::Result<Report> {
+    let load_before = sys::load_average();
     let mut results = Vec::new();
     let mut modes = a.modes.clone();
     modes.sort();
@@ -535,6 +538,7 @@ async fn run(
         vcpus: shape.vcpus,
         results,
         memory,
+        load_average: (load_before, sys::load_average()),
     })
 }
 
@@ -557,6 +561,13 @@ fn markdown(r: &Report) -> String {
         r.machine.cores,
         r.machine.memory_mib,
         r.machine.host_kernel
+    );
+    let la = |x: Option<f64>| x.map_or("?".into(), |v| format!("{v:.2}"));
+    let _ = writeln!(
+        o,
+        "- load average (1 min): {} before the run, {} after (anything above 0 is other work sharing the cores)",
+        la(r.load_average.0),
+        la(r.load_average.1)
     );
     let _ = writeln!(
         o,

@@ -78,6 +78,16 @@ pub fn socket_peer_pid(socket: &Path) -> io::Result<u32> {
     u32::try_from(cred.pid()).map_err(|_| io::Error::other("no peer pid"))
 }
 
+/// The 1-minute load average: on a shared machine, how much else ran.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The machine the numbers were measured on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
