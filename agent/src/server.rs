@@ -34,6 +34,13 @@ const REPLY_QUEUE: usize = 256;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests in flight on one connection.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Client connections served at once. Each holds a descriptor, a task and
+/// its reply queue; past this a newcomer is told to retry later and
+/// closed, so a flood of connections cannot take the descriptors the VMs
+/// need, and never leaves a client hanging in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long the agent backs off when accepting fails (out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Binds the API socket: removes a stale socket file (after checking
 /// nobody answers on it) and sets its mode.
@@ -55,11 +62,25 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves connections until the listener fails.
+/// Serves connections. Never returns: a failed accept (out of file
+/// descriptors, a client gone before it was accepted) is logged and
+/// retried, since ending here would end the agent.
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> std::io::Result<()> {
     let refusals = crate::ratelimit::RateLimit::new(10, Duration::from_secs(1));
+    let accept_errors = crate::ratelimit::RateLimit::new(1, Duration::from_secs(5));
+    let busy = crate::ratelimit::RateLimit::new(1, Duration::from_secs(5));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if let Some(suppressed) = accept_errors.admit() {
+                    tracing::warn!(error = %e, suppressed, "cannot accept a client connection; retrying");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         // Access is decided by the peer's kernel-verified credentials.
         let cred = stream.peer_cred();
         let allowed = cred
@@ -78,13 +99,50 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> std::io::Result
             }
             continue;
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = busy.admit() {
+                tracing::warn!(
+                    suppressed,
+                    "refused a connection: {MAX_CONNECTIONS} connections are open"
+                );
+            }
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(agent, stream).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
+}
+
+/// Tells a client over the connection limit why it is turned away (an
+/// error before its hello, which every client reads as the answer to it),
+/// then closes. Bounded in time: a client that does not read is dropped.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled; it runs as its own task.
+async fn refuse_busy(mut stream: UnixStream) {
+    let m = ServerMessage {
+        id: 0,
+        body: error_body(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("vmletd already serves {MAX_CONNECTIONS} connections; try again later"),
+        )),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if write_frame(&mut stream, &m).await.is_ok() {
+            // Take the client's hello before closing: closing on unread
+            // bytes would reset the connection under its read of the error.
+            let mut b = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut b).await;
+        }
+    })
+    .await;
 }
 
 type Tx = mpsc::Sender<ServerMessage>;

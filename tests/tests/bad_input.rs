@@ -228,3 +228,89 @@ fn a_guest_that_never_says_hello_fails_the_start_and_is_cleaned_up() {
     assert_eq!(a.run(&["rm", "slow"]).status.code(), Some(0));
     still_serving(&a);
 }
+
+#[test]
+fn references_that_try_to_leave_the_state_directory() {
+    // Through the API, where the CLI cannot filter: NUL, newlines, slashes,
+    // dot-dots, absolute paths, absurd lengths, non-ASCII.
+    let a = TestAgent::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let long = "a".repeat(100_000);
+    let refs = [
+        "..",
+        ".",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "a/../../b",
+        "vms/../..",
+        "a\0b",
+        "\0",
+        "a\nb",
+        "%2e%2e%2f",
+        "..\\..\\x",
+        "é",
+        "",
+        long.as_str(),
+    ];
+    rt.block_on(async {
+        let c = a.client().await;
+        for r in refs {
+            let shown = &r[..r.len().min(40)];
+            for req in [
+                Request::Inspect { vm: r.into() },
+                Request::Logs {
+                    vm: r.into(),
+                    follow: false,
+                },
+                Request::Remove {
+                    vm: r.into(),
+                    force: true,
+                },
+                Request::Start { vm: r.into() },
+                Request::ImageInspect { image: r.into() },
+                Request::ImageRemove {
+                    image: r.into(),
+                    force: true,
+                },
+                Request::ImageImportBegin {
+                    name: Some(r.into()),
+                },
+                Request::Create(vmlet_protocol::api::CreateSpec {
+                    name: Some(r.into()),
+                    image: "busybox".into(),
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }),
+                Request::Create(vmlet_protocol::api::CreateSpec {
+                    image: r.into(),
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }),
+            ] {
+                let what = format!("{req:?}");
+                let what = &what[..what.len().min(80)];
+                match c.call(req).await {
+                    Err(vmlet_protocol::client::ClientError::Api(e)) => assert!(
+                        matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound),
+                        "{shown:?}: {what}: {e:?}"
+                    ),
+                    other => panic!("{shown:?}: {what}: {other:?}"),
+                }
+            }
+        }
+    });
+    // Nothing was created, inside the state directory or beside it.
+    assert_eq!(stdout(&a.run(&["ps", "-a", "-q"])), "");
+    let vms: Vec<_> = std::fs::read_dir(a.state_dir().join("vms"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(vms.is_empty(), "{vms:?}");
+    let beside: Vec<_> = std::fs::read_dir(a.state_dir().parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !matches!(n.as_str(), "state" | "api.sock" | "vmletd.log"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+    still_serving(&a);
+}
