@@ -690,56 +690,39 @@ async fn output_stream(
     from_start: bool,
     follow: bool,
 ) {
-    let mut r = match vm.log.reader(from_start) {
-        Ok(r) => r,
-        Err(e) => {
-            return reply(
-                tx,
-                id,
-                error_body(ApiError::new(
-                    ErrorCode::Internal,
-                    format!("cannot read the log: {e}"),
-                )),
-            )
-            .await
-        }
-    };
-    loop {
-        match r.next(follow).await {
-            Ok(Some(rec)) => {
-                let wanted = match rec.stream {
-                    vmlet_protocol::api::Stream::Stdout => stdout,
-                    vmlet_protocol::api::Stream::Stderr => stderr,
-                };
-                if !wanted {
-                    continue;
-                }
-                for chunk in rec.data.chunks(MAX_CHUNK) {
-                    let m = ServerMessage {
-                        id,
-                        body: Response::Output {
-                            stream: rec.stream,
-                            timestamp_ns: rec.timestamp_ns,
-                            data: chunk.to_vec(),
-                        },
-                    };
-                    if tx.send(m).await.is_err() {
-                        return;
-                    }
-                }
+    let copied = async {
+        let mut r = vm.log.reader(from_start)?;
+        while let Some(rec) = r.next(follow).await? {
+            let wanted = match rec.stream {
+                vmlet_protocol::api::Stream::Stdout => stdout,
+                vmlet_protocol::api::Stream::Stderr => stderr,
+            };
+            if !wanted {
+                continue;
             }
-            Ok(None) => break,
-            Err(e) => {
-                return reply(
-                    tx,
+            for chunk in rec.data.chunks(MAX_CHUNK) {
+                let m = ServerMessage {
                     id,
-                    error_body(ApiError::new(
-                        ErrorCode::Internal,
-                        format!("cannot read the log: {e}"),
-                    )),
-                )
-                .await
+                    body: Response::Output {
+                        stream: rec.stream,
+                        timestamp_ns: rec.timestamp_ns,
+                        data: chunk.to_vec(),
+                    },
+                };
+                if tx.send(m).await.is_err() {
+                    // The client is gone: nobody to end the stream for.
+                    return Ok(false);
+                }
             }
+        }
+        Ok::<_, std::io::Error>(true)
+    };
+    match copied.await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            let e = ApiError::new(ErrorCode::Internal, format!("cannot read the log: {e}"));
+            return reply(tx, id, error_body(e)).await;
         }
     }
     // The log is sealed just before the VM is marked exited; a follower
