@@ -230,10 +230,7 @@ impl Agent {
             if rec.pooled {
                 // A warm-pool member of the previous agent: not a container,
                 // so it is ended, not adopted.
-                for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
-                    kill_if_ours(*pid, &dir);
-                }
-                let _ = fs::remove_dir_all(&dir);
+                end_pool_member(&rec, &dir);
                 continue;
             }
             if rec.state == VmState::Starting {
@@ -694,6 +691,35 @@ fn kill_if_ours(pid: u32, dir: &std::path::Path) {
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+/// Ends a warm-pool member from its record: kills its processes (if they
+/// are still its own) and removes its directory.
+fn end_pool_member(rec: &VmRecord, dir: &std::path::Path) {
+    for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+        kill_if_ours(*pid, dir);
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+impl Agent {
+    /// Ends every warm-pool member still on disk, ready or half-booted (the
+    /// agent is stopping; members are not containers and no later agent
+    /// adopts them).
+    pub fn end_pool_members(&self) {
+        for ent in fs::read_dir(self.config.vms_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let rec: Option<VmRecord> = fs::read(ent.path().join("vm.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(rec) = rec.filter(|r| r.pooled) {
+                end_pool_member(&rec, &ent.path());
+            }
+        }
     }
 }
 

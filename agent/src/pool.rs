@@ -286,8 +286,8 @@ async fn discard(agent: &Arc<Agent>, vm: Arc<Vm>, pre: Prebooted) {
     agent.drop_pool_member(&vm);
 }
 
-/// Kills every ready member (the agent is shutting down: pool members are
-/// not containers and nobody will adopt them).
+/// Ends every member, ready or still booting (the agent is shutting down:
+/// pool members are not containers and nobody will adopt them).
 pub async fn drain(agent: &Arc<Agent>) {
     for p in &agent.pools.pools {
         let members: Vec<_> = p.ready.lock().drain(..).collect();
@@ -295,4 +295,6 @@ pub async fn drain(agent: &Arc<Agent>) {
             discard(agent, vm, pre).await;
         }
     }
+    // Members still booting are found by their records.
+    agent.end_pool_members();
 }

@@ -57,7 +57,7 @@ fn starts_are_hand_offs_and_the_pool_refills() {
         let phases = &info["PhasesMs"];
         assert!(phases["guest-booted"].as_f64().unwrap() < 50.0, "{phases}");
         assert!(phases["process-started"].as_f64().is_some(), "{phases}");
-        assert_eq!(stdout(&a.run(&["logs", &ids[i]])), format!("pooled {i}\n"));
+        a.wait_logs(&ids[i], &format!("pooled {i}\n"));
     }
     assert_ne!(infos[0]["Cid"], infos[1]["Cid"]);
     assert_ne!(infos[0]["VmmPid"], infos[1]["VmmPid"]);
@@ -111,4 +111,31 @@ fn pool_members_die_with_a_stopped_agent_and_are_not_adopted() {
     }
     assert!(!before[0].exists());
     wait_ready(&a, 1);
+}
+
+#[test]
+fn a_stopping_agent_ends_its_pool_members_but_not_its_containers() {
+    let mut a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--pool".into(), "busybox=1".into()],
+        ..Default::default()
+    });
+    wait_ready(&a, 1);
+    let id = a.detach(&["busybox", "--", "sleep", "1000"]);
+    // Taking the member started a refill; stop while it may be booting.
+    a.terminate();
+    let vms = a.state_dir().join("vms");
+    let members: Vec<_> = std::fs::read_dir(&vms)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !p.ends_with(&id))
+        .collect();
+    assert!(members.is_empty(), "pool members left: {members:?}");
+    for p in std::fs::read_dir(&vms).unwrap().flatten() {
+        if !p.path().ends_with(&id) {
+            assert!(TestAgent::processes_mentioning(&p.path()).is_empty());
+        }
+    }
+    // The container keeps running without the agent.
+    assert!(!TestAgent::processes_mentioning(&a.vm_dir(&id)).is_empty());
 }

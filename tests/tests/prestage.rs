@@ -59,11 +59,7 @@ fn starts_never_read_the_kernel_or_initrd_from_disk() {
         );
     }
     // And the guest booted from them, with the files gone from disk.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while stdout(&a.run(&["logs", &id])) != "staged\n" {
-        assert!(std::time::Instant::now() < deadline, "no output");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    a.wait_logs(&id, "staged\n");
     assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
 }
 

@@ -78,15 +78,7 @@ fn killed_agent_is_replaced_and_every_byte_survives() {
     a.restart();
     // Whether "hi" reached the old agent or is resent to the new one, it
     // arrives exactly once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while stdout(&a.run(&["logs", &id])).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no output after adoption"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(stdout(&a.run(&["logs", &id])), "hi\n");
+    a.wait_logs(&id, "hi\n");
     let o = a.run(&["stop", "-t", "5", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "143");
