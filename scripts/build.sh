@@ -14,5 +14,8 @@ if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-
 fi
 log "tether (static, musl)"
 cargo build -q -p vmlet-tether --profile tether --target x86_64-unknown-linux-musl
+log "hostile tether for the hostile-guest tests (target/hostile)"
+cargo build -q -p vmlet-tether --profile tether --target x86_64-unknown-linux-musl \
+    --features hostile --target-dir target/hostile
 log "host binaries ($PROFILE)"
 cargo build -q --workspace --exclude vmlet-tether --bins --profile "$PROFILE"

@@ -664,6 +664,9 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     let mut acked = log.stream_bytes();
     let mut tick = tokio::time::interval(ACK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Warnings this guest can trigger at will (a guest is untrusted) are
+    // rate-limited, so it cannot flood the agent's log.
+    let noisy = crate::ratelimit::RateLimit::new(5, Duration::from_secs(10));
     let ack = |log: &LogWriter, acked: &mut (u64, u64)| {
         let now = log.stream_bytes();
         if now != *acked
@@ -705,7 +708,9 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     exit = Some(ExitInfo { code, signal: None, reason: message, at_ms: now_ms() });
                 }
                 Some(Ok(other)) => {
-                    tracing::warn!(vm = %vm.id, message = kind(&other), "guest sent an unexpected message; ignored");
+                    if let Some(suppressed) = noisy.admit() {
+                        tracing::warn!(vm = %vm.id, message = kind(&other), suppressed, "guest sent an unexpected message; ignored");
+                    }
                 }
                 Some(Err(e)) if !matches!(e, FrameError::Io(_) | FrameError::Truncated) => {
                     // A guest that breaks the framing is confined to its own
@@ -720,7 +725,9 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     });
                 }
                 Some(Err(_)) | None => {
-                    tracing::warn!(vm = %vm.id, "the guest connection broke; waiting for the tether to dial again");
+                    if let Some(suppressed) = noisy.admit() {
+                        tracing::warn!(vm = %vm.id, suppressed, "the guest connection broke; waiting for the tether to dial again");
+                    }
                     conn = None;
                 }
             },
@@ -736,8 +743,12 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                         let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, None, vm.to_guest_rx.clone());
                         conn = Some(GuestConn { frames, writer });
                     }
-                    Ok(Err(e)) => tracing::warn!(vm = %vm.id, error = %e, "a reconnecting guest did not say hello"),
-                    Err(_) => tracing::warn!(vm = %vm.id, "a reconnecting guest did not say hello in time"),
+                    Ok(Err(e)) => if let Some(suppressed) = noisy.admit() {
+                        tracing::warn!(vm = %vm.id, error = %e, suppressed, "a reconnecting guest did not say hello");
+                    },
+                    Err(_) => if let Some(suppressed) = noisy.admit() {
+                        tracing::warn!(vm = %vm.id, suppressed, "a reconnecting guest did not say hello in time");
+                    },
                 }
             }
             e = handle.wait() => {

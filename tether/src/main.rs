@@ -8,6 +8,8 @@
 
 mod boot;
 mod console;
+#[cfg(feature = "hostile")]
+mod hostile;
 mod link;
 mod power;
 mod process;

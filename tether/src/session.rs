@@ -121,6 +121,9 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
         }
     };
     log!("spec: argv {:?}", spec.argv);
+    // Test builds only: misbehave as the spec asks (see hostile.rs).
+    #[cfg(feature = "hostile")]
+    crate::hostile::act(&spec).await;
 
     // Blocking (it polls for the disks), but nothing else needs the
     // runtime until the process runs: host messages wait in their queue.
