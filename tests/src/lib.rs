@@ -211,6 +211,21 @@ impl TestAgent {
         }
     }
 
+    /// Stops vmletd with SIGTERM and waits (bounded) for it to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().ok().flatten().is_none() {
+                assert!(Instant::now() < deadline, "vmletd ignored SIGTERM for 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// Starts a new vmletd on the same state directory and socket.
     pub fn restart(&mut self) {
         self.kill9();
@@ -328,6 +343,23 @@ impl TestAgent {
         let id = stdout(&o).trim().to_string();
         assert_eq!(id.len(), 16, "not an id: {id:?}");
         id
+    }
+
+    /// Waits (bounded) until `vmlet logs ID` prints exactly `want`; output
+    /// reaches the log a moment after a detached start returns.
+    pub fn wait_logs(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = stdout(&self.run(&["logs", id]));
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline && want.starts_with(&got),
+                "logs of {id}: {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `vmlet inspect ID` as JSON.
