@@ -10,6 +10,8 @@ scripts/install-test-deps.sh
 scripts/build.sh
 cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings
+# The hostile tether (tests only) is behind a feature the line above leaves off.
+cargo clippy -q -p vmlet-tether --features hostile --all-targets -- -D warnings
 # TCG guests are CPU-bound: two test threads on two cores keep every boot
 # well inside its timeout.
 cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2}"
