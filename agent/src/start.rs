@@ -641,6 +641,8 @@ const ACK_INTERVAL: Duration = Duration::from_millis(100);
 /// ...and whenever this much is unacknowledged, so the tether's replay
 /// buffer stays small.
 const ACK_BYTES: u64 = 256 * 1024;
+/// An unchanged Ack goes out this often while the connection is up.
+const ACK_HEARTBEAT: Duration = Duration::from_secs(1);
 
 async fn next_frame(conn: &mut Option<GuestConn>) -> Option<Result<GuestMessage, FrameError>> {
     match conn {
@@ -667,9 +669,12 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     // Warnings this guest can trigger at will (a guest is untrusted) are
     // rate-limited, so it cannot flood the agent's log.
     let noisy = crate::ratelimit::RateLimit::new(5, Duration::from_secs(10));
-    let ack = |log: &LogWriter, acked: &mut (u64, u64)| {
+    // Acks also go out unchanged once a second as a heartbeat: the tether
+    // takes a connection whose host stays silent for seconds for dead.
+    let mut last_ack = std::time::Instant::now();
+    let mut ack = |log: &LogWriter, acked: &mut (u64, u64)| {
         let now = log.stream_bytes();
-        if now != *acked
+        if (now != *acked || last_ack.elapsed() >= ACK_HEARTBEAT)
             && vm
                 .to_guest
                 .try_send(HostMessage::Ack {
@@ -679,6 +684,7 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 .is_ok()
         {
             *acked = now;
+            last_ack = std::time::Instant::now();
         }
     };
     while exit.is_none() {
@@ -755,7 +761,7 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 vmm_exit = Some(e);
                 break;
             }
-            _ = tick.tick() => ack(&log, &mut acked),
+            _ = tick.tick(), if conn.is_some() => ack(&log, &mut acked),
         }
     }
     // Everything the guest sent is stored: the tether may power off.

@@ -224,6 +224,7 @@ pub(crate) fn start<C: Connector>(
             acks: acks_tx,
         }),
         acks,
+        heard: 0,
         next_seq: 0,
         once: VecDeque::new(),
         once_bytes: 0,
@@ -251,6 +252,10 @@ struct FromHost {
 struct Acks {
     /// The highest stdout and stderr offsets the host said it stored.
     stored: [u64; 2],
+    /// How many `Ack`s arrived: the agent also sends them as a heartbeat
+    /// (unchanged offsets) while it lives, so a host that is alive but
+    /// slow to drain a congested connection is not taken for dead.
+    heard: u64,
     /// The host sent `ExitAck`.
     exit_acked: bool,
 }
@@ -422,6 +427,8 @@ struct Link<C: Connector> {
     inbound: mpsc::Sender<HostMessage>,
     host: Arc<FromHost>,
     acks: watch::Receiver<Acks>,
+    /// `Acks::heard` when last looked at.
+    heard: u64,
     /// The seq the next item taken from the outbox gets.
     next_seq: u64,
     /// One-time frames not yet written.
@@ -604,7 +611,8 @@ impl<C: Connector> Link<C> {
     /// anything new. Cheap when nothing changed.
     fn apply_acks(&mut self) -> bool {
         let a = *self.acks.borrow_and_update();
-        let mut moved = false;
+        // Any Ack, even one that moves nothing, shows the host is alive.
+        let mut moved = std::mem::replace(&mut self.heard, a.heard) != a.heard;
         for which in Output::BOTH {
             moved |= self.streams[which.index()].ack(a.stored[which.index()]);
         }
@@ -744,9 +752,9 @@ async fn read_loop<S: AsyncRead>(
         }
         let forward = match m {
             HostMessage::Ack { stdout, stderr } => {
-                host.acks.send_if_modified(|a| {
-                    let new = [a.stored[0].max(stdout), a.stored[1].max(stderr)];
-                    std::mem::replace(&mut a.stored, new) != new
+                host.acks.send_modify(|a| {
+                    a.stored = [a.stored[0].max(stdout), a.stored[1].max(stderr)];
+                    a.heard += 1;
                 });
                 None
             }
