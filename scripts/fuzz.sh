@@ -25,33 +25,21 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked >&2
 fi
 
-# The protocol targets need only protocol/; logstore needs the agent too.
-protocol_targets=(frame_api frame_guest roundtrip)
-agent_targets=(logstore)
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=("${protocol_targets[@]}" "${agent_targets[@]}")
+    targets=(frame_api frame_guest roundtrip logstore)
 fi
 
 # -O: optimised; -a: debug assertions (integer overflow checks) on, as in tests.
-build() { cargo +nightly fuzz build --fuzz-dir fuzz -O -a "$@" >&2; }
-status=0
-built=()
-for t in "${targets[@]}"; do
-    if [[ " ${agent_targets[*]} " == *" $t "* ]]; then
-        log "building $t (with the agent)"
-        if build --features agent "$t"; then built+=("$t"); else status=1; log "$t: BUILD FAILED"; fi
-    else
-        log "building $t"
-        if build "$t"; then built+=("$t"); else status=1; log "$t: BUILD FAILED"; fi
-    fi
-done
+log "building ${targets[*]}"
+cargo +nightly fuzz build --fuzz-dir fuzz -O -a >&2
 
 # Run the built binaries directly: `cargo fuzz run` would rebuild first, and
 # in a busy checkout that is minutes per target.
 bin_dir=fuzz/target/x86_64-unknown-linux-gnu/release
-for t in "${built[@]}"; do
+status=0
+for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     out=$(mktemp)
     # -rss_limit_mb: the targets hold at most a few frames; 1 GiB is a leak.

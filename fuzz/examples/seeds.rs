@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use vmlet_agent::logstore::Log;
+use vmlet_fuzz::logstore::Log;
 use vmlet_protocol::api::{
     AttachSpec, ClientMessage, CreateSpec, GuestBoot, Request, Response, ServerMessage, Stream,
 };

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vmlet_agent::logstore::Log;
 use vmlet_fuzz::block_on;
+use vmlet_fuzz::logstore::Log;
 use vmlet_protocol::api::Stream;
 
 /// Bytes of a record's header: stream, timestamp, length.

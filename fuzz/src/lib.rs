@@ -16,6 +16,13 @@ use vmlet_protocol::frame::{self, FrameError, Header, HEADER_LEN};
 
 pub mod arb;
 
+/// The agent's log store, compiled from its source file rather than through
+/// the `vmlet-agent` crate: it uses only std, tokio's watch and the
+/// protocol, while the whole agent (HTTP client, image tools) takes minutes
+/// to build with sanitizers.
+#[path = "../../agent/src/logstore.rs"]
+pub mod logstore;
+
 /// The system allocator, recording the largest single allocation since
 /// [`reset_peak`].
 #[derive(Debug)]
