@@ -70,6 +70,7 @@ pub enum Request {
         /// Id of the attach request.
         attach: RequestId,
         /// The bytes, at most [`crate::frame::MAX_CHUNK`].
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Closes the container's stdin (end of input).
@@ -147,6 +148,7 @@ pub enum Request {
         /// The upload's id.
         upload: u64,
         /// The bytes.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The upload is complete: import it. Answer: [`Response::Image`].
@@ -267,6 +269,7 @@ pub enum Response {
         /// When the agent received it, in nanoseconds since the epoch.
         timestamp_ns: u64,
         /// The bytes.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// A state change, on an [`Request::Events`] stream.

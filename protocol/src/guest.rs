@@ -47,9 +47,9 @@ pub enum GuestMessage {
         pid: i32,
     },
     /// Bytes the process wrote to stdout.
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes the process wrote to stderr.
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The process could not be started or the root filesystem not set up.
     Failed {
         /// What went wrong.
@@ -77,7 +77,7 @@ pub enum HostMessage {
     /// What to run.
     Spec(ProcessSpec),
     /// Bytes for the process's stdin.
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of stdin.
     CloseStdin,
     /// Deliver a signal to the process.
