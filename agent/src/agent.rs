@@ -524,6 +524,10 @@ impl Agent {
             .flat_map(|vm| vm.with(|i| i.rec.layers.clone()))
             .collect();
         self.images.gc(&vm_layers);
+        // Pre-staged layers that were just deleted: let their memory go.
+        // (Pool members and running VMs keep their layer files open, so a
+        // deletion never pulls a disk from under a guest.)
+        self.warm.lock().retain(|path, _| path.exists());
     }
 
     /// VMs starting or running, and the guest memory in MiB they and the
