@@ -389,11 +389,6 @@ impl Prebooted {
         drop(self.listener);
         let _ = std::fs::remove_file(&self.listen_path);
     }
-
-    /// The VMM, while the guest waits.
-    pub fn handle(&self) -> &Arc<dyn VmHandle> {
-        &self.handle
-    }
 }
 
 /// The process part of the spec: argv, environment (the default PATH and

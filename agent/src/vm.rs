@@ -198,16 +198,6 @@ impl Vm {
         at_us
     }
 
-    /// Whether the start already reached `phase`.
-    pub fn reached(&self, phase: Phase) -> bool {
-        self.inner
-            .lock()
-            .rec
-            .phases
-            .iter()
-            .any(|p| p.phase == phase)
-    }
-
     /// A copy of the persisted record.
     pub fn record(&self) -> VmRecord {
         self.inner.lock().rec.clone()

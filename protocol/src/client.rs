@@ -20,7 +20,7 @@ use crate::api::{
     ClientMessage, CreateSpec, ExitInfo, ImageInfo, Request, RequestId, Response, ServerMessage,
     VersionInfo, VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
 };
-use crate::error::{ApiError, ErrorCode};
+use crate::error::ApiError;
 use crate::frame::{FrameError, MAX_FRAME_LEN};
 
 /// Why a client call failed.
@@ -392,11 +392,5 @@ fn expect_done(r: Response) -> Result<(), ClientError> {
     match r {
         Response::Done => Ok(()),
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
-    }
-}
-
-impl From<ErrorCode> for ApiError {
-    fn from(code: ErrorCode) -> Self {
-        ApiError::new(code, code.to_string())
     }
 }

@@ -26,12 +26,6 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(self, ErrorCode::Unavailable)
     }
-
-    /// The process exit code the CLI uses for this class of error
-    /// (after the container's own codes, as `docker` does with 125).
-    pub fn exit_code(self) -> u8 {
-        125
-    }
 }
 
 impl std::fmt::Display for ErrorCode {
