@@ -195,6 +195,8 @@ impl Vm {
             g.rec.phases.push(PhaseTiming { phase, at_us });
             tracing::debug!(vm = %self.id, phase = phase.name(), at_us, "phase reached");
         }
+        drop(g);
+        crash_point(phase);
         at_us
     }
 
@@ -279,4 +281,17 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Fault injection for the crash-safety tests: with
+/// `VMLET_TEST_CRASH_AT=<phase name>` in its environment, the agent aborts
+/// (no cleanup, like `kill -9`) the moment a start reaches that phase.
+/// Inert unless set; never set it on a production host.
+fn crash_point(phase: Phase) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("VMLET_TEST_CRASH_AT").ok());
+    if at.as_deref() == Some(phase.name()) {
+        eprintln!("vmletd: VMLET_TEST_CRASH_AT={}: aborting", phase.name());
+        std::process::abort();
+    }
 }

@@ -80,6 +80,7 @@ pub struct TestAgent {
     /// The API socket.
     pub socket: PathBuf,
     opts: AgentOptions,
+    env: Vec<(String, String)>,
 }
 
 /// Options for [`TestAgent::start_with`].
@@ -140,6 +141,7 @@ impl TestAgent {
             dir,
             socket,
             opts,
+            env: Vec::new(),
         };
         a.spawn_daemon();
         a
@@ -173,6 +175,7 @@ impl TestAgent {
             .arg(self.opts.boot_timeout.to_string())
             .args(&self.opts.extra)
             .env("VMLET_LOG", "info,vmlet_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
@@ -226,10 +229,20 @@ impl TestAgent {
         }
     }
 
+    /// Starts a new vmletd on the same state directory and socket, with
+    /// `env` added to its environment.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_daemon();
+    }
+
     /// Starts a new vmletd on the same state directory and socket.
     pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn_daemon();
+        self.restart_with_env(&[]);
     }
 
     /// The pid of the running vmletd.
