@@ -447,6 +447,17 @@ impl TestAgent {
         }
     }
 
+    /// Socket files left in VM `id`'s directory.
+    pub fn sockets_left(&self, id: &str) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(self.vm_dir(id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".sock"))
+            .map(|e| e.file_name())
+            .collect()
+    }
+
     /// The directory of VM `id`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.state_dir().join("vms").join(id)

@@ -36,12 +36,7 @@ fn an_agent_killed_at_each_phase_of_a_start_leaks_nothing() {
             info["State"], info["Exit"]["Reason"]
         );
         a.assert_no_processes(&id);
-        let sockets: Vec<_> = std::fs::read_dir(a.vm_dir(&id))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains(".sock"))
-            .map(|e| e.file_name())
-            .collect();
+        let sockets = a.sockets_left(&id);
         assert!(sockets.is_empty(), "{phase}: sockets left: {sockets:?}");
         match info["State"].as_str().unwrap() {
             // Nothing of the start reached the disk: the VM starts anew.

@@ -161,12 +161,7 @@ fn kill_signal_and_vmm_killed_from_outside() {
     );
     // Its vsock backend and sockets are gone too.
     a.assert_no_processes(&id);
-    let socks: Vec<_> = std::fs::read_dir(a.vm_dir(&id))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".sock"))
-        .map(|e| e.file_name())
-        .collect();
+    let socks = a.sockets_left(&id);
     assert!(socks.is_empty(), "sockets left: {socks:?}");
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
