@@ -19,3 +19,6 @@ cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2
 # pool starts are held to exactly the behaviour of cold ones.
 VMLET_TEST_POOL=2 cargo test -p vmlet-tests --no-fail-fast \
     --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"
+# Every decoder of untrusted bytes, fuzzed for a bounded time (20 s each;
+# installs the nightly toolchain and cargo-fuzz if missing).
+scripts/fuzz.sh 20
