@@ -12,6 +12,9 @@ cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings
 # The hostile tether (tests only) is behind a feature the line above leaves off.
 cargo clippy -q -p vmlet-tether --features hostile --all-targets -- -D warnings
+# Every decoder of untrusted bytes, fuzzed for a bounded time (20 s each;
+# installs the nightly toolchain and cargo-fuzz if missing).
+scripts/fuzz.sh 20
 # TCG guests are CPU-bound: two test threads on two cores keep every boot
 # well inside its timeout.
 cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2}"
@@ -19,6 +22,3 @@ cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2
 # pool starts are held to exactly the behaviour of cold ones.
 VMLET_TEST_POOL=2 cargo test -p vmlet-tests --no-fail-fast \
     --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"
-# Every decoder of untrusted bytes, fuzzed for a bounded time (20 s each;
-# installs the nightly toolchain and cargo-fuzz if missing).
-scripts/fuzz.sh 20
