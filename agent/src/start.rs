@@ -826,9 +826,13 @@ pub async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
         i.rec.exit = Some(exit);
         i.rec.vmm_pid = None;
         i.rec.helper_pids.clear();
+        i.rec.state = VmState::Exited;
     });
-    vm.set_state(VmState::Exited);
+    // On disk before anyone hears of it: a waiting `rm` deletes the VM's
+    // directory the moment it sees `exited`, and a record written into a
+    // directory being deleted would make the deletion fail.
     agent.persist(vm);
+    vm.set_state(VmState::Exited);
     agent.emit(vm);
     if vm.record().spec.auto_remove {
         if let Err(e) = agent.remove(vm, false).await {
