@@ -7,32 +7,12 @@ use std::time::Duration;
 use vmlet_protocol::api::{ClientMessage, Request, Response, ServerMessage};
 use vmlet_protocol::frame::{self, Header, FRAME_VERSION, MAX_FRAME_LEN};
 use vmlet_protocol::ErrorCode;
-use vmlet_tests::{stderr, stdout, AgentOptions, TestAgent};
+use vmlet_tests::{raw_hello, stderr, stdout, AgentOptions, TestAgent};
 
 fn raw(a: &TestAgent) -> UnixStream {
     let s = UnixStream::connect(&a.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
-}
-
-fn hello(s: &mut UnixStream) {
-    frame::write_frame(
-        s,
-        &ClientMessage {
-            id: 1,
-            body: Request::Hello {
-                min_version: 1,
-                max_version: 1,
-                client: "test".into(),
-            },
-        },
-    )
-    .unwrap();
-    let r: ServerMessage = frame::read_frame(s, MAX_FRAME_LEN).unwrap().unwrap();
-    assert!(
-        matches!(r.body, Response::Hello { version: 1, .. }),
-        "{r:?}"
-    );
 }
 
 fn expect_error(s: &mut UnixStream, code: ErrorCode) -> String {
@@ -78,7 +58,7 @@ fn hostile_frames_on_the_api_socket() {
 
     // An oversized frame is refused from its header alone.
     let mut s = raw(&a);
-    hello(&mut s);
+    raw_hello(&mut s);
     let h = Header {
         version: FRAME_VERSION,
         flags: 0,
@@ -103,7 +83,7 @@ fn hostile_frames_on_the_api_socket() {
     // A well-framed but malformed payload: an error, and the connection
     // goes on.
     let mut s = raw(&a);
-    hello(&mut s);
+    raw_hello(&mut s);
     let junk = [0xffu8; 16];
     let h = Header {
         version: FRAME_VERSION,
@@ -128,7 +108,7 @@ fn hostile_frames_on_the_api_socket() {
 
     // A truncated frame, then the client goes away.
     let mut s = raw(&a);
-    hello(&mut s);
+    raw_hello(&mut s);
     let full = frame::encode(&ClientMessage {
         id: 3,
         body: Request::Version,
