@@ -20,8 +20,11 @@ VSOCK_BACKEND_VERSION=0.3.0
 
 # Modules the guest needs. A name that is built in (modules.builtin) is skipped; the ones
 # marked optional are only there to be loaded if this kernel builds them as modules.
+# virtio_console carries the host link of template clones (QEMU 7.2 cannot snapshot
+# vhost-user-vsock); the tether loads it only in those guests.
 REQUIRED_MODULES=(virtio virtio_ring virtio_mmio virtio_blk vsock
-    vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport overlay erofs ext4)
+    vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport overlay erofs ext4
+    virtio_console)
 OPTIONAL_MODULES=(jbd2 mbcache crc16 crc32c_generic libcrc32c)
 
 log() { printf 'setup-guest: %s\n' "$*" >&2; }
@@ -71,9 +74,14 @@ install_vsock_backend() {
     cargo install vhost-device-vsock --version "$VSOCK_BACKEND_VERSION" --locked >&2
 }
 
+# The module list a guest directory was built for: a directory built for another list
+# (an older vmlet) is rebuilt.
+wanted_modules() { echo "${REQUIRED_MODULES[*]} ${OPTIONAL_MODULES[*]}"; }
+
 guest_complete() {
     [ -s "$GUEST_DIR/kernel.release" ] && [ -s "$GUEST_DIR/vmlinux" ] &&
-        [ -f "$GUEST_DIR/modules/modules.order" ]
+        [ -f "$GUEST_DIR/modules/modules.order" ] &&
+        [ "$(cat "$GUEST_DIR/modules.wanted" 2>/dev/null)" = "$(wanted_modules)" ]
 }
 
 newest_kernel_package() {
@@ -223,12 +231,14 @@ build_guest() {
     collect_modules "$moddir" "$tmp/out/modules"
     cp "$tmp/root/boot/config-$kver" "$tmp/out/config"
     echo "$kver" >"$tmp/out/kernel.release"
+    wanted_modules >"$tmp/out/modules.wanted"
 
     # Replace the old files; kernel.release goes last so a half-written directory never looks done.
     mkdir -p "$GUEST_DIR"
     rm -f "$GUEST_DIR/kernel.release"
     mv -f "$tmp/out/vmlinux" "$GUEST_DIR/vmlinux"
     mv -f "$tmp/out/config" "$GUEST_DIR/config"
+    mv -f "$tmp/out/modules.wanted" "$GUEST_DIR/modules.wanted"
     rm -rf "$GUEST_DIR/modules.old"
     if [ -d "$GUEST_DIR/modules" ]; then mv "$GUEST_DIR/modules" "$GUEST_DIR/modules.old"; fi
     mv "$tmp/out/modules" "$GUEST_DIR/modules"

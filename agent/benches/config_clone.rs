@@ -20,6 +20,9 @@ fn template() -> VmTemplate {
         disks: Vec::new(),
         accel: Accel::Tcg,
         vsock_uds: PathBuf::new(),
+        link: Default::default(),
+        memory: Default::default(),
+        incoming: None,
         staged: None,
     })
 }

@@ -105,6 +105,8 @@ pub struct Agent {
     pub kernel_release: String,
     /// Warm pools.
     pub pools: crate::pool::Pools,
+    /// Guest templates.
+    pub templates: crate::templates::Templates,
     vms: RwLock<HashMap<String, Arc<Vm>>>,
     /// Layer disks kept in memory (pre-staged images), by path.
     warm: parking_lot::Mutex<HashMap<PathBuf, memmap2::Mmap>>,
@@ -173,6 +175,9 @@ impl Agent {
             disks: Vec::new(),
             accel: config.accel,
             vsock_uds: PathBuf::new(),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: Some(staged),
         });
         let (events, _) = broadcast::channel(1024);
@@ -182,7 +187,10 @@ impl Agent {
             config.memory_mib,
             config.vcpus,
         );
+        let templates =
+            crate::templates::Templates::new(&config.templates, config.memory_mib, config.vcpus);
         let agent = Arc::new(Agent {
+            templates,
             config,
             vmm,
             images,
@@ -287,7 +295,10 @@ impl Agent {
             .collect();
         for vm in running {
             let rec = vm.record();
-            let cfg = self.template.instantiate(&vm, &rec, Vec::new());
+            let mut cfg = self.template.instantiate(&vm, &rec, Vec::new());
+            if rec.from_template {
+                cfg.link = vmm_shim::Link::Serial;
+            }
             let adopted = match rec.vmm_pid {
                 Some(pid) => self
                     .vmm
@@ -301,7 +312,8 @@ impl Agent {
                 let h: Arc<dyn vmm_shim::VmHandle> = h.into();
                 let log = writer.ok_or_else(|| "its log is not writable".to_string())?;
                 vm.with(|i| i.handle = Some(h.clone()));
-                crate::start::Connected::adopted(h, &cfg.vsock_uds, log).map_err(|e| e.message)
+                crate::start::Connected::adopted(h, &vm.dir, &cfg.vsock_uds, rec.from_template, log)
+                    .map_err(|e| e.message)
             });
             match session {
                 Ok(c) => {
@@ -545,7 +557,13 @@ impl Agent {
     }
 
     /// The lowest vsock CID no guest of this host uses.
-    fn alloc_cid(&self) -> u32 {
+    /// Gives back a CID taken by [`Agent::alloc_cid`] for something that is
+    /// not a VM (a template being built).
+    pub(crate) fn free_cid(&self, cid: u32) {
+        self.cids.lock().remove(&cid);
+    }
+
+    pub(crate) fn alloc_cid(&self) -> u32 {
         let mut cids = self.cids.lock();
         let cid = (3u32..).find(|c| !cids.contains(c)).expect("a free CID");
         cids.insert(cid);
@@ -617,6 +635,7 @@ impl Agent {
             helper_pids: Vec::new(),
             pooled,
             from_pool: false,
+            from_template: false,
             image_id: Some(image_id),
             layers,
         };
@@ -686,7 +705,7 @@ impl Agent {
 
 /// SIGKILLs `pid` if its command line names the VM directory `dir` (so a
 /// recycled pid of an unrelated process is never hit).
-fn kill_if_ours(pid: u32, dir: &std::path::Path) {
+pub(crate) fn kill_if_ours(pid: u32, dir: &std::path::Path) {
     let mentions = fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
         .unwrap_or(false);

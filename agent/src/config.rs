@@ -42,6 +42,9 @@ pub struct Config {
     pub pools: Vec<crate::pool::PoolSpec>,
     /// Most pool members booting at once.
     pub pool_refill: usize,
+    /// Images whose starts restore a snapshot of a booted guest (a
+    /// template) instead of booting one.
+    pub templates: Vec<String>,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             max_total_memory_mib: default_memory_budget(),
             pools: Vec::new(),
             pool_refill: 1,
+            templates: Vec::new(),
         }
     }
 
@@ -78,6 +82,11 @@ impl Config {
     /// The VMs' directory.
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
+    }
+
+    /// Where template VMs live while they are built.
+    pub fn templates_dir(&self) -> PathBuf {
+        self.state_dir.join("templates")
     }
 
     /// The image store's directory.

@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod start;
 pub mod state;
+pub mod templates;
 pub mod vm;
 
 pub use agent::Agent;

@@ -114,7 +114,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     // filesystem mounted: every phase up to guest-booted vanishes.
     let rec = vm.record();
     let prebooted = vm.with(|i| i.prebooted.take());
-    let (handle, listener, listen_path, mut frames, writer) = match prebooted {
+    let (handle, link, mut frames, writer) = match prebooted {
         Some(p) => {
             for ph in [
                 Phase::ConfigCloned,
@@ -131,13 +131,63 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                     Some(p.handle),
                 ));
             }
-            (p.handle, p.listener, p.listen_path, p.frames, p.writer)
+            (p.handle, p.link, p.frames, p.writer)
         }
         None => {
-            let l = launch(agent, vm, &rec).await?;
-            let spec = process_spec(vm, &rec, l.layers, l.writable);
-            let writer = spawn_writer(l.wr, HostMessage::Spec(spec), None, vm.to_guest_rx.clone());
-            (l.handle, l.listener, l.listen_path, l.frames, writer)
+            // A template of this image restores instead of booting; if the
+            // restore fails, the template is dropped (rebuilt in the
+            // background) and this start boots cold.
+            let template = rec
+                .image_id
+                .as_deref()
+                .and_then(|id| agent.templates.take(id, rec.memory_mib, rec.vcpus));
+            let cloned = match template {
+                Some(t) => match launch_clone(agent, vm, &rec, &t).await {
+                    Ok(l) => Some(l),
+                    Err((e, h)) => {
+                        if let Some(h) = h {
+                            let _ = h.kill().await;
+                            let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
+                            h.cleanup().await;
+                        }
+                        agent.templates.failed(&t, &e.message);
+                        tracing::warn!(vm = %vm.id, error = %e, "restoring from the template failed; booting cold");
+                        vm.with(|i| {
+                            i.rec.from_template = false;
+                            i.rec
+                                .phases
+                                .retain(|p| matches!(p.phase, Phase::Accepted | Phase::Admitted));
+                        });
+                        None
+                    }
+                },
+                None => None,
+            };
+            let (l, opening) = match cloned {
+                Some(l) => {
+                    let renew = HostMessage::Renew {
+                        seed: crate::templates::fresh_seed(),
+                        realtime_ns: crate::templates::realtime_ns(),
+                    };
+                    (l, renew)
+                }
+                None => {
+                    let l = launch(agent, vm, &rec).await?;
+                    let spec = process_spec(vm, &rec, l.layers.clone(), l.writable.clone());
+                    (l, HostMessage::Spec(spec))
+                }
+            };
+            let writer = match opening {
+                HostMessage::Spec(_) => spawn_writer(l.wr, opening, None, vm.to_guest_rx.clone()),
+                _ => {
+                    // The clone's fix-ups first, then its spec.
+                    let (gate, gate_rx) = oneshot::channel();
+                    let spec = process_spec(vm, &rec, l.layers, l.writable);
+                    let _ = gate.send(HostMessage::Spec(spec));
+                    spawn_writer(l.wr, opening, Some(gate_rx), vm.to_guest_rx.clone())
+                }
+            };
+            (l.handle, l.link, l.frames, writer)
         }
     };
     let fail = |e: ApiError| (e, Some(handle.clone()));
@@ -188,18 +238,72 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     tracing::info!(vm = %vm.id, "running");
     Ok(Connected {
         handle,
-        listener,
-        listen_path,
+        link,
         conn: Some(GuestConn { frames, writer }),
         log,
     })
 }
 
-/// A guest booted to its tether's hello; nothing sent to it yet.
+/// How the agent reaches one guest's tether, connection after connection.
+#[derive(Debug)]
+pub(crate) enum GuestLink {
+    /// Hybrid vsock: the tether dials the agent's listener.
+    Vsock {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    /// A virtio-serial port (template clones): the agent dials QEMU's
+    /// socket; the tether is told by the port that a host is there.
+    Serial { path: PathBuf },
+}
+
+/// How often the agent dials a serial link that is not up.
+const SERIAL_REDIAL: Duration = Duration::from_millis(10);
+
+impl GuestLink {
+    /// The link of a VM: `serial` for template clones.
+    pub(crate) fn open(dir: &Path, vsock_uds: &Path, serial: bool) -> Result<Self, ApiError> {
+        if serial {
+            return Ok(GuestLink::Serial {
+                path: vmm_shim::VmPaths::new(dir).serial,
+            });
+        }
+        let path = tether_listen_path(vsock_uds);
+        let listener = bind_tether_listener(&path)?;
+        Ok(GuestLink::Vsock { listener, path })
+    }
+
+    /// The next connection to the tether.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn next(&self) -> std::io::Result<tokio::net::UnixStream> {
+        match self {
+            GuestLink::Vsock { listener, .. } => listener.accept().await.map(|(s, _)| s),
+            GuestLink::Serial { path } => loop {
+                // QEMU serves one client at a time and creates the socket
+                // as it starts: dial until it answers.
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(s) => return Ok(s),
+                    Err(_) => tokio::time::sleep(SERIAL_REDIAL).await,
+                }
+            },
+        }
+    }
+
+    /// Removes the listener's socket file, if it has one.
+    fn close(self) {
+        if let GuestLink::Vsock { listener, path } = self {
+            drop(listener);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// A guest booted (or restored) to its tether's hello; nothing sent to it yet.
 pub(crate) struct Launched {
     handle: Arc<dyn VmHandle>,
-    listener: UnixListener,
-    listen_path: PathBuf,
+    link: GuestLink,
     frames: Frames,
     wr: OwnedWriteHalf,
     layers: Vec<DiskSpec>,
@@ -235,8 +339,7 @@ pub(crate) async fn launch(
     // The tether's listener must exist before the guest can dial it. It
     // stays open for the VM's life: the tether dials again if the
     // connection breaks (after an agent restart, say).
-    let listen_path = tether_listen_path(&cfg.vsock_uds);
-    let listener = bind_tether_listener(&listen_path).map_err(|e| (e, None))?;
+    let link = GuestLink::open(&vm.dir, &cfg.vsock_uds, false).map_err(|e| (e, None))?;
     drop(listen);
 
     // vmm-spawned
@@ -263,12 +366,98 @@ pub(crate) async fn launch(
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
 
-    // guest-booted: the tether dials in and says hello, within the boot
-    // timeout, and before the VMM dies.
-    let fail = |e: ApiError| (e, Some(handle.clone()));
-    let timeout = agent.config.boot_timeout;
+    let (frames, wr, boot) = await_hello(&handle, &link, agent.config.boot_timeout)
+        .await
+        .map_err(|e| (e, Some(handle.clone())))?;
+    vm.with(|i| i.rec.guest_boot = Some(boot));
+    vm.phase(Phase::GuestBooted);
+
+    Ok(Launched {
+        handle,
+        link,
+        frames,
+        wr,
+        layers,
+        writable: Some(writable),
+    })
+}
+
+/// Restores `vm` from a template snapshot instead of booting it: the same
+/// disks in the same order (the image's layers, a fresh blank writable
+/// disk), the template's memory mapped copy-on-write, its device state
+/// loaded; the clone's tether, waiting on its serial port since the
+/// snapshot, says hello as soon as the agent connects.
+pub(crate) async fn launch_clone(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    rec: &crate::vm::VmRecord,
+    t: &crate::templates::Ready,
+) -> Result<Launched, BootError> {
+    let (disks, layers, writable) = vm_disks(agent, vm, rec)
+        .instrument(tracing::info_span!("disks"))
+        .await
+        .map_err(|e| (e, None))?;
+    let clone = tracing::info_span!("config-clone").entered();
+    let mut cfg = agent.template.instantiate(vm, rec, disks);
+    t.restore_into(&mut cfg);
+    vm.phase(Phase::ConfigCloned);
+    drop(clone);
+    vm.phase(Phase::DisksAttached);
+    vm.with(|i| i.rec.from_template = true);
+    let link = GuestLink::open(&vm.dir, &cfg.vsock_uds, true).map_err(|e| (e, None))?;
+    let handle: Arc<dyn VmHandle> = agent
+        .vmm
+        .start(&cfg)
+        .instrument(tracing::info_span!("vmm-restore"))
+        .await
+        .map_err(|e| {
+            (
+                err(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "cannot restore the VM from its template: {}",
+                        error_chain(&e)
+                    ),
+                ),
+                None,
+            )
+        })?
+        .into();
+    vm.with(|i| {
+        i.handle = Some(handle.clone());
+        i.rec.vmm_pid = handle.pid();
+        i.rec.helper_pids = handle.helper_pids();
+    });
+    agent.persist(vm);
+    vm.phase(Phase::VmmSpawned);
+    let (frames, wr, boot) = await_hello(&handle, &link, RESTORE_TIMEOUT)
+        .instrument(tracing::info_span!("guest-wake"))
+        .await
+        .map_err(|e| (e, Some(handle.clone())))?;
+    vm.with(|i| i.rec.guest_boot = Some(boot));
+    vm.phase(Phase::GuestBooted);
+    Ok(Launched {
+        handle,
+        link,
+        frames,
+        wr,
+        layers,
+        writable: Some(writable),
+    })
+}
+
+/// How long a restored clone may take to say hello.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// guest-booted: the tether connects (or is connected to) and says hello,
+/// within `timeout`, and before the VMM dies.
+pub(crate) async fn await_hello(
+    handle: &Arc<dyn VmHandle>,
+    link: &GuestLink,
+    timeout: Duration,
+) -> Result<(Frames, OwnedWriteHalf, GuestBoot), ApiError> {
     let accept = async {
-        let (stream, _) = listener.accept().await.map_err(|e| {
+        let stream = link.next().await.map_err(|e| {
             err(
                 ErrorCode::Internal,
                 format!("accepting the guest connection failed: {e}"),
@@ -296,19 +485,7 @@ pub(crate) async fn launch(
     }
     .instrument(tracing::info_span!("guest-boot"))
     .await;
-    let (frames, wr, boot) = booted.map_err(fail)?;
-    vm.with(|i| i.rec.guest_boot = Some(boot));
-    vm.phase(Phase::GuestBooted);
-
-    Ok(Launched {
-        handle,
-        listener,
-        listen_path,
-        frames,
-        wr,
-        layers,
-        writable: Some(writable),
-    })
+    booted
 }
 
 /// A warm-pool guest: booted, its root filesystem prepared, waiting for
@@ -317,8 +494,7 @@ pub(crate) async fn launch(
 #[derive(Debug)]
 pub struct Prebooted {
     handle: Arc<dyn VmHandle>,
-    listener: UnixListener,
-    listen_path: PathBuf,
+    link: GuestLink,
     frames: Frames,
     writer: JoinHandle<()>,
     gate: oneshot::Sender<HostMessage>,
@@ -354,8 +530,7 @@ pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiE
     );
     let mut p = Prebooted {
         handle: l.handle,
-        listener: l.listener,
-        listen_path: l.listen_path,
+        link: l.link,
         frames: l.frames,
         writer,
         gate,
@@ -386,8 +561,7 @@ impl Prebooted {
         let _ = self.handle.kill().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.handle.wait()).await;
         self.handle.cleanup().await;
-        drop(self.listener);
-        let _ = std::fs::remove_file(&self.listen_path);
+        self.link.close();
     }
 }
 
@@ -603,8 +777,7 @@ impl Drop for GuestConn {
 #[derive(Debug)]
 pub struct Connected {
     handle: Arc<dyn VmHandle>,
-    listener: UnixListener,
-    listen_path: PathBuf,
+    link: GuestLink,
     conn: Option<GuestConn>,
     log: LogWriter,
 }
@@ -614,15 +787,14 @@ impl Connected {
     /// yet; the tether dials again and is told where to resume.
     pub fn adopted(
         handle: Arc<dyn VmHandle>,
+        dir: &Path,
         vsock_uds: &Path,
+        serial: bool,
         log: LogWriter,
     ) -> Result<Self, ApiError> {
-        let listen_path = tether_listen_path(vsock_uds);
-        let listener = bind_tether_listener(&listen_path)?;
         Ok(Connected {
             handle,
-            listener,
-            listen_path,
+            link: GuestLink::open(dir, vsock_uds, serial)?,
             conn: None,
             log,
         })
@@ -651,8 +823,7 @@ async fn next_frame(conn: &mut Option<GuestConn>) -> Option<Result<GuestMessage,
 pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     let Connected {
         handle,
-        listener,
-        listen_path,
+        link,
         mut conn,
         mut log,
     } = c;
@@ -732,8 +903,8 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     conn = None;
                 }
             },
-            a = listener.accept(), if conn.is_none() => {
-                let Ok((stream, _)) = a else { continue };
+            a = link.next(), if conn.is_none() => {
+                let Ok(stream) = a else { continue };
                 let (rd, wr) = stream.into_split();
                 let mut frames = spawn_reader(rd);
                 match tokio::time::timeout(REHELLO_TIMEOUT, read_hello(&mut frames)).await {
@@ -780,8 +951,7 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
         },
     };
     drop(conn);
-    drop(listener);
-    let _ = std::fs::remove_file(&listen_path);
+    link.close();
     let exit = exit.unwrap_or_else(|| {
         if vm.with(|i| i.stopping) {
             ExitInfo {

@@ -68,6 +68,10 @@ pub struct VmRecord {
     /// The VM was booted ahead of demand by a warm pool.
     #[serde(default)]
     pub from_pool: bool,
+    /// The VM was restored from a template snapshot (its tether link is a
+    /// serial port, not vsock).
+    #[serde(default)]
+    pub from_template: bool,
     /// The image's id, resolved at create.
     #[serde(default)]
     pub image_id: Option<String>,
@@ -225,7 +229,14 @@ impl Vm {
             memory_mib: g.rec.memory_mib,
             vcpus: g.rec.vcpus,
             log_bytes: self.log.pos().len,
-            start_mode: if g.rec.from_pool { "pool" } else { "cold" }.into(),
+            start_mode: if g.rec.from_pool {
+                "pool"
+            } else if g.rec.from_template {
+                "template"
+            } else {
+                "cold"
+            }
+            .into(),
         }
     }
 

@@ -188,6 +188,9 @@ pub enum Request {
         /// Image name or id.
         image: String,
     },
+    /// The guest templates: snapshots of booted guests that starts restore
+    /// instead of booting. Answer: [`Response::Templates`].
+    Templates,
 }
 
 /// What a container VM should run.
@@ -293,6 +296,39 @@ pub enum Response {
     Images(Vec<ImageInfo>),
     /// Answer to [`Request::Pools`].
     Pools(Vec<PoolInfo>),
+    /// Answer to [`Request::Templates`].
+    Templates(Vec<TemplateInfo>),
+}
+
+/// One guest template: a guest of one image booted once, its tether ready,
+/// then snapshotted; every start of the image (at the template's memory
+/// and vCPUs) restores a clone of it with copy-on-write memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    /// The image as configured.
+    pub image: String,
+    /// The image id of the snapshot, once one is ready.
+    pub image_id: Option<String>,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `ready`, `building`, `waiting` (no such image yet) or `failed`.
+    pub status: String,
+    /// Bytes of guest memory the snapshot holds (shared by every clone).
+    pub memory_bytes: u64,
+    /// Bytes of saved device state.
+    pub state_bytes: u64,
+    /// How long the last build took (boot, snapshot), ms.
+    pub build_ms: u64,
+    /// Snapshots taken (rebuilt after an image change or a failure).
+    pub builds: u64,
+    /// Starts served by a clone.
+    pub clones: u64,
+    /// Builds or restores that failed.
+    pub failures: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
 }
 
 /// One warm pool: guests booted ahead of demand for one image, memory size

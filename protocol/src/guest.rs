@@ -113,6 +113,19 @@ pub enum HostMessage {
         /// The writable upper layer; a tmpfs when `None`.
         writable: Option<DiskSpec>,
     },
+    /// Sent first to a guest restored from a template snapshot, before
+    /// its spec or `Prepare`: every clone of one snapshot wakes with the
+    /// same memory, so it must forget what it shares with its siblings.
+    /// The tether mixes `seed` into the kernel's random pool and reseeds
+    /// it, and sets the wall clock (the snapshot's is stale). Ignored once
+    /// a spec arrived.
+    Renew {
+        /// Fresh random bytes (32 or more) for this clone only.
+        #[serde(with = "serde_bytes")]
+        seed: Vec<u8>,
+        /// The host's wall clock, nanoseconds since the Unix epoch.
+        realtime_ns: u64,
+    },
 }
 
 /// A disk holding one read-only image layer, or the writable disk.

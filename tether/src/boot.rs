@@ -111,11 +111,12 @@ pub(crate) struct ModulesReport {
     pub(crate) failed: usize,
 }
 
-/// Loads every module listed in `<dir>/modules.order`, in order. A missing
-/// list means a kernel with everything built in. A module that fails is
-/// logged and skipped: a later step (no vsock, no disk) reports what is
-/// really missing.
-pub(crate) fn load_modules(dir: &Path) -> ModulesReport {
+/// Loads every module listed in `<dir>/modules.order`, in order, but those
+/// named in `skip` (file names, such as a transport this guest does not
+/// use). A missing list means a kernel with everything built in. A module
+/// that fails is logged and skipped: a later step (no vsock, no disk)
+/// reports what is really missing.
+pub(crate) fn load_modules(dir: &Path, skip: &[&str]) -> ModulesReport {
     let mut report = ModulesReport::default();
     let order = dir.join("modules.order");
     let text = match fs::read_to_string(&order) {
@@ -130,6 +131,9 @@ pub(crate) fn load_modules(dir: &Path) -> ModulesReport {
     };
     let start = Instant::now();
     for name in parse_modules_order(&text) {
+        if skip.contains(&name) {
+            continue;
+        }
         let path: PathBuf = dir.join(name);
         match load_module(&path) {
             Ok(()) => report.loaded += 1,
@@ -188,7 +192,7 @@ mod tests {
 
     #[test]
     fn missing_order_file_loads_nothing() {
-        let r = load_modules(Path::new("/nonexistent-vmlet-test"));
+        let r = load_modules(Path::new("/nonexistent-vmlet-test"), &[]);
         assert_eq!(r, ModulesReport::default());
     }
 }

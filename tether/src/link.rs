@@ -459,6 +459,14 @@ impl<C: Connector> Link<C> {
                 .serve(&mut wr, &mut reader, resuming.then_some(first_rx))
                 .await;
             reader.abort();
+            // Close this connection before dialling the next: a serial
+            // port admits one opener at a time.
+            // (A finished reader has dropped its half already, and may
+            // have been awaited: a JoinHandle must not be polled again.)
+            if !reader.is_finished() {
+                let _ = reader.await;
+            }
+            drop(wr);
             if let Some(r) = &mut self.report {
                 r.written = false;
             }
@@ -715,6 +723,7 @@ fn kind(m: &HostMessage) -> &'static str {
         HostMessage::Resume { .. } => "Resume",
         HostMessage::Ack { .. } => "Ack",
         HostMessage::Prepare { .. } => "Prepare",
+        HostMessage::Renew { .. } => "Renew",
     }
 }
 

@@ -15,6 +15,7 @@ mod power;
 mod process;
 mod pump;
 mod rootfs;
+mod serial;
 mod session;
 #[cfg(test)]
 mod testutil;
@@ -52,12 +53,19 @@ fn run(kernel_us: u64) -> Result<(), Error> {
     mounted?;
     log!("tether up {kernel_us} us after kernel start");
     let start = console::boottime_us();
-    boot::load_modules(Path::new(boot::MODULES_DIR));
+    // The virtio-serial driver only for guests whose host link it carries
+    // (template clones, see serial.rs).
+    let link = serial::LinkKind::current();
+    let skip: &[&str] = match link {
+        serial::LinkKind::Vsock => &["virtio_console.ko"],
+        serial::LinkKind::Serial => &[],
+    };
+    boot::load_modules(Path::new(boot::MODULES_DIR), skip);
     let modules_us = console::boottime_us().saturating_sub(start);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    rt.block_on(session::run(kernel_us, modules_us))?;
+    rt.block_on(session::run(link, kernel_us, modules_us))?;
     Ok(())
 }

@@ -52,7 +52,7 @@ const ACK_PATIENCE: Duration = Duration::from_secs(10);
 /// Why the session could not go on.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
-    #[error("cannot reach the host on vsock port {TETHER_PORT}")]
+    #[error("cannot reach the host (vsock port {TETHER_PORT}, or the vmlet serial port)")]
     Connect(#[source] io::Error),
     #[error("the host link ended before a spec arrived")]
     NoSpec,
@@ -77,10 +77,46 @@ impl Connector for Vsock {
 
 /// Runs the session to its end. Returns once the host has the exit report
 /// (or could not be told); the caller then powers off.
-pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
-    let policy = Policy::default();
-    let mut vsock = Vsock;
-    let first = link::connect_within(&mut vsock, &policy, CONNECT_PATIENCE)
+pub(crate) async fn run(
+    link: crate::serial::LinkKind,
+    kernel_us: u64,
+    modules_us: u64,
+) -> Result<(), Error> {
+    match link {
+        crate::serial::LinkKind::Vsock => {
+            run_on(Vsock, Policy::default(), kernel_us, modules_us).await
+        }
+        crate::serial::LinkKind::Serial => {
+            let policy = Policy {
+                // Connecting waits for the host itself (see serial.rs);
+                // between tries the link takes output off the pumps.
+                min_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(1),
+                attempt_timeout: Duration::from_millis(200),
+                // The port says when the host leaves: no stall check. A
+                // template's tether waits here, for as long as it takes,
+                // for the agent of the clone it becomes.
+                stall_patience: Duration::from_secs(365 * 24 * 3600),
+                ..Policy::default()
+            };
+            run_on(
+                crate::serial::Serial::default(),
+                policy,
+                kernel_us,
+                modules_us,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_on<C: Connector>(
+    mut connector: C,
+    policy: Policy,
+    kernel_us: u64,
+    modules_us: u64,
+) -> Result<(), Error> {
+    let first = link::connect_within(&mut connector, &policy, CONNECT_PATIENCE)
         .await
         .map_err(Error::Connect)?;
     let hello_us = boottime_us();
@@ -94,7 +130,7 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
         },
     };
     let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
-    let (out, _link) = link::start(vsock, first, &hello, in_tx, policy, OUTBOX_QUEUE);
+    let (out, _link) = link::start(connector, first, &hello, in_tx, policy, OUTBOX_QUEUE);
 
     // A pooled VM is told to prepare its root filesystem first, then waits
     // here, as long as it takes, until it is handed a container.
@@ -115,6 +151,16 @@ pub(crate) async fn run(kernel_us: u64, modules_us: u64) -> Result<(), Error> {
                 log!("root filesystem prepared in {} us", boottime_us() - start);
                 out.send(&GuestMessage::Prepared).await?;
                 prepared = true;
+            }
+            // A clone of a template: forget what every clone shares.
+            Some(HostMessage::Renew { seed, realtime_ns }) => {
+                if let Err(e) = crate::serial::renew(&seed, realtime_ns) {
+                    // Running with its siblings' random state is worse
+                    // than not running.
+                    let msg = format!("cannot renew the clone's random seed and clock: {e}");
+                    return fail(&out, inbound, msg, 125).await;
+                }
+                log!("renewed: random pool reseeded, clock set");
             }
             Some(other) => log!("ignoring {other:?} before the spec"),
             None => return Err(Error::NoSpec),
@@ -323,6 +369,7 @@ async fn dispatch(
             // The link drops a second spec and handles its own messages.
             HostMessage::Spec(_) => log!("ignoring a second spec"),
             HostMessage::Prepare { .. } => log!("ignoring Prepare: the process already runs"),
+            HostMessage::Renew { .. } => log!("ignoring Renew: the process already runs"),
             HostMessage::Resume { .. } | HostMessage::Ack { .. } => {}
         }
     }

@@ -11,7 +11,7 @@
 //! not kill them, and a handle's background task only reaps them.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +25,7 @@ pub mod vsock_backend;
 
 pub use accel::{detect_accel, Accel, ParseAccelError};
 pub use qemu::{Qemu, VmPaths};
-pub use staged::StagedFile;
+pub use staged::{MemoryFile, StagedFile};
 
 /// A block device given to the guest as a virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,45 @@ pub struct VmConfig {
     /// writing `CONNECT P\n`; a guest connecting to CID 2 port P reaches a listener the agent
     /// bound at `"<vsock_uds>_P"`.
     pub vsock_uds: PathBuf,
+    /// How the guest's tether reaches the agent.
+    pub link: Link,
+    /// Where the guest's memory lives.
+    pub memory: Memory,
+    /// Restore the VM from this saved state (see [`VmHandle::snapshot`])
+    /// instead of booting it: the guest continues where its template
+    /// stopped. Needs the template's devices, in its order, and its memory
+    /// as [`Memory::File`].
+    pub incoming: Option<StagedFile>,
+}
+
+/// The guest's channel to the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Hybrid vsock ([`VmConfig::vsock_uds`]), served by a vsock backend.
+    #[default]
+    Vsock,
+    /// A virtio-serial port named `vmlet`, whose host side is the Unix
+    /// socket [`VmPaths::serial`] (the VMM listens; the agent connects).
+    /// What template VMs use: QEMU 7.2 cannot snapshot a vhost-user vsock
+    /// device. The guest learns of it from `vmlet.link=serial` on its
+    /// kernel command line.
+    Serial,
+}
+
+/// Where guest memory lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Memory {
+    /// A memfd of the VMM's own, shared (vhost-user backends map it).
+    #[default]
+    Private,
+    /// A [`MemoryFile`] of the agent's: `shared` for a template (its RAM
+    /// is the file), private (copy-on-write) for a clone.
+    File {
+        /// The memory.
+        file: MemoryFile,
+        /// Map it shared (writes reach the file) or private.
+        shared: bool,
+    },
 }
 
 /// How the VMM process ended.
@@ -256,8 +295,11 @@ pub trait VmHandle: Send + Sync + fmt::Debug {
         Err(Error::Unsupported)
     }
 
-    /// Saves the VM's state into `dir`.
-    async fn snapshot(&self, _dir: &Path) -> Result<(), Error> {
+    /// Saves the VM (which ends up paused) and returns its device state, from
+    /// which [`VmConfig::incoming`] restores copies. Guest memory is not in
+    /// it: it stays in the VM's [`Memory::File`], which must be shared. The
+    /// VM stays paused; stop it afterwards.
+    async fn snapshot(&self) -> Result<Vec<u8>, Error> {
         Err(Error::Unsupported)
     }
 

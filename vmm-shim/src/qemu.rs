@@ -16,8 +16,9 @@ use tokio::sync::Mutex;
 
 use crate::process::{self, Process};
 use crate::qmp::{self, QmpClient};
+use crate::staged::StagedFile;
 use crate::vsock_backend::{self, VsockBackend};
-use crate::{Accel, Capabilities, Error, VmConfig, VmExit, VmHandle, Vmm};
+use crate::{Accel, Capabilities, Error, Link, Memory, VmConfig, VmExit, VmHandle, Vmm};
 
 /// Kernel arguments every guest gets, before [`VmConfig::cmdline`]. `panic=-1 reboot=t`:
 /// a panicking or rebooting guest triple-faults, and `-no-reboot` turns that into QEMU's exit.
@@ -42,6 +43,10 @@ pub struct VmPaths {
     pub console: PathBuf,
     /// stdout and stderr of QEMU and the vsock backend, appended.
     pub log: PathBuf,
+    /// The host side of the guest's serial link ([`Link::Serial`]).
+    pub serial: PathBuf,
+    /// Where a snapshot's state stream arrives ([`VmHandle::snapshot`]).
+    pub migrate: PathBuf,
 }
 
 impl VmPaths {
@@ -52,6 +57,8 @@ impl VmPaths {
             vhost_vsock: dir.join("vhost-vsock.sock"),
             console: dir.join("console.log"),
             log: dir.join("vmm.log"),
+            serial: dir.join("serial.sock"),
+            migrate: dir.join("migrate.sock"),
         }
     }
 }
@@ -70,6 +77,9 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     }
     s.push(' ');
     s.push_str(BASE_CMDLINE.trim_start_matches("console=ttyS0 "));
+    if cfg.link == Link::Serial {
+        s.push_str(" vmlet.link=serial");
+    }
     let extra = cfg.cmdline.trim();
     if !extra.is_empty() {
         s.push(' ');
@@ -106,11 +116,26 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
     ]);
     push(&["-smp", &cfg.vcpus.to_string()]);
     push(&["-m", &mem]);
-    // vhost-user needs guest memory the backend can map: a shared memfd.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-    ]);
+    match &cfg.memory {
+        // vhost-user needs guest memory the backend can map: a shared memfd.
+        Memory::Private => push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]),
+        // The agent's memfd: a template's RAM (shared), or a clone's
+        // copy-on-write view of it (private). Migration skips shared RAM
+        // (x-ignore-shared): a snapshot is only the devices' state, and a
+        // restore takes the memory from the file.
+        Memory::File { shared, .. } => {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={mem},mem-path=/proc/self/fd/{MEMORY_FD},share={}",
+                    if *shared { "on" } else { "off" }
+                ),
+            ]);
+        }
+    }
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -153,11 +178,30 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
             &format!("virtio-blk-device,drive=d{i},serial={}", d.serial),
         ]);
     }
-    push(&[
-        "-chardev",
-        &format!("socket,id=vs0,path={}", opt_value(&paths.vhost_vsock)),
-    ]);
-    push(&["-device", "vhost-user-vsock-device,chardev=vs0"]);
+    match cfg.link {
+        Link::Vsock => {
+            push(&[
+                "-chardev",
+                &format!("socket,id=vs0,path={}", opt_value(&paths.vhost_vsock)),
+            ]);
+            push(&["-device", "vhost-user-vsock-device,chardev=vs0"]);
+        }
+        Link::Serial => {
+            push(&["-device", "virtio-serial-device,max_ports=2"]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=link0,path={},server=on,wait=off",
+                    opt_value(&paths.serial)
+                ),
+            ]);
+            push(&["-device", "virtserialport,chardev=link0,name=vmlet"]);
+        }
+    }
+    if cfg.incoming.is_some() {
+        // The state comes once QMP has set x-ignore-shared (see `restore`).
+        push(&["-incoming", "defer"]);
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", opt_value(&paths.qmp)),
@@ -168,9 +212,33 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
 /// Where QEMU finds a staged kernel and initrd among its descriptors.
 const KERNEL_FD: i32 = 100;
 const INITRD_FD: i32 = 101;
+/// Where QEMU finds a [`Memory::File`].
+const MEMORY_FD: i32 = 102;
+/// Where QEMU reads the state to restore ([`VmConfig::incoming`]).
+const INCOMING_FD: i32 = 103;
 
-/// The descriptors QEMU must inherit for `cfg`.
-fn inherited_fds(cfg: &VmConfig) -> Vec<crate::staged::Inherit> {
+/// The descriptors QEMU must inherit for `cfg`; `incoming` is this start's
+/// own open description of [`VmConfig::incoming`].
+fn inherited_fds(cfg: &VmConfig, incoming: Option<&File>) -> Vec<crate::staged::Inherit> {
+    use std::os::fd::AsRawFd;
+    let mut v = Vec::new();
+    if let Memory::File { file, .. } = &cfg.memory {
+        v.push(crate::staged::Inherit {
+            from: file.as_fd().as_raw_fd(),
+            to: MEMORY_FD,
+        });
+    }
+    if let Some(f) = incoming {
+        v.push(crate::staged::Inherit {
+            from: f.as_raw_fd(),
+            to: INCOMING_FD,
+        });
+    }
+    v.extend(staged_fds(cfg));
+    v
+}
+
+fn staged_fds(cfg: &VmConfig) -> Vec<crate::staged::Inherit> {
     use std::os::fd::AsRawFd;
     match &cfg.staged {
         Some((k, i)) => vec![
@@ -214,7 +282,15 @@ pub fn validate(cfg: &VmConfig, paths: &VmPaths) -> Result<(), Error> {
             return bad(format!("the {what} {} does not exist", p.display()));
         }
     }
-    for p in [&paths.qmp, &paths.vhost_vsock, &cfg.vsock_uds] {
+    if cfg.incoming.is_some() && !matches!(cfg.memory, Memory::File { .. }) {
+        return bad("a restore needs its template's memory file".into());
+    }
+    for p in [
+        &paths.qmp,
+        &paths.vhost_vsock,
+        &cfg.vsock_uds,
+        &paths.serial,
+    ] {
         if p.as_os_str().len() > MAX_SOCKET_PATH {
             return bad(format!(
                 "the socket path {} is longer than {MAX_SOCKET_PATH} bytes",
@@ -414,7 +490,7 @@ impl Vmm for Qemu {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             pause: true,
-            snapshot: false,
+            snapshot: true,
             hybrid_vsock: true,
         }
     }
@@ -452,30 +528,54 @@ impl Vmm for Qemu {
                 Error::io(format!("cannot remove {}", paths.qmp.display()), e),
             )
         })?;
-        let backend = VsockBackend::spawn(
-            &self.vsock_backend,
-            cfg.cid,
-            &paths.vhost_vsock,
-            &cfg.vsock_uds,
-            &log,
-            self.backend_timeout,
-        )
-        .await
-        .map_err(|e| fail("starting the vsock backend", e.into()))?;
+        let backend = match cfg.link {
+            Link::Vsock => Some(
+                VsockBackend::spawn(
+                    &self.vsock_backend,
+                    cfg.cid,
+                    &paths.vhost_vsock,
+                    &cfg.vsock_uds,
+                    &log,
+                    self.backend_timeout,
+                )
+                .await
+                .map_err(|e| fail("starting the vsock backend", e.into()))?,
+            ),
+            Link::Serial => None,
+        };
         let t_backend = t0.elapsed();
         // Until the handle exists, a dropped start must not leave processes or sockets.
         let mut undo = process::Undo::default();
-        undo.process(backend.process());
-        undo.socket(&paths.vhost_vsock);
-        undo.socket(&cfg.vsock_uds);
+        if let Some(b) = &backend {
+            undo.process(b.process());
+            undo.socket(&paths.vhost_vsock);
+            undo.socket(&cfg.vsock_uds);
+        }
         undo.socket(&paths.qmp);
+        undo.socket(&paths.serial);
+        let shutdown = |backend: Option<VsockBackend>| async move {
+            if let Some(b) = backend {
+                b.shutdown().await;
+            }
+        };
 
+        let incoming = match cfg.incoming.as_ref().map(StagedFile::reopen).transpose() {
+            Ok(f) => f,
+            Err(e) => {
+                shutdown(backend).await;
+                return Err(fail(
+                    "opening the state to restore",
+                    Error::io("cannot reopen the staged state", e),
+                ));
+            }
+        };
         let args = argv(cfg, &paths, self.acpi);
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
-        let qemu = match Process::spawn("qemu", &self.binary, &args, &log, &inherited_fds(cfg)) {
+        let inherit = inherited_fds(cfg, incoming.as_ref());
+        let qemu = match Process::spawn("qemu", &self.binary, &args, &log, &inherit) {
             Ok(p) => p,
             Err(e) => {
-                backend.shutdown().await;
+                shutdown(backend).await;
                 return Err(fail(
                     "spawning QEMU",
                     Error::io(format!("cannot run {}", self.binary.display()), e),
@@ -489,6 +589,10 @@ impl Vmm for Qemu {
             QmpClient::connect_retry(&paths.qmp, self.qmp_timeout, || qemu.exited().is_some())
                 .await;
         let qmp = match qmp {
+            Ok(c) if cfg.incoming.is_some() => restore(c).await,
+            other => other,
+        };
+        let qmp = match qmp {
             Ok(c) => c,
             Err(e) => {
                 // Exited by itself: its exit (and the log) is the story. Still running: the
@@ -497,7 +601,7 @@ impl Vmm for Qemu {
                 if exited.is_none() && qemu.kill_and_reap(Duration::from_secs(5)).await.is_none() {
                     tracing::warn!(id = %cfg.id, pid = qemu.pid(), "QEMU survived SIGKILL for 5 s");
                 }
-                backend.shutdown().await;
+                shutdown(backend).await;
                 let _ = vsock_backend::remove_socket(&paths.qmp);
                 let source = match exited {
                     Some(exit) => Error::Exited(vm_exit(&exit)),
@@ -513,12 +617,13 @@ impl Vmm for Qemu {
             qmp_ms = t_spawned.elapsed().as_millis() as u64,
             "QEMU answers on QMP"
         );
+        drop(incoming);
         undo.disarm();
         Ok(Box::new(QemuHandle {
             id: cfg.id.clone(),
             qemu,
             backend,
-            qmp_path: paths.qmp,
+            paths,
             qmp: Mutex::new(Some(qmp)),
         }))
     }
@@ -536,24 +641,31 @@ impl Qemu {
         // QEMU names its QMP socket in its arguments: that ties the pid to this VM.
         let qemu = Process::adopt("qemu", vmm_pid, &paths.qmp.display().to_string())
             .map_err(|e| adopt_err(format!("cannot adopt QEMU (pid {vmm_pid})"), e))?;
-        let &[backend_pid] = helper_pids else {
-            return Err(Error::InvalidConfig(format!(
-                "expected one vsock backend pid to adopt, got {helper_pids:?}"
-            )));
+        let backend = match (cfg.link, helper_pids) {
+            (Link::Vsock, &[backend_pid]) => Some(
+                VsockBackend::adopt(backend_pid, &paths.vhost_vsock, &cfg.vsock_uds).map_err(
+                    |e| {
+                        adopt_err(
+                            format!("cannot adopt the vsock backend (pid {backend_pid})"),
+                            e,
+                        )
+                    },
+                )?,
+            ),
+            (Link::Serial, &[]) => None,
+            _ => {
+                return Err(Error::InvalidConfig(format!(
+                    "a VM linked by {:?} cannot have the helper pids {helper_pids:?}",
+                    cfg.link
+                )))
+            }
         };
-        let backend = VsockBackend::adopt(backend_pid, &paths.vhost_vsock, &cfg.vsock_uds)
-            .map_err(|e| {
-                adopt_err(
-                    format!("cannot adopt the vsock backend (pid {backend_pid})"),
-                    e,
-                )
-            })?;
-        tracing::info!(id = %cfg.id, pid = vmm_pid, backend_pid, "adopted a running VM");
+        tracing::info!(id = %cfg.id, pid = vmm_pid, backend_pid = ?backend.as_ref().map(VsockBackend::pid), "adopted a running VM");
         Ok(Box::new(QemuHandle {
             id: cfg.id.clone(),
             qemu,
             backend,
-            qmp_path: paths.qmp,
+            paths,
             // Connected on first use; QEMU accepts a new monitor client once the old one left.
             qmp: Mutex::new(None),
         }))
@@ -578,11 +690,36 @@ fn vm_exit(exit: &process::Exit) -> VmExit {
 struct QemuHandle {
     id: String,
     qemu: Process,
-    backend: VsockBackend,
-    qmp_path: PathBuf,
+    /// None for a VM linked by [`Link::Serial`].
+    backend: Option<VsockBackend>,
+    paths: VmPaths,
     /// One QMP session at a time (QEMU serves one); None after an error, reconnected lazily.
     qmp: Mutex<Option<QmpClient>>,
 }
+
+/// Migration skips shared RAM: a snapshot holds only the devices' state,
+/// and a restore takes guest memory from the memory file.
+fn ignore_shared() -> Value {
+    serde_json::json!({
+        "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+    })
+}
+
+/// Starts loading the state QEMU inherited at [`INCOMING_FD`]; QEMU runs
+/// the guest as soon as it is loaded.
+async fn restore(mut c: QmpClient) -> Result<QmpClient, qmp::Error> {
+    c.execute("migrate-set-capabilities", Some(ignore_shared()))
+        .await?;
+    c.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("fd:{INCOMING_FD}") })),
+    )
+    .await?;
+    Ok(c)
+}
+
+/// The most device state a snapshot may hold.
+const MAX_STATE: u64 = 16 << 20;
 
 /// How long one QMP command may take before the session is dropped.
 const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -600,7 +737,7 @@ impl QemuHandle {
         let r = tokio::time::timeout(QMP_COMMAND_TIMEOUT, async {
             let c = match guard.take() {
                 Some(c) if !c.is_desynchronized() => guard.insert(c),
-                _ => guard.insert(QmpClient::connect(&self.qmp_path).await?),
+                _ => guard.insert(QmpClient::connect(&self.paths.qmp).await?),
             };
             c.execute(command, args).await
         })
@@ -632,7 +769,7 @@ impl VmHandle for QemuHandle {
     }
 
     fn helper_pids(&self) -> Vec<u32> {
-        vec![self.backend.pid()]
+        self.backend.iter().map(VsockBackend::pid).collect()
     }
 
     async fn wait(&self) -> VmExit {
@@ -690,6 +827,76 @@ impl VmHandle for QemuHandle {
         self.qmp("cont", None).await.map(drop)
     }
 
+    async fn snapshot(&self) -> Result<Vec<u8>, Error> {
+        // Not paused first: the state records the run state, and a clone
+        // of a paused VM would wake paused. Migration pauses the VM itself
+        // when it completes; with the RAM skipped, that is at once.
+        self.qmp("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
+        // QEMU's sandbox forbids "exec:" and an "fd:" needs descriptor
+        // passing: QEMU connects to a socket of ours and streams the state.
+        let path = &self.paths.migrate;
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)
+            .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+        let uri = format!("unix:{}", path.display());
+        let read = async {
+            let (mut s, _) = listener.accept().await?;
+            let mut state = Vec::new();
+            // The devices' state is tens of KiB; memory is not in it.
+            tokio::io::AsyncReadExt::read_to_end(
+                &mut tokio::io::AsyncReadExt::take(&mut s, MAX_STATE),
+                &mut state,
+            )
+            .await?;
+            Ok::<_, std::io::Error>(state)
+        };
+        // QEMU connects while it starts the migration; the connection
+        // waits in the listener's backlog until it is accepted.
+        let started = self
+            .qmp("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await;
+        if let Err(e) = started {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        let state = tokio::time::timeout(QMP_COMMAND_TIMEOUT, read).await;
+        let _ = std::fs::remove_file(path);
+        let state = match state {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Error::io("reading the VM's state failed", e)),
+            Err(_) => {
+                return Err(Error::io(
+                    "reading the VM's state failed",
+                    std::io::ErrorKind::TimedOut.into(),
+                ))
+            }
+        };
+        let deadline = Instant::now() + QMP_COMMAND_TIMEOUT;
+        loop {
+            let r = self.qmp("query-migrate", None).await?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") | None => {
+                    return Err(Error::Qmp(qmp::Error::BadReply {
+                        command: "migrate".into(),
+                        reply: r.to_string(),
+                    }))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(Error::Timeout(QMP_COMMAND_TIMEOUT));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        if state.len() as u64 >= MAX_STATE {
+            return Err(Error::InvalidConfig(format!(
+                "the VM's state is larger than {MAX_STATE} bytes: is its memory shared?"
+            )));
+        }
+        Ok(state)
+    }
+
     async fn cleanup(&self) {
         if self.qemu.exited().is_none() {
             tracing::debug!(id = %self.id, "cleanup of a running VM: killing QEMU");
@@ -703,9 +910,13 @@ impl VmHandle for QemuHandle {
             }
         }
         *self.qmp.lock().await = None;
-        self.backend.shutdown().await;
-        if let Err(e) = vsock_backend::remove_socket(&self.qmp_path) {
-            tracing::warn!(id = %self.id, error = %e, "cannot remove the QMP socket");
+        if let Some(b) = &self.backend {
+            b.shutdown().await;
+        }
+        for p in [&self.paths.qmp, &self.paths.serial, &self.paths.migrate] {
+            if let Err(e) = vsock_backend::remove_socket(p) {
+                tracing::warn!(id = %self.id, error = %e, path = %p.display(), "cannot remove a socket");
+            }
         }
     }
 }
@@ -739,6 +950,9 @@ mod tests {
             ],
             accel,
             vsock_uds: "/run/vmlet/vm1/vsock.sock".into(),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: None,
         }
     }
@@ -860,6 +1074,9 @@ mod tests {
                 read_only: true,
             }],
             vsock_uds: dir.path().join("vsock.sock"),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: None,
             ..cfg(Accel::Tcg)
         };
@@ -976,6 +1193,9 @@ mod tests {
             initrd: f.clone(),
             disks: vec![],
             vsock_uds: dir.path().join("vsock.sock"),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: None,
             ..cfg(Accel::Tcg)
         };
@@ -1027,6 +1247,9 @@ mod tests {
             initrd: f.clone(),
             disks: vec![],
             vsock_uds: dir.path().join("vsock.sock"),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: None,
             ..cfg(Accel::Tcg)
         };

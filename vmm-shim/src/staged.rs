@@ -103,6 +103,105 @@ impl StagedFile {
     }
 }
 
+/// Guest memory in a memfd the agent owns, so several VMs can map it: a
+/// template VM maps it shared (its RAM is this file), and once the template
+/// is snapshotted and gone, the file is sealed and every clone maps it
+/// privately, copy-on-write: clones share the template's pages until they
+/// write them.
+#[derive(Clone)]
+pub struct MemoryFile {
+    fd: Arc<OwnedFd>,
+    len: u64,
+}
+
+impl std::fmt::Debug for MemoryFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryFile")
+            .field("len", &self.len)
+            .field("fd", &self.fd.as_raw_fd())
+            .finish()
+    }
+}
+
+impl PartialEq for MemoryFile {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.fd, &other.fd)
+    }
+}
+
+impl Eq for MemoryFile {}
+
+impl MemoryFile {
+    /// A new zero-filled memfd of `len` bytes (no memory is used until
+    /// written).
+    pub fn create(len: u64, name: &str) -> io::Result<MemoryFile> {
+        let cname = std::ffi::CString::new(format!("vmlet-{name}"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a memfd name"))?;
+        // SAFETY: as in `StagedFile::from_bytes`.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len)?;
+        Ok(MemoryFile {
+            fd: Arc::new(OwnedFd::from(file)),
+            len,
+        })
+    }
+
+    /// Forbids every further change. Fails while a shared writable
+    /// mapping exists (a template VM still running).
+    pub fn seal(&self) -> io::Result<()> {
+        let seals =
+            libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(F_ADD_SEALS) on our own valid descriptor with an int argument.
+        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of memory it holds (pages written so far).
+    pub fn resident_bytes(&self) -> u64 {
+        // SAFETY: an all-zero stat is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills the stat buffer for our own valid descriptor.
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+            return 0;
+        }
+        st.st_blocks as u64 * 512
+    }
+
+    /// The descriptor, to hand to a child.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl StagedFile {
+    /// A new open file description of the same memory, with its own file
+    /// offset: what a child that reads the descriptor itself (rather than
+    /// opening `/proc/self/fd/N`) must get, so two children never share an
+    /// offset.
+    pub fn reopen(&self) -> io::Result<File> {
+        File::open(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
 /// A descriptor a child process inherits at a fixed number.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Inherit {

@@ -160,6 +160,12 @@ enum Cmd {
     Events,
     /// Show the warm pools: guests booted ahead of demand.
     Pool,
+    /// Show the guest templates (snapshots starts restore instead of booting).
+    Template {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load an image's layer disks into the agent's memory ahead of its
     /// first start.
     Prestage {
@@ -459,6 +465,36 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                     p.misses,
                     p.failures
                 );
+            }
+            Ok(0)
+        }
+        Cmd::Template { json } => {
+            let Response::Templates(ts) = client.call(Request::Templates).await? else {
+                return Err(CliError::Usage("unexpected reply to Templates".into()));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ts).unwrap_or_default());
+                return Ok(0);
+            }
+            println!(
+                "{:<20}  {:<8}  {:>9}  {:>8}  {:>8}  {:>6}  {:>6}  {:>8}",
+                "IMAGE", "STATUS", "MEMORY", "STATE", "BUILD", "BUILDS", "CLONES", "FAILURES"
+            );
+            for t in ts {
+                println!(
+                    "{:<20}  {:<8}  {:>6}MiB  {:>5}KiB  {:>6}ms  {:>6}  {:>6}  {:>8}",
+                    t.image,
+                    t.status,
+                    t.memory_bytes >> 20,
+                    t.state_bytes >> 10,
+                    t.build_ms,
+                    t.builds,
+                    t.clones,
+                    t.failures
+                );
+                if let Some(e) = t.last_error {
+                    println!("  last error: {e}");
+                }
             }
             Ok(0)
         }

@@ -67,6 +67,16 @@ struct Args {
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
+    /// Boot one guest of IMAGE once, snapshot it, and start every VM of
+    /// IMAGE (at the default memory and vCPUs) as a copy-on-write clone of
+    /// the snapshot instead of booting it. Repeatable.
+    #[arg(long = "template", value_name = "IMAGE", value_parser = parse_template)]
+    templates: Vec<String>,
+}
+
+fn parse_template(s: &str) -> Result<String, String> {
+    vmlet_agent::ids::validate_image(s).map_err(|e| e.message)?;
+    Ok(s.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +117,7 @@ impl TryFrom<Args> for Config {
         c.allowed_gids = a.allow_gids;
         c.pools = a.pools;
         c.pool_refill = a.pool_refill;
+        c.templates = a.templates;
         Ok(c)
     }
 }
@@ -153,6 +164,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let agent = tokio::task::block_in_place(|| Agent::new(config, vmm))?;
     agent.adopt_running().await;
     vmlet_agent::pool::start(&agent);
+    vmlet_agent::templates::start(&agent);
     let listener = server::bind(&socket, mode).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot bind {}: {e}", socket.display()))
     })?;

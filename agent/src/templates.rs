@@ -1,0 +1,418 @@
+//! Guest templates: a start that restores a snapshot instead of booting.
+//!
+//! For each image named with `--template IMAGE`, the agent boots one guest
+//! (the image's layer disks and a blank writable disk attached, as a start
+//! would), waits for its tether's hello, and snapshots it: the guest's RAM
+//! lives in a memfd of the agent's (QEMU maps it shared), so the snapshot
+//! is only the devices' state, tens of KiB (QEMU's `x-ignore-shared`). The
+//! template VM is then ended and its memory sealed. A start of that image
+//! (at the template's memory and vCPUs) restores a clone: a new QEMU with
+//! the same devices in the same order, the memfd mapped privately (copy on
+//! write: clones share the template's pages until they write them) and the
+//! saved state loaded. No guest kernel boots; the clone's tether, which was
+//! waiting for its host when the snapshot was taken, says hello as soon as
+//! the agent connects.
+//!
+//! What every clone of one snapshot would share, and must not:
+//! - its connection: each clone has its own serial socket in its own VM
+//!   directory; no state of the template's connection survives (the port
+//!   reports the host gone, then the new host);
+//! - its random state: the agent's first message ([`HostMessage::Renew`])
+//!   carries 32 fresh bytes from the host's generator, which the tether
+//!   mixes into the kernel's pool before forcing a reseed;
+//! - its wall clock, frozen at the snapshot: `Renew` sets it;
+//! - its vsock CID: clones have no vsock device (QEMU 7.2 cannot snapshot
+//!   `vhost-user-vsock-device`, so templates link through a virtio-serial
+//!   port instead) and each still gets a CID of its own in its record.
+//!
+//! A template is rebuilt when its image changes (re-tagged, removed: the
+//! old snapshot is dropped, never restored) and after a restore fails (the
+//! failing start boots cold instead). Snapshots are kept in memory only: a
+//! restarted agent builds them again.
+//!
+//! [`HostMessage::Renew`]: vmlet_protocol::guest::HostMessage::Renew
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use vmlet_protocol::api::TemplateInfo;
+use vmlet_protocol::{ApiError, ErrorCode};
+use vmm_shim::{Disk, Link, Memory, MemoryFile, StagedFile, VmConfig, VmHandle};
+
+use crate::agent::Agent;
+use crate::start::{await_hello, GuestLink};
+
+/// A snapshot ready to restore.
+#[derive(Debug)]
+pub struct Ready {
+    /// The image id it was built from.
+    pub image_id: String,
+    memory: MemoryFile,
+    state: StagedFile,
+    /// Which build of its slot this is.
+    generation: u64,
+}
+
+impl Ready {
+    /// Turns a VM's config (its own id, directory, disks) into a restore
+    /// of this snapshot.
+    pub fn restore_into(&self, cfg: &mut VmConfig) {
+        cfg.link = Link::Serial;
+        cfg.memory = Memory::File {
+            file: self.memory.clone(),
+            shared: false,
+        };
+        cfg.incoming = Some(self.state.clone());
+    }
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    ready: Option<Arc<Ready>>,
+    status: &'static str,
+    build_ms: u64,
+    last_error: Option<String>,
+    /// Set when a restore failed, so the loop rebuilds.
+    broken: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    image: String,
+    state: Mutex<SlotState>,
+    builds: AtomicU64,
+    clones: AtomicU64,
+    failures: AtomicU64,
+    wake: Notify,
+}
+
+/// Every template of the agent.
+#[derive(Debug)]
+pub struct Templates {
+    slots: Vec<Arc<Slot>>,
+    memory_mib: u32,
+    vcpus: u32,
+}
+
+impl Templates {
+    /// Templates for `images`, at the agent's default memory and vCPUs.
+    pub fn new(images: &[String], memory_mib: u32, vcpus: u32) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        Templates {
+            slots: images
+                .iter()
+                .filter(|i| seen.insert(i.as_str()))
+                .map(|image| {
+                    Arc::new(Slot {
+                        image: image.clone(),
+                        state: Mutex::new(SlotState {
+                            status: "waiting",
+                            ..SlotState::default()
+                        }),
+                        builds: AtomicU64::new(0),
+                        clones: AtomicU64::new(0),
+                        failures: AtomicU64::new(0),
+                        wake: Notify::new(),
+                    })
+                })
+                .collect(),
+            memory_mib,
+            vcpus,
+        }
+    }
+
+    /// The snapshot to restore for a VM of `image_id` with this memory and
+    /// vCPU count, if one is ready.
+    pub fn take(&self, image_id: &str, memory_mib: u32, vcpus: u32) -> Option<Arc<Ready>> {
+        if memory_mib != self.memory_mib || vcpus != self.vcpus {
+            return None;
+        }
+        for s in &self.slots {
+            let st = s.state.lock();
+            if let Some(r) = st.ready.as_ref().filter(|r| r.image_id == image_id) {
+                if st.broken {
+                    continue;
+                }
+                s.clones.fetch_add(1, Ordering::Relaxed);
+                return Some(r.clone());
+            }
+        }
+        None
+    }
+
+    /// A restore of `t` failed: it is never restored again; its slot
+    /// builds a new one.
+    pub fn failed(&self, t: &Ready, why: &str) {
+        for s in &self.slots {
+            let mut st = s.state.lock();
+            if st
+                .ready
+                .as_ref()
+                .is_some_and(|r| r.generation == t.generation && r.image_id == t.image_id)
+            {
+                st.broken = true;
+                st.last_error = Some(format!("a restore failed: {why}"));
+                s.failures.fetch_add(1, Ordering::Relaxed);
+                s.wake.notify_one();
+            }
+        }
+    }
+
+    /// What `vmlet template` shows.
+    pub fn info(&self) -> Vec<TemplateInfo> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let st = s.state.lock();
+                TemplateInfo {
+                    image: s.image.clone(),
+                    image_id: st.ready.as_ref().map(|r| r.image_id.clone()),
+                    memory_mib: self.memory_mib,
+                    vcpus: self.vcpus,
+                    status: st.status.to_string(),
+                    memory_bytes: st.ready.as_ref().map_or(0, |r| r.memory.resident_bytes()),
+                    state_bytes: st.ready.as_ref().map_or(0, |r| r.state.len()),
+                    build_ms: st.build_ms,
+                    builds: s.builds.load(Ordering::Relaxed),
+                    clones: s.clones.load(Ordering::Relaxed),
+                    failures: s.failures.load(Ordering::Relaxed),
+                    last_error: st.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any template is configured.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// Fresh random bytes for a clone's [`Renew`](vmlet_protocol::guest::HostMessage::Renew).
+pub fn fresh_seed() -> Vec<u8> {
+    let mut seed = vec![0u8; 32];
+    getrandom(&mut seed);
+    seed
+}
+
+fn getrandom(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most the given length into our buffer.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // The host's generator never fails once seeded; if it did, the
+            // seed must still differ per clone.
+            let t = realtime_ns().to_le_bytes();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b ^= t[i % 8] ^ (i as u8);
+            }
+            return;
+        }
+    }
+}
+
+/// The host's wall clock, ns since the epoch.
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Starts one maintenance loop per template.
+pub fn start(agent: &Arc<Agent>) {
+    cleanup_leftovers(&agent.config.templates_dir());
+    for s in &agent.templates.slots {
+        tokio::spawn(maintain(agent.clone(), s.clone()));
+    }
+}
+
+/// Ends template VMs a previous agent left half-built and removes their
+/// directories.
+fn cleanup_leftovers(dir: &Path) {
+    for ent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let d = ent.path();
+        if let Some(pid) = std::fs::read_to_string(d.join("vmm.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            crate::agent::kill_if_ours(pid, &d);
+        }
+        tracing::info!(dir = %d.display(), "removing a template directory left by a previous agent");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+async fn maintain(agent: Arc<Agent>, slot: Arc<Slot>) {
+    let mut backoff = Duration::from_secs(1);
+    let mut generation = 0;
+    loop {
+        let current = agent.images.resolve(&slot.image).ok().map(|i| i.id);
+        let rebuild = {
+            let mut st = slot.state.lock();
+            let stale = st
+                .ready
+                .as_ref()
+                .is_some_and(|r| Some(&r.image_id) != current.as_ref());
+            if stale || st.broken {
+                if stale {
+                    tracing::info!(image = %slot.image, "dropping the template of an image that changed");
+                }
+                st.ready = None;
+                st.broken = false;
+            }
+            if current.is_none() {
+                st.status = "waiting";
+            }
+            st.ready.is_none() && current.is_some()
+        };
+        if !rebuild {
+            let _ = tokio::time::timeout(Duration::from_secs(2), slot.wake.notified()).await;
+            continue;
+        }
+        slot.state.lock().status = "building";
+        generation += 1;
+        let t0 = Instant::now();
+        match build(&agent, &slot.image, generation).await {
+            Ok(ready) => {
+                let ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(
+                    image = %slot.image,
+                    build_ms = ms,
+                    state_bytes = ready.state.len(),
+                    memory_bytes = ready.memory.resident_bytes(),
+                    "template ready"
+                );
+                slot.builds.fetch_add(1, Ordering::Relaxed);
+                let mut st = slot.state.lock();
+                st.ready = Some(Arc::new(ready));
+                st.status = "ready";
+                st.build_ms = ms;
+                backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                tracing::warn!(image = %slot.image, error = %e, "cannot build a template");
+                slot.failures.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut st = slot.state.lock();
+                    st.status = "failed";
+                    st.last_error = Some(e.message.clone());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// How long the template's tether gets to notice its host left before the
+/// snapshot, so clones wake already waiting for their own host.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Boots a template guest of `image` and snapshots it.
+async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready, ApiError> {
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        ApiError::new(ErrorCode::Internal, format!("{what}: {e}"))
+    };
+    let img = agent.images.resolve(image)?;
+    let id = crate::ids::new_id();
+    let dir = agent.config.templates_dir().join(&id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| internal("cannot create the template directory", &e))?;
+    let cid = agent.alloc_cid();
+    let r = async {
+        let mut disks = Vec::with_capacity(img.layers.len() + 1);
+        for (i, diff_id) in img.layers.iter().enumerate() {
+            disks.push(Disk {
+                path: agent.images.layer_disk(diff_id)?.path,
+                serial: format!("l{i}"),
+                read_only: true,
+            });
+        }
+        let (agent2, dir2) = (agent.clone(), dir.clone());
+        let rw = tokio::task::spawn_blocking(move || agent2.images.create_writable(&dir2))
+            .await
+            .map_err(|e| internal("writable disk task", &e))??;
+        disks.push(Disk {
+            path: rw,
+            serial: "rw".into(),
+            read_only: false,
+        });
+        let memory_mib = agent.config.memory_mib;
+        let memory = MemoryFile::create(u64::from(memory_mib) << 20, "template-memory")
+            .map_err(|e| internal("cannot create the template's memory", &e))?;
+        let mut cfg =
+            agent
+                .template
+                .clone_for(&id, &dir, cid, memory_mib, agent.config.vcpus, disks);
+        cfg.link = Link::Serial;
+        cfg.memory = Memory::File {
+            file: memory.clone(),
+            shared: true,
+        };
+        let handle: Arc<dyn VmHandle> = agent
+            .vmm
+            .start(&cfg)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "cannot start the template VM: {}",
+                        crate::start::error_chain(&e)
+                    ),
+                )
+            })?
+            .into();
+        if let Some(pid) = handle.pid() {
+            let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
+        }
+        let snap = async {
+            let link = GuestLink::open(&dir, &cfg.vsock_uds, true)?;
+            let (frames, wr, _boot) =
+                await_hello(&handle, &link, agent.config.boot_timeout).await?;
+            // Hang up: the tether goes back to waiting for a host, which
+            // is where every clone wakes.
+            drop((frames, wr));
+            tokio::time::sleep(SETTLE).await;
+            handle.snapshot().await.map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot snapshot the template VM: {}",
+                        crate::start::error_chain(&e)
+                    ),
+                )
+            })
+        }
+        .await;
+        let _ = handle.kill().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle.wait()).await;
+        handle.cleanup().await;
+        let state = snap?;
+        // QEMU is gone, so no shared writable mapping is left: seal it, so
+        // nothing can change the memory under a clone.
+        memory
+            .seal()
+            .map_err(|e| internal("cannot seal the template's memory", &e))?;
+        let state = StagedFile::from_bytes(&state, "template-state")
+            .map_err(|e| internal("cannot stage the template's state", &e))?;
+        Ok(Ready {
+            image_id: img.id.clone(),
+            memory,
+            state,
+            generation,
+        })
+    }
+    .await;
+    agent.free_cid(cid);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
