@@ -187,6 +187,9 @@ impl Baseline {
             }],
             accel: self.accel,
             vsock_uds: uds.clone(),
+            link: Default::default(),
+            memory: Default::default(),
+            incoming: None,
             staged: None,
         };
         let qemu = Command::new(&self.qemu)
