@@ -22,3 +22,6 @@ cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2
 # pool starts are held to exactly the behaviour of cold ones.
 VMLET_TEST_POOL=2 cargo test -p vmlet-tests --no-fail-fast \
     --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"
+# And again with every busybox start restored from a template snapshot.
+VMLET_TEST_TEMPLATE=1 cargo test -p vmlet-tests --no-fail-fast \
+    --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"

@@ -316,6 +316,32 @@ async fn maintain(agent: Arc<Agent>, slot: Arc<Slot>) {
 /// snapshot, so clones wake already waiting for their own host.
 const SETTLE: Duration = Duration::from_millis(300);
 
+/// Test builds of the restore's failure path: with
+/// `VMLET_TEST_CORRUPT_TEMPLATE=N` in its environment, the agent damages the
+/// first N snapshots it takes (inert unless set; never set it on a
+/// production host). A restore of a damaged snapshot fails in QEMU.
+fn corrupt_point(state: &mut [u8]) {
+    static LEFT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicU64::new(
+            std::env::var("VMLET_TEST_CORRUPT_TEMPLATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    if left
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        tracing::warn!("VMLET_TEST_CORRUPT_TEMPLATE: damaging this snapshot");
+        // Past QEMU's file header: the device sections.
+        for b in state.iter_mut().skip(64).step_by(97) {
+            *b ^= 0x5a;
+        }
+    }
+}
+
 /// Boots a template guest of `image` and snapshots it.
 async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready, ApiError> {
     let internal = |what: &str, e: &dyn std::fmt::Display| {
@@ -396,7 +422,8 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
         let _ = handle.kill().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), handle.wait()).await;
         handle.cleanup().await;
-        let state = snap?;
+        let mut state = snap?;
+        corrupt_point(&mut state);
         // QEMU is gone, so no shared writable mapping is left: seal it, so
         // nothing can change the memory under a clone.
         memory

@@ -96,23 +96,31 @@ pub struct AgentOptions {
     pub tether: Option<PathBuf>,
     /// Run vmletd with at most this many open file descriptors.
     pub nofile: Option<u64>,
+    /// More environment for vmletd (fault-injection hooks).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AgentOptions {
     /// With `VMLET_TEST_POOL=N` in the environment, every agent keeps a
     /// warm pool of N busybox guests, so the same tests run against pool
-    /// starts (`scripts/test.sh` runs the lifecycle suites in both modes).
+    /// starts; with `VMLET_TEST_TEMPLATE=1`, every agent starts busybox VMs
+    /// from a template snapshot (and the harness waits for it to be ready).
+    /// `scripts/test.sh` runs the lifecycle suites in all three modes.
     fn default() -> Self {
-        let extra = match std::env::var("VMLET_TEST_POOL") {
+        let mut extra: Vec<String> = match std::env::var("VMLET_TEST_POOL") {
             Ok(n) if !n.is_empty() && n != "0" => vec!["--pool".into(), format!("busybox={n}")],
             _ => Vec::new(),
         };
+        if std::env::var("VMLET_TEST_TEMPLATE").is_ok_and(|v| !v.is_empty() && v != "0") {
+            extra.extend(["--template".into(), "busybox".into()]);
+        }
         AgentOptions {
             boot_timeout: 120.0,
             extra,
             guest_dir: None,
             tether: None,
             nofile: None,
+            env: Vec::new(),
         }
     }
 }
@@ -140,10 +148,13 @@ impl TestAgent {
             child: None,
             dir,
             socket,
+            env: opts.env.clone(),
             opts,
-            env: Vec::new(),
         };
         a.spawn_daemon();
+        if a.opts.extra.iter().any(|x| x == "--template") {
+            a.wait_templates_ready();
+        }
         a
     }
 
@@ -203,6 +214,29 @@ impl TestAgent {
                 self.daemon_log()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every template of the agent has a snapshot ready, so
+    /// the starts that follow are restores.
+    pub fn wait_templates_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let o = self.run(&["template", "--json"]);
+            let t: serde_json::Value =
+                serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+            let all_ready = t
+                .as_array()
+                .is_some_and(|a| a.iter().all(|t| t["status"] == "ready"));
+            if all_ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "templates not ready in 180 s: {t}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
