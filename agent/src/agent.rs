@@ -557,6 +557,16 @@ impl Agent {
     }
 
     /// The lowest vsock CID no guest of this host uses.
+    /// Templates whose disks back a clone that is starting or running.
+    pub fn template_refs(&self) -> std::collections::HashSet<String> {
+        self.vms
+            .read()
+            .values()
+            .filter(|v| matches!(v.state(), VmState::Starting | VmState::Running))
+            .filter_map(|v| v.with(|i| i.rec.template.clone()))
+            .collect()
+    }
+
     /// Gives back a CID taken by [`Agent::alloc_cid`] for something that is
     /// not a VM (a template being built).
     pub(crate) fn free_cid(&self, cid: u32) {
@@ -636,6 +646,7 @@ impl Agent {
             pooled,
             from_pool: false,
             from_template: false,
+            template: None,
             image_id: Some(image_id),
             layers,
         };

@@ -154,6 +154,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                         tracing::warn!(vm = %vm.id, error = %e, "restoring from the template failed; booting cold");
                         vm.with(|i| {
                             i.rec.from_template = false;
+                            i.rec.template = None;
                             i.rec
                                 .phases
                                 .retain(|p| matches!(p.phase, Phase::Accepted | Phase::Admitted));
@@ -321,7 +322,7 @@ pub(crate) async fn launch(
     // The image's layer disks, shared read-only by every VM using them,
     // and this VM's own writable disk: a copy-on-write overlay of a blank
     // template, created in O(1) whatever the image's size.
-    let (disks, layers, writable) = vm_disks(agent, vm, rec)
+    let (disks, layers, writable) = vm_disks(agent, vm, rec, None)
         .instrument(tracing::info_span!("disks"))
         .await
         .map_err(|e| (e, None))?;
@@ -393,7 +394,13 @@ pub(crate) async fn launch_clone(
     rec: &crate::vm::VmRecord,
     t: &crate::templates::Ready,
 ) -> Result<Launched, BootError> {
-    let (disks, layers, writable) = vm_disks(agent, vm, rec)
+    // Recorded first: the template's directory stays while a clone that
+    // names it starts or runs.
+    vm.with(|i| {
+        i.rec.from_template = true;
+        i.rec.template = Some(t.name());
+    });
+    let (disks, layers, writable) = vm_disks(agent, vm, rec, Some(t.writable_disk()))
         .instrument(tracing::info_span!("disks"))
         .await
         .map_err(|e| (e, None))?;
@@ -403,7 +410,7 @@ pub(crate) async fn launch_clone(
     vm.phase(Phase::ConfigCloned);
     drop(clone);
     vm.phase(Phase::DisksAttached);
-    vm.with(|i| i.rec.from_template = true);
+
     let link = GuestLink::open(&vm.dir, &cfg.vsock_uds, true).map_err(|e| (e, None))?;
     let handle: Arc<dyn VmHandle> = agent
         .vmm
@@ -697,11 +704,13 @@ async fn read_hello(frames: &mut Frames) -> Result<GuestBoot, ApiError> {
 }
 
 /// The disks of a VM: its image's layers (serials `l0`, `l1`, … lowest
-/// first) and its writable disk (`rw`).
-async fn vm_disks(
+/// first) and its writable disk (`rw`), blank or over `backing` (a
+/// template's).
+pub(crate) async fn vm_disks(
     agent: &Arc<Agent>,
     vm: &Arc<Vm>,
     rec: &crate::vm::VmRecord,
+    backing: Option<&Path>,
 ) -> Result<(Vec<Disk>, Vec<DiskSpec>, DiskSpec), ApiError> {
     let mut disks = Vec::with_capacity(rec.layers.len() + 1);
     let mut layers = Vec::with_capacity(rec.layers.len());
@@ -720,9 +729,13 @@ async fn vm_disks(
     }
     let agent2 = agent.clone();
     let dir = vm.dir.clone();
-    let rw = tokio::task::spawn_blocking(move || agent2.images.create_writable(&dir))
-        .await
-        .map_err(|e| err(ErrorCode::Internal, format!("writable disk task: {e}")))??;
+    let backing = backing.map(Path::to_path_buf);
+    let rw = tokio::task::spawn_blocking(move || match backing {
+        Some(b) => agent2.images.create_writable_over(&b, &dir),
+        None => agent2.images.create_writable(&dir),
+    })
+    .await
+    .map_err(|e| err(ErrorCode::Internal, format!("writable disk task: {e}")))??;
     disks.push(Disk {
         path: rw,
         serial: "rw".into(),

@@ -32,7 +32,8 @@
 //!
 //! [`HostMessage::Renew`]: vmlet_protocol::guest::HostMessage::Renew
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,9 @@ use vmlet_protocol::api::TemplateInfo;
 use vmlet_protocol::{ApiError, ErrorCode};
 use vmm_shim::{Disk, Link, Memory, MemoryFile, StagedFile, VmConfig, VmHandle};
 
+use vmlet_protocol::aio::write_frame;
+use vmlet_protocol::guest::{DiskSpec, GuestMessage, HostMessage};
+
 use crate::agent::Agent;
 use crate::start::{await_hello, GuestLink};
 
@@ -51,6 +55,11 @@ use crate::start::{await_hello, GuestLink};
 pub struct Ready {
     /// The image id it was built from.
     pub image_id: String,
+    /// Its directory's name under the templates directory.
+    name: String,
+    /// The template guest's writable disk, frozen: every clone's writable
+    /// disk is an overlay of it.
+    rw: PathBuf,
     memory: MemoryFile,
     state: StagedFile,
     /// Which build of its slot this is.
@@ -58,6 +67,16 @@ pub struct Ready {
 }
 
 impl Ready {
+    /// Its directory's name (recorded by clones, whose disks need it).
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// The frozen writable disk clones' writable disks are overlays of.
+    pub fn writable_disk(&self) -> &Path {
+        &self.rw
+    }
+
     /// Turns a VM's config (its own id, directory, disks) into a restore
     /// of this snapshot.
     pub fn restore_into(&self, cfg: &mut VmConfig) {
@@ -94,6 +113,8 @@ struct Slot {
 #[derive(Debug)]
 pub struct Templates {
     slots: Vec<Arc<Slot>>,
+    /// Directories of templates being built, which GC must not take.
+    building: Mutex<HashSet<String>>,
     memory_mib: u32,
     vcpus: u32,
 }
@@ -120,6 +141,7 @@ impl Templates {
                     })
                 })
                 .collect(),
+            building: Mutex::new(HashSet::new()),
             memory_mib,
             vcpus,
         }
@@ -226,27 +248,50 @@ pub fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Starts one maintenance loop per template.
+/// Starts one maintenance loop per template, after ending template VMs a
+/// previous agent left half-built.
 pub fn start(agent: &Arc<Agent>) {
-    cleanup_leftovers(&agent.config.templates_dir());
-    for s in &agent.templates.slots {
-        tokio::spawn(maintain(agent.clone(), s.clone()));
-    }
-}
-
-/// Ends template VMs a previous agent left half-built and removes their
-/// directories.
-fn cleanup_leftovers(dir: &Path) {
-    for ent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+    for ent in std::fs::read_dir(agent.config.templates_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let d = ent.path();
         if let Some(pid) = std::fs::read_to_string(d.join("vmm.pid"))
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
         {
             crate::agent::kill_if_ours(pid, &d);
+            let _ = std::fs::remove_file(d.join("vmm.pid"));
         }
-        tracing::info!(dir = %d.display(), "removing a template directory left by a previous agent");
-        let _ = std::fs::remove_dir_all(&d);
+    }
+    gc(agent);
+    for s in &agent.templates.slots {
+        tokio::spawn(maintain(agent.clone(), s.clone()));
+    }
+}
+
+/// Removes template directories nothing needs: not a ready template's, not
+/// being built, and not backing the disk of a clone that is starting or
+/// running (an exited clone's disk is never opened again).
+fn gc(agent: &Agent) {
+    let mut keep = agent.template_refs();
+    keep.extend(agent.templates.building.lock().iter().cloned());
+    for s in &agent.templates.slots {
+        if let Some(r) = &s.state.lock().ready {
+            keep.insert(r.name.clone());
+        }
+    }
+    for ent in std::fs::read_dir(agent.config.templates_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name) {
+            tracing::info!(template = %name, "removing a template directory nothing uses");
+            let _ = std::fs::remove_dir_all(ent.path());
+        }
     }
 }
 
@@ -254,6 +299,7 @@ async fn maintain(agent: Arc<Agent>, slot: Arc<Slot>) {
     let mut backoff = Duration::from_secs(1);
     let mut generation = 0;
     loop {
+        gc(&agent);
         let current = agent.images.resolve(&slot.image).ok().map(|i| i.id);
         let rebuild = {
             let mut st = slot.state.lock();
@@ -352,14 +398,21 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
     let dir = agent.config.templates_dir().join(&id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| internal("cannot create the template directory", &e))?;
+    agent.templates.building.lock().insert(id.clone());
     let cid = agent.alloc_cid();
     let r = async {
         let mut disks = Vec::with_capacity(img.layers.len() + 1);
+        let mut layers = Vec::with_capacity(img.layers.len());
         for (i, diff_id) in img.layers.iter().enumerate() {
+            let d = agent.images.layer_disk(diff_id)?;
             disks.push(Disk {
-                path: agent.images.layer_disk(diff_id)?.path,
+                path: d.path,
                 serial: format!("l{i}"),
                 read_only: true,
+            });
+            layers.push(DiskSpec {
+                serial: format!("l{i}"),
+                fstype: d.fstype,
             });
         }
         let (agent2, dir2) = (agent.clone(), dir.clone());
@@ -367,7 +420,7 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             .await
             .map_err(|e| internal("writable disk task", &e))??;
         disks.push(Disk {
-            path: rw,
+            path: rw.clone(),
             serial: "rw".into(),
             read_only: false,
         });
@@ -402,8 +455,32 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
         }
         let snap = async {
             let link = GuestLink::open(&dir, &cfg.vsock_uds, true)?;
-            let (frames, wr, _boot) =
+            let (mut frames, mut wr, _boot) =
                 await_hello(&handle, &link, agent.config.boot_timeout).await?;
+            // The root filesystem is mounted in the template, so clones
+            // only run their process: their writable disks are overlays of
+            // this one, frozen once the template is gone.
+            let prepare = HostMessage::Prepare {
+                layers,
+                writable: Some(DiskSpec {
+                    serial: "rw".into(),
+                    fstype: "ext4".into(),
+                }),
+            };
+            write_frame(&mut wr, &prepare)
+                .await
+                .map_err(|e| internal("cannot send the template its disks", &e))?;
+            match tokio::time::timeout(PREPARE_TIMEOUT, frames.recv()).await {
+                Ok(Some(Ok(GuestMessage::Prepared))) => {}
+                other => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the template guest did not prepare its root filesystem: {other:?}"
+                        ),
+                    ))
+                }
+            }
             // Hang up: the tether goes back to waiting for a host, which
             // is where every clone wakes.
             drop((frames, wr));
@@ -419,9 +496,14 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             })
         }
         .await;
-        let _ = handle.kill().await;
+        // "quit": QEMU has flushed the disks when the migration completed;
+        // quitting (not killing) makes sure of it.
+        if handle.stop(Duration::from_secs(10)).await.is_err() {
+            let _ = handle.kill().await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), handle.wait()).await;
         handle.cleanup().await;
+        let _ = std::fs::remove_file(dir.join("vmm.pid"));
         let mut state = snap?;
         corrupt_point(&mut state);
         // QEMU is gone, so no shared writable mapping is left: seal it, so
@@ -431,8 +513,14 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             .map_err(|e| internal("cannot seal the template's memory", &e))?;
         let state = StagedFile::from_bytes(&state, "template-state")
             .map_err(|e| internal("cannot stage the template's state", &e))?;
+        // Frozen: a clone's disk reads through to it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&rw, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| internal("cannot freeze the template's disk", &e))?;
         Ok(Ready {
             image_id: img.id.clone(),
+            name: id.clone(),
+            rw,
             memory,
             state,
             generation,
@@ -440,6 +528,12 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
     }
     .await;
     agent.free_cid(cid);
-    let _ = std::fs::remove_dir_all(&dir);
+    agent.templates.building.lock().remove(&id);
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     r
 }
+
+/// How long the template guest may take to mount its root filesystem.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -72,6 +72,10 @@ pub struct VmRecord {
     /// serial port, not vsock).
     #[serde(default)]
     pub from_template: bool,
+    /// The template (its directory's name) whose frozen writable disk
+    /// backs this clone's: kept while the clone runs.
+    #[serde(default)]
+    pub template: Option<String>,
     /// The image's id, resolved at create.
     #[serde(default)]
     pub image_id: Option<String>,

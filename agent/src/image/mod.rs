@@ -748,6 +748,16 @@ impl ImageStore {
         Ok(dest)
     }
 
+    /// A VM's writable disk over a template's frozen writable disk (a
+    /// qcow2), so the clone's disk holds exactly what the template guest,
+    /// whose memory the clone continues, had written.
+    pub fn create_writable_over(&self, backing: &Path, vm_dir: &Path) -> Result<PathBuf, ApiError> {
+        let dest = vm_dir.join("rw.qcow2");
+        create_overlay(backing, "qcow2", &dest)
+            .map_err(|e| internal("cannot create the writable disk", e))?;
+        Ok(dest)
+    }
+
     /// Stores the default `busybox` image from the host's static busybox,
     /// if no image has that name yet: an ordinary one-layer image.
     pub fn ensure_busybox(&self) -> Result<(), ImageError> {
@@ -921,9 +931,15 @@ pub fn apply_config(
 
 /// `qemu-img create -f qcow2 -F raw -b <backing> <dest>`.
 pub fn create_qcow2_overlay(backing: &Path, dest: &Path) -> io::Result<()> {
+    create_overlay(backing, "raw", dest)
+}
+
+/// A qcow2 `dest` whose reads fall through to `backing` (of format
+/// `backing_format`) until written.
+fn create_overlay(backing: &Path, backing_format: &str, dest: &Path) -> io::Result<()> {
     let backing = fs::canonicalize(backing)?;
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
         .arg(&backing)
         .arg(dest)
         .output()
