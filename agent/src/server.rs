@@ -531,6 +531,25 @@ async fn finish_upload(agent: &Arc<Agent>, mut u: Upload) -> Result<Response, Ap
     Ok(Response::Image(Box::new(agent.images.info(&rec, users))))
 }
 
+/// Sends `StdinAck` on attach `id` whenever the guest's stdin count is
+/// known and changes; returns only if the connection is gone.
+async fn stdin_acks(vm: &Vm, id: RequestId, tx: &mpsc::Sender<ServerMessage>) {
+    let mut rx = vm.stdin_acked.subscribe();
+    loop {
+        let known = *rx.borrow_and_update();
+        if let Some(received) = known {
+            let body = Response::StdinAck { received };
+            if tx.send(ServerMessage { id, body }).await.is_err() {
+                return;
+            }
+        }
+        if rx.changed().await.is_err() {
+            // The VM is gone; the output stream ends by itself.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 fn no_stdin(attach: RequestId) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
@@ -598,9 +617,21 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
             .map(|vm| Response::Inspect(Box::new(vm.info(&agent.config.accel.to_string())))),
         Request::Attach(a) => {
             return match agent.resolve(&a.vm) {
-                Ok(vm) => output_stream(&vm, id, tx, a.stdout, a.stderr, a.replay, true).await,
+                Ok(vm) => {
+                    let out = output_stream(&vm, id, tx, a.stdout, a.stderr, a.replay, true);
+                    if !a.stdin {
+                        return out.await;
+                    }
+                    // The guest's stdin count goes along, so a client can
+                    // resume sending exactly where the guest is.
+                    tokio::pin!(out);
+                    tokio::select! {
+                        () = &mut out => {}
+                        () = stdin_acks(&vm, id, tx) => out.await,
+                    }
+                }
                 Err(e) => reply(tx, id, error_body(e)).await,
-            }
+            };
         }
         Request::Logs { vm, follow } => {
             return match agent.resolve(&vm) {

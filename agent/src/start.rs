@@ -44,6 +44,7 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 /// failed, in which case the VM is exited and its resources released).
 pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
     vm.transition(&[VmState::Created], VmState::Starting)?;
+    vm.stdin_acked.send_replace(Some(0));
     vm.phase(Phase::Accepted);
     agent.emit(vm);
     let span = tracing::info_span!("start", vm = %vm.id);
@@ -197,7 +198,18 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     let mut log = vm
         .with(|i| i.log_writer.take())
         .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM's log is closed")))?;
-    let started = tokio::time::timeout(SPAWN_TIMEOUT, frames.recv())
+    // Stdin may flow (and be acknowledged) before the process starts.
+    let next_not_stdin_ack = async {
+        loop {
+            match frames.recv().await {
+                Some(Ok(GuestMessage::StdinAck { received })) => {
+                    vm.stdin_acked.send_replace(Some(received));
+                }
+                other => return other,
+            }
+        }
+    };
+    let started = tokio::time::timeout(SPAWN_TIMEOUT, next_not_stdin_ack)
         .instrument(tracing::info_span!("process-start"))
         .await;
     match started {
@@ -757,6 +769,7 @@ fn kind(m: &GuestMessage) -> &'static str {
         GuestMessage::Failed { .. } => "failed",
         GuestMessage::Exited { .. } => "exited",
         GuestMessage::Prepared => "prepared",
+        GuestMessage::StdinAck { .. } => "stdin-ack",
     }
 }
 
@@ -891,6 +904,9 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 }
                 Some(Ok(GuestMessage::Failed { message, code })) => {
                     exit = Some(ExitInfo { code, signal: None, reason: message, at_ms: now_ms() });
+                }
+                Some(Ok(GuestMessage::StdinAck { received })) => {
+                    vm.stdin_acked.send_replace(Some(received));
                 }
                 Some(Ok(other)) => {
                     if let Some(suppressed) = noisy.admit() {

@@ -117,6 +117,10 @@ pub struct Vm {
     /// The receiving end, taken by the writer of each guest connection in
     /// turn.
     pub to_guest_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
+    /// Stdin bytes the guest has taken since its process started; `None`
+    /// while unknown (a VM adopted after an agent restart, until its
+    /// tether reconnects and says).
+    pub stdin_acked: watch::Sender<Option<u64>>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<VmState>,
 }
@@ -132,6 +136,7 @@ impl Vm {
             log,
             to_guest,
             to_guest_rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            stdin_acked: watch::channel(None).0,
             state_tx,
             inner: Mutex::new(Inner {
                 rec,

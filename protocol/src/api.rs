@@ -298,6 +298,17 @@ pub enum Response {
     Pools(Vec<PoolInfo>),
     /// Answer to [`Request::Templates`].
     Templates(Vec<TemplateInfo>),
+    /// On an attach stream with stdin: the guest has taken this many bytes
+    /// of the container's stdin (counted from its start, across every
+    /// client and agent restart), so they reach the process whatever
+    /// happens to the agent. Sent once the count is known (after an agent
+    /// restart, once the guest reconnected) and whenever it grows. A client
+    /// that lost its connection resends, on its new attach, from here:
+    /// stdin is then delivered exactly once.
+    StdinAck {
+        /// Stdin bytes the guest has taken.
+        received: u64,
+    },
 }
 
 /// One guest template: a guest of one image booted once, its tether ready,

@@ -69,6 +69,15 @@ pub enum GuestMessage {
     /// and the tether waits for the spec. (A failure is reported with
     /// [`GuestMessage::Failed`], code 125.)
     Prepared,
+    /// How many stdin bytes the tether has taken from the host since the
+    /// process started. Taken bytes reach the process even if the host
+    /// goes away; after a reconnection the host learns from this where a
+    /// client must resume sending. Sent as stdin arrives and first on
+    /// every resumed connection.
+    StdinAck {
+        /// Stdin bytes received.
+        received: u64,
+    },
 }
 
 /// Host → guest.

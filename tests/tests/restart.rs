@@ -88,3 +88,97 @@ fn killed_agent_is_replaced_and_every_byte_survives() {
         assert!(!a.vm_dir(id).exists());
     }
 }
+
+/// Waits (bounded) for the first `StdinAck` at or above `at_least` on an
+/// attach stream; output on it is ignored.
+async fn stdin_ack(s: &mut vmlet_protocol::client::ResponseStream, at_least: u64) -> u64 {
+    use vmlet_protocol::api::Response;
+    let wait = async {
+        loop {
+            match s.next().await {
+                Some(Response::StdinAck { received }) if received >= at_least => return received,
+                Some(Response::Error(e)) => panic!("attach failed: {e}"),
+                Some(_) => {}
+                None => panic!("the attach stream ended before the stdin acknowledgement"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .expect("a stdin acknowledgement within 120 s")
+}
+
+#[test]
+fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
+    use sha2::{Digest, Sha256};
+    use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
+    const MIB: usize = 1 << 20;
+    let data: Vec<u8> = (0..3 * MIB as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut a = TestAgent::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let attach = |vm: &str| {
+        Request::Attach(AttachSpec {
+            vm: vm.to_string(),
+            stdin: true,
+            stdout: false,
+            stderr: false,
+            replay: false,
+        })
+    };
+    // The first client sends 1 MiB and sees it taken, then sends another
+    // MiB without waiting, and the agent dies with it in flight.
+    let id = rt.block_on(async {
+        let c = a.client().await;
+        let id = c
+            .create(CreateSpec {
+                image: "busybox".into(),
+                argv: vec!["sh".into(), "-c".into(), "sha256sum; echo done".into()],
+                stdin_open: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        c.start(&id).await.unwrap();
+        let mut s = c.stream(attach(&id)).await.unwrap();
+        for chunk in data[..MIB].chunks(64 << 10) {
+            c.stdin(s.id, chunk.to_vec()).await.unwrap();
+        }
+        stdin_ack(&mut s, MIB as u64).await;
+        for chunk in data[MIB..2 * MIB].chunks(64 << 10) {
+            c.stdin(s.id, chunk.to_vec()).await.unwrap();
+        }
+        id
+    });
+    a.kill9();
+    a.restart();
+    // A new client learns where the guest is and sends the rest from
+    // there: every byte once, in order, whatever was in flight.
+    rt.block_on(async {
+        let c = a.client().await;
+        let mut s = c.stream(attach(&id)).await.unwrap();
+        let from = stdin_ack(&mut s, 0).await as usize;
+        assert!(
+            (MIB..=2 * MIB).contains(&from),
+            "the guest took {from} bytes: not between what was acknowledged and what was sent"
+        );
+        for chunk in data[from..].chunks(64 << 10) {
+            c.stdin(s.id, chunk.to_vec()).await.unwrap();
+        }
+        c.close_stdin(s.id).await.unwrap();
+    });
+    let w = a.run(&["wait", &id]);
+    assert_eq!(stdout(&w).trim(), "0", "{}", stderr(&w));
+    let logs = stdout(&a.run(&["logs", &id]));
+    assert_eq!(logs, format!("{want}  -\ndone\n"));
+    let o = a.run(&["rm", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

@@ -212,6 +212,7 @@ pub(crate) fn start<C: Connector>(
     let (tx, rx) = mpsc::channel(queue);
     let (delivery_tx, delivery) = watch::channel(None);
     let (acks_tx, acks) = watch::channel(Acks::default());
+    let (stdin_tx, stdin) = watch::channel(0u64);
     let hello = frame::encode(hello).expect("the hello is small");
     let link = Link {
         connector,
@@ -222,8 +223,11 @@ pub(crate) fn start<C: Connector>(
         host: Arc::new(FromHost {
             spec_seen: AtomicBool::new(false),
             acks: acks_tx,
+            stdin: stdin_tx,
         }),
         acks,
+        stdin,
+        stdin_told: None,
         heard: 0,
         next_seq: 0,
         once: VecDeque::new(),
@@ -246,6 +250,9 @@ struct FromHost {
     /// the link to take them (a reader blocked on the link could stall a
     /// host that blocks on writing while the link blocks on the host).
     acks: watch::Sender<Acks>,
+    /// Stdin bytes taken from the host and handed to the session: they
+    /// reach the process whatever happens to the connection.
+    stdin: watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -427,6 +434,9 @@ struct Link<C: Connector> {
     inbound: mpsc::Sender<HostMessage>,
     host: Arc<FromHost>,
     acks: watch::Receiver<Acks>,
+    /// Stdin bytes taken, and what the current connection was told of it.
+    stdin: watch::Receiver<u64>,
+    stdin_told: Option<u64>,
     /// `Acks::heard` when last looked at.
     heard: u64,
     /// The seq the next item taken from the outbox gets.
@@ -490,6 +500,13 @@ impl<C: Connector> Link<C> {
         if let Err(e) = write(wr, &self.hello).await {
             return format!("cannot send the hello: {e}");
         }
+        // A resumed connection is told the stdin count first thing: the
+        // host (perhaps a new agent) learns where its clients resume.
+        self.stdin_told = if first.is_some() {
+            None
+        } else {
+            Some(*self.stdin.borrow_and_update())
+        };
         if let Some(first) = first {
             let patience = self.policy.resume_patience;
             tokio::select! {
@@ -509,6 +526,21 @@ impl<C: Connector> Link<C> {
         loop {
             if self.apply_acks() || !self.outstanding() {
                 progress = Instant::now();
+            }
+            let taken = *self.stdin.borrow_and_update();
+            if self.stdin_told != Some(taken) {
+                let frame = encode(&GuestMessage::StdinAck { received: taken });
+                if let Some(f) = frame {
+                    tokio::select! {
+                        biased;
+                        why = &mut *reader => return ended(why),
+                        r = write(wr, &f) => if let Err(e) = r {
+                            return format!("write failed: {e}");
+                        },
+                    }
+                }
+                self.stdin_told = Some(taken);
+                continue;
             }
             let stalled = progress + self.policy.stall_patience;
             let patience = self.policy.stall_patience;
@@ -535,8 +567,9 @@ impl<C: Connector> Link<C> {
             tokio::select! {
                 why = &mut *reader => return ended(why),
                 () = sleep_until(stalled), if outstanding => return stall(),
-                // Cannot fail: `self.host` holds the sender.
+                // Cannot fail: `self.host` holds the senders.
                 _ = self.acks.changed() => {}
+                _ = self.stdin.changed() => {}
                 next = self.out.recv(), if self.out_open && room => self.take(next),
             }
         }
@@ -790,8 +823,17 @@ async fn read_loop<S: AsyncRead>(
             m => Some(m),
         };
         if let Some(m) = forward {
+            let stdin = match &m {
+                HostMessage::Stdin(b) => b.len() as u64,
+                _ => 0,
+            };
             if inbound.send(m).await.is_err() {
                 return "nobody listens to the host any more".to_owned();
+            }
+            // Counted once handed over, never before: a chunk lost with a
+            // reader cut off mid-send is not counted, so it is resent.
+            if stdin > 0 {
+                host.stdin.send_modify(|n| *n += stdin);
             }
         }
     }
@@ -832,7 +874,17 @@ mod tests {
         HostMessage::Spec(ProcessSpec::default())
     }
 
+    /// The next frame but stdin acknowledgements (tested on their own).
     async fn recv(s: &mut UnixStream) -> Option<GuestMessage> {
+        loop {
+            match recv_any(s).await {
+                Some(GuestMessage::StdinAck { .. }) => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn recv_any(s: &mut UnixStream) -> Option<GuestMessage> {
         timeout(
             Duration::from_secs(10),
             vmlet_protocol::aio::read_frame(s, MAX_FRAME_LEN),
@@ -844,12 +896,20 @@ mod tests {
 
     /// Nothing arrives within a short while.
     async fn quiet(s: &mut UnixStream) {
-        let r = timeout(
-            Duration::from_millis(200),
-            vmlet_protocol::aio::read_frame::<_, GuestMessage>(s, MAX_FRAME_LEN),
-        )
-        .await;
-        assert!(r.is_err(), "unexpected {r:?}");
+        loop {
+            let r = timeout(
+                Duration::from_millis(200),
+                vmlet_protocol::aio::read_frame::<_, GuestMessage>(s, MAX_FRAME_LEN),
+            )
+            .await;
+            match r {
+                Ok(Ok(Some(GuestMessage::StdinAck { .. }))) => {}
+                r => {
+                    assert!(r.is_err(), "unexpected {r:?}");
+                    return;
+                }
+            }
+        }
     }
 
     async fn send(s: &mut UnixStream, m: HostMessage) {
@@ -986,6 +1046,47 @@ mod tests {
         task.abort();
     }
 
+    /// Stdin taken from the host is acknowledged as it arrives, and the
+    /// count opens every resumed connection, so a new host knows where
+    /// its clients resume.
+    #[tokio::test]
+    async fn stdin_taken_is_acknowledged_and_told_to_every_new_host() {
+        let (pairs, mut host1, _out, mut in_rx, task) = started(fast(), 2).await;
+        for i in 0..3u8 {
+            send(&mut host1, HostMessage::Stdin(vec![i; 1000])).await;
+            assert_eq!(in_rx.recv().await, Some(HostMessage::Stdin(vec![i; 1000])));
+        }
+        let mut last = 0;
+        while last < 3000 {
+            match recv_any(&mut host1).await {
+                Some(GuestMessage::StdinAck { received }) => {
+                    assert!(
+                        received > last && received <= 3000,
+                        "{received} after {last}"
+                    );
+                    last = received;
+                }
+                other => panic!("expected a stdin acknowledgement, got {other:?}"),
+            }
+        }
+        drop(host1);
+        let mut host2 = pairs.next();
+        assert_eq!(recv_any(&mut host2).await, Some(hello()));
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(
+            recv_any(&mut host2).await,
+            Some(GuestMessage::StdinAck { received: 3000 })
+        );
+        task.abort();
+    }
+
     /// While disconnected the link holds output up to its cap and then
     /// stops taking it, so senders block instead of memory growing.
     #[tokio::test]
@@ -1074,6 +1175,7 @@ mod tests {
             .await;
             match r {
                 Ok(Ok(Some(GuestMessage::Stdout(c)))) => got.extend_from_slice(&c),
+                Ok(Ok(Some(GuestMessage::StdinAck { .. }))) => {}
                 Ok(other) => panic!("unexpected {other:?}"),
                 Err(_) => break,
             }
@@ -1185,6 +1287,7 @@ mod tests {
                             send(&mut conn, HostMessage::ExitAck).await;
                             break 'connections;
                         }
+                        GuestMessage::StdinAck { received: 0 } => {}
                         other => panic!("seed {seed}: unexpected {other:?}"),
                     }
                 }

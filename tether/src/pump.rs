@@ -315,6 +315,7 @@ mod tests {
                     continue;
                 }
                 GuestMessage::Stdout(c) => got.extend_from_slice(&c),
+                GuestMessage::StdinAck { received: 0 } => continue,
                 other => panic!("unexpected {other:?}"),
             }
             let ack = HostMessage::Ack {
