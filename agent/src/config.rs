@@ -42,6 +42,9 @@ pub struct Config {
     pub pools: Vec<crate::pool::PoolSpec>,
     /// Most pool members booting at once.
     pub pool_refill: usize,
+    /// How much output each VM's log keeps (rotation deletes the oldest
+    /// beyond it).
+    pub log_limits: crate::logstore::LogLimits,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             max_total_memory_mib: default_memory_budget(),
             pools: Vec::new(),
             pool_refill: 1,
+            log_limits: crate::logstore::LogLimits::DEFAULT,
         }
     }
 
@@ -110,6 +114,23 @@ impl Config {
     }
 }
 
+/// Parses a size: a number of bytes, or a number with a `K`, `M` or `G`
+/// suffix (binary units; `KiB`, `MiB`, `GiB` and `KB`... are read the same).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
 /// Three quarters of the host's memory: guests beyond that would push the
 /// host into swapping or the OOM killer, which degrades every VM.
 fn default_memory_budget() -> u64 {
@@ -123,4 +144,30 @@ fn default_memory_budget() -> u64 {
         })
         .map(|kib| kib / 1024 * 3 / 4)
         .unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        for bad in [
+            "",
+            "M",
+            "1.5M",
+            "-1",
+            "1T",
+            "1 M x",
+            "99999999999999999999G",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -26,6 +26,7 @@ use vmlet_protocol::guest::HostMessage;
 use vmlet_protocol::{ApiError, ErrorCode};
 
 use crate::agent::Agent;
+use crate::logstore::Item;
 use crate::vm::Vm;
 
 /// Replies waiting for a slow client before its streams pause.
@@ -691,8 +692,26 @@ async fn output_stream(
     follow: bool,
 ) {
     let copied = async {
-        let mut r = vm.log.reader(from_start)?;
-        while let Some(rec) = r.next(follow).await? {
+        let mut r = vm.log.reader(from_start);
+        while let Some(item) = r.next(follow).await? {
+            let rec = match item {
+                Item::Record(rec) => rec,
+                Item::Dropped(d) => {
+                    // Told whichever streams were asked for: the gap is in
+                    // the log, and the counts say which streams it hit.
+                    let m = ServerMessage {
+                        id,
+                        body: Response::Dropped {
+                            stdout: d.stdout,
+                            stderr: d.stderr,
+                        },
+                    };
+                    if tx.send(m).await.is_err() {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+            };
             let wanted = match rec.stream {
                 vmlet_protocol::api::Stream::Stdout => stdout,
                 vmlet_protocol::api::Stream::Stderr => stderr,
@@ -721,7 +740,14 @@ async fn output_stream(
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
-            let e = ApiError::new(ErrorCode::Internal, format!("cannot read the log: {e}"));
+            let e = if e.kind() == std::io::ErrorKind::NotFound {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} was removed while its log was read", vm.id),
+                )
+            } else {
+                ApiError::new(ErrorCode::Internal, format!("cannot read the log: {e}"))
+            };
             return reply(tx, id, error_body(e)).await;
         }
     }

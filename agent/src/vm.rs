@@ -213,6 +213,7 @@ impl Vm {
 
     /// Everything `inspect` shows.
     pub fn info(&self, accel: &str) -> VmInfo {
+        let log = self.log.stats();
         let g = self.inner.lock();
         VmInfo {
             summary: summary_of(&g.rec),
@@ -224,7 +225,8 @@ impl Vm {
             accel: accel.to_string(),
             memory_mib: g.rec.memory_mib,
             vcpus: g.rec.vcpus,
-            log_bytes: self.log.pos().len,
+            log_bytes: log.retained_bytes,
+            log_dropped_bytes: log.dropped_stdout + log.dropped_stderr,
             start_mode: if g.rec.from_pool { "pool" } else { "cold" }.into(),
         }
     }

@@ -293,6 +293,19 @@ pub enum Response {
     Images(Vec<ImageInfo>),
     /// Answer to [`Request::Pools`].
     Pools(Vec<PoolInfo>),
+    /// On an output stream ([`Request::Attach`], [`Request::Logs`]): the
+    /// VM's log rotation deleted output before this stream read it (the
+    /// reader fell more than the agent's log cap behind, or started from
+    /// the first byte after some was deleted). The stream goes on with the
+    /// oldest output still kept. Sent once per gap, in order with the
+    /// [`Response::Output`] around it; the counts are of both streams,
+    /// whichever the request asked for.
+    Dropped {
+        /// Bytes of stdout skipped.
+        stdout: u64,
+        /// Bytes of stderr skipped.
+        stderr: u64,
+    },
 }
 
 /// One warm pool: guests booted ahead of demand for one image, memory size
@@ -549,11 +562,15 @@ pub struct VmInfo {
     pub memory_mib: u32,
     /// Virtual CPUs.
     pub vcpus: u32,
-    /// Bytes of stdout and stderr stored in the log.
+    /// Bytes the VM's log files hold now (stdout and stderr with a small
+    /// header per chunk); at most the agent's log cap plus one chunk.
     pub log_bytes: u64,
     /// `pool` when the VM was booted ahead of demand by a warm pool,
     /// `cold` when its start booted it.
     pub start_mode: String,
+    /// Bytes of stdout and stderr that log rotation deleted to keep the
+    /// log within the agent's cap.
+    pub log_dropped_bytes: u64,
 }
 
 /// A VM state change.

@@ -67,6 +67,16 @@ struct Args {
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
+    /// Most bytes of output each VM's log keeps (a number of bytes, or with
+    /// a K, M or G suffix: binary units); 0 keeps everything. Beyond it the
+    /// oldest part is deleted; a reader that had not read it yet is told how
+    /// many bytes it missed.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    log_max_size: String,
+    /// How many files each VM's log is divided into: rotation deletes the
+    /// oldest, 1/N of the cap, at a time.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    log_max_files: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +87,10 @@ enum ArgsError {
     Accel(String),
     #[error("--boot-timeout must be a positive number of seconds")]
     BootTimeout,
+    #[error("--log-max-size {0:?} is not a size (bytes, or a number with K, M or G)")]
+    LogSize(String),
+    #[error("invalid log limits: {0}")]
+    LogLimits(String),
 }
 
 impl TryFrom<Args> for Config {
@@ -107,6 +121,10 @@ impl TryFrom<Args> for Config {
         c.allowed_gids = a.allow_gids;
         c.pools = a.pools;
         c.pool_refill = a.pool_refill;
+        let size = vmlet_agent::config::parse_size(&a.log_max_size)
+            .ok_or_else(|| ArgsError::LogSize(a.log_max_size.clone()))?;
+        c.log_limits = vmlet_agent::logstore::LogLimits::new(size, a.log_max_files)
+            .map_err(ArgsError::LogLimits)?;
         Ok(c)
     }
 }
