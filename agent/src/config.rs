@@ -45,6 +45,9 @@ pub struct Config {
     /// How much output each VM's log keeps (rotation deletes the oldest
     /// beyond it).
     pub log_limits: crate::logstore::LogLimits,
+    /// How long an API connection may sit idle (no request in flight, no
+    /// stream, no frame received) before the agent closes it.
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -68,6 +71,7 @@ impl Config {
             pools: Vec::new(),
             pool_refill: 1,
             log_limits: crate::logstore::LogLimits::DEFAULT,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 

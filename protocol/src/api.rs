@@ -7,6 +7,11 @@
 //! ([`Request::Attach`], [`Request::Logs`] with follow, [`Request::Events`])
 //! get any number of replies and end with [`Response::StreamEnd`] or an
 //! error, or when the client sends [`Request::Cancel`].
+//!
+//! The agent closes a connection that says no hello within 10 s, or that
+//! stays idle (no request in flight, no stream, no frame from the client)
+//! for its idle timeout, after an error with [`crate::ErrorCode::TimedOut`]
+//! and request id 0.
 
 use serde::{Deserialize, Serialize};
 

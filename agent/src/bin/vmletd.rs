@@ -77,6 +77,12 @@ struct Args {
     /// oldest, 1/N of the cap, at a time.
     #[arg(long, default_value_t = 4, value_name = "N")]
     log_max_files: usize,
+    /// Seconds an API connection may sit idle (no request in flight, no
+    /// stream such as attach, logs -f, events or wait) before vmletd closes
+    /// it with a timed-out error; 0 never closes one. A connection must
+    /// say hello within 10 s (or this, if shorter) whatever this is.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    idle_timeout: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,8 @@ enum ArgsError {
     LogSize(String),
     #[error("invalid log limits: {0}")]
     LogLimits(String),
+    #[error("--idle-timeout must be a number of seconds, 0 for never")]
+    IdleTimeout,
 }
 
 impl TryFrom<Args> for Config {
@@ -125,6 +133,13 @@ impl TryFrom<Args> for Config {
             .ok_or_else(|| ArgsError::LogSize(a.log_max_size.clone()))?;
         c.log_limits = vmlet_agent::logstore::LogLimits::new(size, a.log_max_files)
             .map_err(ArgsError::LogLimits)?;
+        c.idle_timeout = if a.idle_timeout == 0.0 {
+            Duration::MAX
+        } else if a.idle_timeout > 0.0 {
+            Duration::try_from_secs_f64(a.idle_timeout).map_err(|_| ArgsError::IdleTimeout)?
+        } else {
+            return Err(ArgsError::IdleTimeout);
+        };
         Ok(c)
     }
 }
