@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::aio::{read_frame, write_frame};
 use crate::api::{
@@ -74,6 +75,8 @@ pub struct Client {
     /// Why the agent closed the connection, when it said so: the error
     /// with request id 0 it sent last before closing (an idle timeout).
     closed_because: Arc<Mutex<Option<ApiError>>>,
+    /// Closed (its sender dropped) when the reader task has ended.
+    reader_done: watch::Receiver<()>,
     next: AtomicU64,
     version: u32,
     agent: String,
@@ -139,7 +142,9 @@ impl Client {
         let r2 = routes.clone();
         let closed_because: Arc<Mutex<Option<ApiError>>> = Arc::default();
         let closed2 = closed_because.clone();
+        let (done_tx, reader_done) = watch::channel(());
         tokio::spawn(async move {
+            let _done = done_tx;
             // An error about the connection rather than a request.
             let mut last_conn_error = None;
             loop {
@@ -170,6 +175,7 @@ impl Client {
             writer: tokio::sync::Mutex::new(wr),
             routes,
             closed_because,
+            reader_done,
             next: AtomicU64::new(1),
             version,
             agent,
@@ -194,8 +200,14 @@ impl Client {
     }
 
     /// The error for a connection found closed: the agent's reason if it
-    /// gave one.
-    fn closed(&self, otherwise: ClientError) -> ClientError {
+    /// gave one. A write can fail before the reader task has taken the
+    /// agent's last frames from the socket, so it is given a moment to.
+    async fn closed(&self, otherwise: ClientError) -> ClientError {
+        let mut done = self.reader_done.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while done.changed().await.is_ok() {}
+        })
+        .await;
         match self.closed_because() {
             Some(e) => ClientError::Api(e),
             None => otherwise,
@@ -204,9 +216,9 @@ impl Client {
 
     async fn send(&self, id: RequestId, body: Request) -> Result<(), ClientError> {
         let mut w = self.writer.lock().await;
-        write_frame(&mut *w, &ClientMessage { id, body })
-            .await
-            .map_err(|e| self.closed(e.into()))?;
+        if let Err(e) = write_frame(&mut *w, &ClientMessage { id, body }).await {
+            return Err(self.closed(e.into()).await);
+        }
         Ok(())
     }
 
@@ -227,7 +239,7 @@ impl Client {
         let mut s = self.stream(body).await?;
         let r = match s.next().await {
             Some(r) => r,
-            None => return Err(self.closed(ClientError::Closed)),
+            None => return Err(self.closed(ClientError::Closed).await),
         };
         self.routes.lock().remove(&s.id);
         match r {
