@@ -25,10 +25,10 @@
 //! the newest segment alone.
 //!
 //! With a cap ([`LogLimits`]), a segment holds at most `max_size /
-//! max_files` bytes (a single record larger than that gets a segment of
-//! its own). When the next record would not fit, a new segment is started
-//! and the oldest are deleted until `max_files` remain, so the files never
-//! hold more than `max_size` bytes plus one record. A reader whose offset
+//! max_files` bytes (chunks larger than that are split). When the next
+//! record would not fit, a new segment is started and the oldest are
+//! deleted until `max_files` remain, so the files never hold more than
+//! `max_size` bytes. A reader whose offset
 //! falls into a deleted segment gets an [`Item::Dropped`] saying how many
 //! bytes of each stream it missed, and goes on from the oldest byte kept.
 //! Readers never hold a segment open between reads, so a deleted segment's
@@ -555,14 +555,23 @@ fn scan(path: &Path) -> io::Result<(u64, (u64, u64))> {
 
 impl LogWriter {
     /// Appends a chunk of output and wakes readers, starting a new segment
-    /// first when the cap asks for one. Returns the chunk's timestamp.
+    /// first when the cap asks for one (a chunk can be split across
+    /// segments). Returns the chunk's timestamp.
     ///
     /// A failed rotation does not lose the chunk: it goes into the current
     /// segment, over the cap, and [`LogWriter::take_rotate_error`] says
     /// why. A failed write leaves the log as it was before the chunk.
     pub fn append(&mut self, stream: Stream, data: &[u8]) -> io::Result<u64> {
         let ts = now_ns();
-        for part in data.chunks(MAX_REC) {
+        // With a cap, no record is larger than a segment, so no segment
+        // outgrows its share of the cap.
+        let max_part = self.limits.segment_size().map_or(MAX_REC, |seg| {
+            usize::try_from(seg)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(REC_HDR)
+                .clamp(1, MAX_REC)
+        });
+        for part in data.chunks(max_part) {
             let rec_len = (REC_HDR + part.len()) as u64;
             if let Some(seg) = self.limits.segment_size() {
                 let used = self.len - self.seg_start;
@@ -981,6 +990,30 @@ mod tests {
         }
         assert_eq!(next, Some(1000));
         assert_eq!(dr.stdout + read, all);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_larger_than_a_segment_is_split_so_no_file_outgrows_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, mut w) = Log::open(&d.path().join("log"), SMALL).unwrap();
+        let seg = SMALL.segment_size().unwrap();
+        let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        w.append(Stream::Stderr, b"x").unwrap();
+        w.append(Stream::Stdout, &big).unwrap();
+        w.seal();
+        let files = segment_files(d.path());
+        assert!(files.iter().all(|f| f.1 <= seg), "{files:?}");
+        let mut r = log.reader(true);
+        let mut out = Vec::new();
+        for it in read_all(&mut r).await {
+            if let Item::Record(rec) = it {
+                assert!(rec.data.len() as u64 + REC_HDR as u64 <= seg);
+                if rec.stream == Stream::Stdout {
+                    out.extend(rec.data);
+                }
+            }
+        }
+        assert_eq!(out, big);
     }
 
     #[tokio::test]
