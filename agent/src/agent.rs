@@ -262,7 +262,7 @@ impl Agent {
             // one is adopted by `adopt_running`: their logs stay writable.
             // Every other log is complete.
             let opened = if matches!(rec.state, VmState::Created | VmState::Running) {
-                Log::open(&dir.join("log")).map(|(l, w)| (l, Some(w)))
+                Log::open(&dir.join("log"), self.config.log_limits).map(|(l, w)| (l, Some(w)))
             } else {
                 Log::open_sealed(&dir.join("log")).map(|l| (l, None))
             };
@@ -622,7 +622,7 @@ impl Agent {
                 format!("cannot create the VM directory: {e}"),
             )
         })?;
-        let (log, writer) = Log::open(&dir.join("log")).map_err(|e| {
+        let (log, writer) = Log::open(&dir.join("log"), self.config.log_limits).map_err(|e| {
             let _ = fs::remove_dir_all(&dir);
             ApiError::new(
                 ErrorCode::Internal,

@@ -45,6 +45,12 @@ pub struct Config {
     /// Images whose starts restore a snapshot of a booted guest (a
     /// template) instead of booting one.
     pub templates: Vec<String>,
+    /// How much output each VM's log keeps (rotation deletes the oldest
+    /// beyond it).
+    pub log_limits: crate::logstore::LogLimits,
+    /// How long an API connection may sit idle (no request in flight, no
+    /// stream, no frame received) before the agent closes it.
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -68,6 +74,8 @@ impl Config {
             pools: Vec::new(),
             pool_refill: 1,
             templates: Vec::new(),
+            log_limits: crate::logstore::LogLimits::DEFAULT,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 
@@ -119,6 +127,23 @@ impl Config {
     }
 }
 
+/// Parses a size: a number of bytes, or a number with a `K`, `M` or `G`
+/// suffix (binary units; `KiB`, `MiB`, `GiB` and `KB`... are read the same).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
 /// Three quarters of the host's memory: guests beyond that would push the
 /// host into swapping or the OOM killer, which degrades every VM.
 fn default_memory_budget() -> u64 {
@@ -132,4 +157,30 @@ fn default_memory_budget() -> u64 {
         })
         .map(|kib| kib / 1024 * 3 / 4)
         .unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        for bad in [
+            "",
+            "M",
+            "1.5M",
+            "-1",
+            "1T",
+            "1 M x",
+            "99999999999999999999G",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

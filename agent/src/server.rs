@@ -6,15 +6,23 @@
 //! the limit) gets an error reply and the connection is closed, because the
 //! byte stream can no longer be trusted to be in step. Neither affects any
 //! other connection.
+//!
+//! A connection holds one of [`MAX_CONNECTIONS`] slots, so none may hold it
+//! for nothing: one that says no hello within [`HELLO_TIMEOUT`], or that
+//! sits idle (no request in flight, no stream, no frame received) for the
+//! configured idle timeout, is sent a `TimedOut` error and closed. A
+//! connection with a request or stream in progress (a `wait`, `logs -f`,
+//! an attach, `events`) is never idle, however long it is quiet.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 use vmlet_protocol::aio::{read_frame, write_frame};
 use vmlet_protocol::api::{
@@ -26,12 +34,17 @@ use vmlet_protocol::guest::HostMessage;
 use vmlet_protocol::{ApiError, ErrorCode};
 
 use crate::agent::Agent;
+use crate::logstore::Item;
 use crate::vm::Vm;
 
 /// Replies waiting for a slow client before its streams pause.
 const REPLY_QUEUE: usize = 256;
-/// Time a new connection has to say hello.
+/// Time a new connection has to say hello (or the idle timeout, if that
+/// is shorter).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing an idle connection waits for its last replies to be
+/// written: a client that reads nothing must not keep the slot.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// Requests in flight on one connection.
 const MAX_IN_FLIGHT: usize = 1024;
 /// Client connections served at once. Each holds a descriptor, a task and
@@ -155,6 +168,93 @@ fn error_body(e: ApiError) -> Response {
     Response::Error(e)
 }
 
+/// A connection's work in progress: requests being served and streams
+/// running. The read loop's idle clock runs only while there is none.
+#[derive(Debug)]
+struct Activity {
+    busy: AtomicUsize,
+    /// When the count last fell to zero.
+    idle_at: parking_lot::Mutex<Instant>,
+    /// Woken when the count falls to zero.
+    idle: Notify,
+}
+
+/// One piece of work in progress; dropping it (the task ended or was
+/// aborted) ends it.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            busy: AtomicUsize::new(0),
+            idle_at: parking_lot::Mutex::new(Instant::now()),
+            idle: Notify::new(),
+        })
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_at.lock() = Instant::now();
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// The next frame from the client, or `None` once the connection has been
+/// idle for `idle_timeout`: no work in `activity` and no frame since
+/// `last_frame`.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: a frame partly read is lost. The read loop never
+/// cancels it; it ends the connection when this returns.
+async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    activity: &Activity,
+    last_frame: Instant,
+    idle_timeout: Duration,
+) -> Option<Result<Option<ClientMessage>, FrameError>> {
+    let read = read_frame::<_, ClientMessage>(rd, MAX_FRAME_LEN);
+    tokio::pin!(read);
+    loop {
+        if activity.is_idle() {
+            let since = last_frame.max(*activity.idle_at.lock());
+            tokio::select! {
+                r = &mut read => return Some(r),
+                // Work only starts when a frame arrives, so the
+                // connection is still idle when this fires.
+                _ = sleep_until(since.checked_add(idle_timeout)) => return None,
+            }
+        } else {
+            tokio::select! {
+                r = &mut read => return Some(r),
+                _ = activity.idle.notified() => {}
+            }
+        }
+    }
+}
+
+/// Sleeps until `t`; forever if there is no such time (an idle timeout too
+/// large to add, which is how "never" is configured).
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one client connection.
 async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameError> {
     let (mut rd, mut wr) = stream.into_split();
@@ -168,8 +268,10 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
     });
 
     // Version negotiation comes first, within a bounded time.
+    let idle_timeout = agent.config.idle_timeout;
+    let hello_timeout = HELLO_TIMEOUT.min(idle_timeout);
     let hello = tokio::time::timeout(
-        HELLO_TIMEOUT,
+        hello_timeout,
         read_frame::<_, ClientMessage>(&mut rd, MAX_FRAME_LEN),
     )
     .await;
@@ -233,8 +335,11 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 &tx,
                 0,
                 error_body(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    "no Hello within 10 s; closing",
+                    ErrorCode::TimedOut,
+                    format!(
+                        "no Hello within {}; closing the connection",
+                        secs(hello_timeout)
+                    ),
                 )),
             )
             .await;
@@ -251,8 +356,30 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
     let mut streams: HashMap<RequestId, AbortHandle> = HashMap::new();
     let mut attached: HashMap<RequestId, Arc<Vm>> = HashMap::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let activity = Activity::new();
+    let mut last_frame = Instant::now();
+    let mut timed_out = false;
     let result = loop {
-        let msg = match read_frame::<_, ClientMessage>(&mut rd, MAX_FRAME_LEN).await {
+        let Some(frame) = next_frame(&mut rd, &activity, last_frame, idle_timeout).await else {
+            tracing::debug!("closing an idle connection");
+            // Nothing is in flight, so the queue has room unless the
+            // client stopped reading its replies; then it gets none.
+            let _ = tx.try_send(ServerMessage {
+                id: 0,
+                body: error_body(ApiError::new(
+                    ErrorCode::TimedOut,
+                    format!(
+                        "the connection was idle for {} (no request in flight, no stream); \
+                         closing it: connect again to go on",
+                        secs(idle_timeout)
+                    ),
+                )),
+            });
+            timed_out = true;
+            break Ok(());
+        };
+        last_frame = Instant::now();
+        let msg = match frame {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
             Err(e) if e.stream_usable() => {
@@ -311,9 +438,11 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 Some(u) => {
                     let agent = agent.clone();
                     let tx = tx.clone();
+                    let busy = activity.start();
                     tokio::spawn(async move {
                         let r = finish_upload(&agent, u).await;
                         reply(&tx, id, r.unwrap_or_else(error_body)).await;
+                        drop(busy);
                     });
                 }
                 None => {
@@ -399,9 +528,10 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 );
                 let agent = agent.clone();
                 let tx = tx.clone();
+                let busy = activity.start();
                 let h = tokio::spawn(async move {
                     handle(agent, id, body, &tx).await;
-                    drop(permit);
+                    drop((permit, busy));
                 });
                 if is_stream {
                     streams.insert(id, h.abort_handle());
@@ -415,8 +545,23 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
         h.abort();
     }
     drop(tx);
-    let _ = writer.await;
+    if timed_out {
+        let mut writer = writer;
+        if tokio::time::timeout(CLOSE_LINGER, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    } else {
+        let _ = writer.await;
+    }
     result
+}
+
+/// A duration as a person reads it: "300 s", "1.5 s".
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 /// Most uploads in progress on one connection.
@@ -723,8 +868,26 @@ async fn output_stream(
     follow: bool,
 ) {
     let copied = async {
-        let mut r = vm.log.reader(from_start)?;
-        while let Some(rec) = r.next(follow).await? {
+        let mut r = vm.log.reader(from_start);
+        while let Some(item) = r.next(follow).await? {
+            let rec = match item {
+                Item::Record(rec) => rec,
+                Item::Dropped(d) => {
+                    // Told whichever streams were asked for: the gap is in
+                    // the log, and the counts say which streams it hit.
+                    let m = ServerMessage {
+                        id,
+                        body: Response::Dropped {
+                            stdout: d.stdout,
+                            stderr: d.stderr,
+                        },
+                    };
+                    if tx.send(m).await.is_err() {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+            };
             let wanted = match rec.stream {
                 vmlet_protocol::api::Stream::Stdout => stdout,
                 vmlet_protocol::api::Stream::Stderr => stderr,
@@ -753,7 +916,14 @@ async fn output_stream(
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
-            let e = ApiError::new(ErrorCode::Internal, format!("cannot read the log: {e}"));
+            let e = if e.kind() == std::io::ErrorKind::NotFound {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} was removed while its log was read", vm.id),
+                )
+            } else {
+                ApiError::new(ErrorCode::Internal, format!("cannot read the log: {e}"))
+            };
             return reply(tx, id, error_body(e)).await;
         }
     }

@@ -883,13 +883,13 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
         tokio::select! {
             m = next_frame(&mut conn) => match m {
                 Some(Ok(GuestMessage::Stdout(d))) => {
-                    store(&vm, &mut log, Stream::Stdout, &d);
+                    store(&vm, &mut log, Stream::Stdout, &d, &noisy);
                     if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
                         ack(&log, &mut acked);
                     }
                 }
                 Some(Ok(GuestMessage::Stderr(d))) => {
-                    store(&vm, &mut log, Stream::Stderr, &d);
+                    store(&vm, &mut log, Stream::Stderr, &d, &noisy);
                     if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
                         ack(&log, &mut acked);
                     }
@@ -1005,12 +1005,25 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     finish(&agent, &vm, exit).await;
 }
 
-fn store(vm: &Vm, log: &mut LogWriter, stream: Stream, data: &[u8]) {
+fn store(
+    vm: &Vm,
+    log: &mut LogWriter,
+    stream: Stream,
+    data: &[u8],
+    noisy: &crate::ratelimit::RateLimit,
+) {
     if log.is_empty() {
         vm.phase(Phase::FirstOutput);
     }
     if let Err(e) = log.append(stream, data) {
         tracing::error!(vm = %vm.id, error = %e, "cannot write the VM's log");
+    }
+    if let Some(e) = log.take_rotate_error() {
+        // The output is kept (over the cap) in the current segment; the
+        // next append tries again, so the warning is rate-limited.
+        if let Some(suppressed) = noisy.admit() {
+            tracing::warn!(vm = %vm.id, error = %e, suppressed, "cannot rotate the VM's log");
+        }
     }
 }
 

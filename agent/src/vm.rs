@@ -226,6 +226,7 @@ impl Vm {
 
     /// Everything `inspect` shows.
     pub fn info(&self, accel: &str) -> VmInfo {
+        let log = self.log.stats();
         let g = self.inner.lock();
         VmInfo {
             summary: summary_of(&g.rec),
@@ -237,7 +238,8 @@ impl Vm {
             accel: accel.to_string(),
             memory_mib: g.rec.memory_mib,
             vcpus: g.rec.vcpus,
-            log_bytes: self.log.pos().len,
+            log_bytes: log.retained_bytes,
+            log_dropped_bytes: log.dropped_stdout + log.dropped_stderr,
             start_mode: if g.rec.from_pool {
                 "pool"
             } else if g.rec.from_template {

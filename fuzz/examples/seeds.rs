@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use vmlet_fuzz::logstore::Log;
+use vmlet_fuzz::logstore::{Log, LogLimits};
 use vmlet_protocol::api::{
     AttachSpec, ClientMessage, CreateSpec, GuestBoot, Request, Response, ServerMessage, Stream,
 };
@@ -179,7 +179,7 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let tmp = std::env::temp_dir().join(format!("vmlet-seed-log-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let (_log, mut w) = Log::open(&tmp).unwrap();
+    let (_log, mut w) = Log::open(&tmp, LogLimits::UNLIMITED).unwrap();
     w.append(Stream::Stdout, b"ready\n").unwrap();
     w.append(Stream::Stderr, b"oops\n").unwrap();
     w.append(Stream::Stdout, &[0u8; 300]).unwrap();

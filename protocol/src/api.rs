@@ -7,6 +7,11 @@
 //! ([`Request::Attach`], [`Request::Logs`] with follow, [`Request::Events`])
 //! get any number of replies and end with [`Response::StreamEnd`] or an
 //! error, or when the client sends [`Request::Cancel`].
+//!
+//! The agent closes a connection that says no hello within 10 s, or that
+//! stays idle (no request in flight, no stream, no frame from the client)
+//! for its idle timeout, after an error with [`crate::ErrorCode::TimedOut`]
+//! and request id 0.
 
 use serde::{Deserialize, Serialize};
 
@@ -309,6 +314,19 @@ pub enum Response {
         /// Stdin bytes the guest has taken.
         received: u64,
     },
+    /// On an output stream ([`Request::Attach`], [`Request::Logs`]): the
+    /// VM's log rotation deleted output before this stream read it (the
+    /// reader fell more than the agent's log cap behind, or started from
+    /// the first byte after some was deleted). The stream goes on with the
+    /// oldest output still kept. Sent once per gap, in order with the
+    /// [`Response::Output`] around it; the counts are of both streams,
+    /// whichever the request asked for.
+    Dropped {
+        /// Bytes of stdout skipped.
+        stdout: u64,
+        /// Bytes of stderr skipped.
+        stderr: u64,
+    },
 }
 
 /// One guest template: a guest of one image booted once, its tether ready,
@@ -596,11 +614,15 @@ pub struct VmInfo {
     pub memory_mib: u32,
     /// Virtual CPUs.
     pub vcpus: u32,
-    /// Bytes of stdout and stderr stored in the log.
+    /// Bytes the VM's log files hold now (stdout and stderr with a small
+    /// header per chunk); at most the agent's log cap plus one chunk.
     pub log_bytes: u64,
     /// `pool` when the VM was booted ahead of demand by a warm pool,
     /// `cold` when its start booted it.
     pub start_mode: String,
+    /// Bytes of stdout and stderr that log rotation deleted to keep the
+    /// log within the agent's cap.
+    pub log_dropped_bytes: u64,
 }
 
 /// A VM state change.

@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::aio::{read_frame, write_frame};
 use crate::api::{
@@ -71,6 +72,11 @@ type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Response>>>>;
 pub struct Client {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     routes: Routes,
+    /// Why the agent closed the connection, when it said so: the error
+    /// with request id 0 it sent last before closing (an idle timeout).
+    closed_because: Arc<Mutex<Option<ApiError>>>,
+    /// Closed (its sender dropped) when the reader task has ended.
+    reader_done: watch::Receiver<()>,
     next: AtomicU64,
     version: u32,
     agent: String,
@@ -134,10 +140,19 @@ impl Client {
         };
         let routes: Routes = Arc::default();
         let r2 = routes.clone();
+        let closed_because: Arc<Mutex<Option<ApiError>>> = Arc::default();
+        let closed2 = closed_because.clone();
+        let (done_tx, reader_done) = watch::channel(());
         tokio::spawn(async move {
+            let _done = done_tx;
+            // An error about the connection rather than a request.
+            let mut last_conn_error = None;
             loop {
                 match read_frame::<_, ServerMessage>(&mut rd, MAX_FRAME_LEN).await {
                     Ok(Some(msg)) => {
+                        if let (0, Response::Error(e)) = (msg.id, &msg.body) {
+                            last_conn_error = Some(e.clone());
+                        }
                         let done = matches!(msg.body, Response::StreamEnd { .. });
                         let mut routes = r2.lock();
                         if let Some(tx) = routes.get(&msg.id) {
@@ -148,6 +163,7 @@ impl Client {
                         }
                     }
                     Ok(None) | Err(_) => {
+                        *closed2.lock() = last_conn_error;
                         // Dropping every sender wakes every waiter with `None`.
                         r2.lock().clear();
                         return;
@@ -158,6 +174,8 @@ impl Client {
         Ok(Client {
             writer: tokio::sync::Mutex::new(wr),
             routes,
+            closed_because,
+            reader_done,
             next: AtomicU64::new(1),
             version,
             agent,
@@ -174,9 +192,33 @@ impl Client {
         &self.agent
     }
 
+    /// Why the agent closed the connection, if it said: an idle or hello
+    /// timeout ([`crate::ErrorCode::TimedOut`], retryable on a new
+    /// connection).
+    pub fn closed_because(&self) -> Option<ApiError> {
+        self.closed_because.lock().clone()
+    }
+
+    /// The error for a connection found closed: the agent's reason if it
+    /// gave one. A write can fail before the reader task has taken the
+    /// agent's last frames from the socket, so it is given a moment to.
+    async fn closed(&self, otherwise: ClientError) -> ClientError {
+        let mut done = self.reader_done.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while done.changed().await.is_ok() {}
+        })
+        .await;
+        match self.closed_because() {
+            Some(e) => ClientError::Api(e),
+            None => otherwise,
+        }
+    }
+
     async fn send(&self, id: RequestId, body: Request) -> Result<(), ClientError> {
         let mut w = self.writer.lock().await;
-        write_frame(&mut *w, &ClientMessage { id, body }).await?;
+        if let Err(e) = write_frame(&mut *w, &ClientMessage { id, body }).await {
+            return Err(self.closed(e.into()).await);
+        }
         Ok(())
     }
 
@@ -195,7 +237,10 @@ impl Client {
     /// Sends a request and waits for its single reply.
     pub async fn call(&self, body: Request) -> Result<Response, ClientError> {
         let mut s = self.stream(body).await?;
-        let r = s.next().await.ok_or(ClientError::Closed)?;
+        let r = match s.next().await {
+            Some(r) => r,
+            None => return Err(self.closed(ClientError::Closed).await),
+        };
         self.routes.lock().remove(&s.id);
         match r {
             Response::Error(e) => Err(e.into()),

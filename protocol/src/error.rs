@@ -19,12 +19,17 @@ pub enum ErrorCode {
     Unavailable,
     /// The agent failed in a way the caller cannot fix.
     Internal,
+    /// The connection was closed because it said no hello in time or sat
+    /// idle past the agent's idle timeout; a new connection (and the same
+    /// request on it) can succeed. Appended: bincode encodes a variant by
+    /// its index.
+    TimedOut,
 }
 
 impl ErrorCode {
     /// Whether sending the same request again later can succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::Unavailable)
+        matches!(self, ErrorCode::Unavailable | ErrorCode::TimedOut)
     }
 }
 
@@ -36,6 +41,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::TimedOut => "timed out",
         })
     }
 }

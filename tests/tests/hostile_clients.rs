@@ -313,3 +313,157 @@ fn thousands_of_random_frames() {
     // Whatever the random requests asked for, nothing is left running.
     a.assert_no_container_processes();
 }
+
+#[test]
+fn idle_connections_are_closed_but_streams_and_waits_are_not() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--idle-timeout".into(), IDLE.as_secs().to_string()],
+        ..Default::default()
+    });
+    // A VM that runs well past the idle timeout.
+    let id = a.detach(&["busybox", "--", "sh", "-c", "echo hi; sleep 12"]);
+    let base = a.fd_count();
+    let long_read = |s: &UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout")
+    };
+    let t = Instant::now();
+
+    // Never says hello: dropped at the hello bound (here the idle timeout,
+    // shorter than 10 s).
+    let mut mute = a.raw_connection();
+    // Says hello, then nothing.
+    let mut idle = a.raw_client();
+    // A wait and a logs -f in progress: never idle, however quiet.
+    let mut waiting = a.raw_client();
+    long_read(&waiting);
+    frame::write_frame(
+        &mut waiting,
+        &ClientMessage {
+            id: 7,
+            body: Request::Wait { vm: id.clone() },
+        },
+    )
+    .unwrap();
+    let mut following = a.raw_client();
+    long_read(&following);
+    frame::write_frame(
+        &mut following,
+        &ClientMessage {
+            id: 8,
+            body: Request::Logs {
+                vm: id.clone(),
+                follow: true,
+            },
+        },
+    )
+    .unwrap();
+    // Busy with small requests more often than the timeout: each frame
+    // restarts the clock.
+    let chatty = {
+        let mut s = a.raw_client();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut n = 0u64;
+            while t.elapsed() < 3 * IDLE {
+                frame::write_frame(
+                    &mut s,
+                    &ClientMessage {
+                        id: 100 + n,
+                        body: Request::List { all: true },
+                    },
+                )
+                .unwrap();
+                let r = read_reply(&mut s);
+                assert!(matches!(r.body, Response::List(_)), "{r:?}");
+                n += 1;
+                std::thread::sleep(IDLE / 3);
+            }
+            n
+        })
+    };
+    // The engine's client library: an idle connection's next call says
+    // why it was closed, and that retrying can help.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(a.client());
+
+    let closed_with = |s: &mut UnixStream, what: &str| {
+        let r = read_reply(s);
+        let Response::Error(e) = r.body else {
+            panic!("{what}: {r:?}")
+        };
+        assert_eq!(r.id, 0, "{what}: {e:?}");
+        assert_eq!(e.code, ErrorCode::TimedOut, "{what}: {e:?}");
+        assert!(e.retryable());
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "{what}: still open"
+        );
+        e.message
+    };
+    let m = closed_with(&mut mute, "no hello");
+    let mute_after = t.elapsed();
+    assert!(m.contains("no Hello"), "{m}");
+    let m = closed_with(&mut idle, "idle");
+    let idle_after = t.elapsed();
+    assert!(m.contains("idle"), "{m}");
+    assert!(
+        mute_after >= IDLE - Duration::from_millis(500) && idle_after >= IDLE,
+        "closed too early: {mute_after:?}, {idle_after:?}"
+    );
+    assert!(
+        idle_after < IDLE * 5,
+        "the idle client was closed only after {idle_after:?}"
+    );
+    let rounds = chatty.join().expect("the chatty client was closed");
+    let e = rt
+        .block_on(client.list(true))
+        .expect_err("the idle library client still answered");
+    match e {
+        vmlet_protocol::client::ClientError::Api(e) => {
+            assert_eq!(e.code, ErrorCode::TimedOut, "{e:?}")
+        }
+        other => panic!("the idle library client saw {other:?}"),
+    }
+
+    // The waiter and the follower outlived several timeouts: both get
+    // their answers when the VM exits, then go idle and are closed.
+    let r = read_reply(&mut waiting);
+    assert!(
+        matches!(&r.body, Response::Exited(e) if e.code == 0),
+        "{r:?}"
+    );
+    let waited = t.elapsed();
+    assert!(waited > 2 * IDLE, "the VM exited after only {waited:?}");
+    let mut out = Vec::new();
+    loop {
+        let r = read_reply(&mut following);
+        match r.body {
+            Response::Output { data, .. } => out.extend(data),
+            Response::StreamEnd { exit } => {
+                assert_eq!(exit.map(|e| e.code), Some(0));
+                break;
+            }
+            other => panic!("the follower got {other:?}"),
+        }
+    }
+    assert_eq!(out, b"hi\n");
+    closed_with(&mut waiting, "idle after its wait");
+    closed_with(&mut following, "idle after its stream");
+    eprintln!(
+        "idle timeout {IDLE:?}: a mute client was dropped after {mute_after:?}, an idle one \
+         after {idle_after:?}; a wait and a logs -f lived {waited:?} until the VM exited; a \
+         client sending a request every {:?} was served {rounds} times",
+        IDLE / 3
+    );
+    drop((mute, idle, waiting, following, client));
+    fds_back_to(&a, base);
+    still_serving(&a);
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+    a.assert_no_processes(&id);
+}

@@ -71,20 +71,28 @@ fn a_flood_is_confined_and_a_neighbour_keeps_its_output() {
 
     assert_eq!(wait(&a, &flooder), 0);
     let info = a.inspect(&flooder);
-    let flooded = info["LogBytes"].as_u64().unwrap();
+    // Stored, and deleted again by rotation past the log cap (64 MiB).
+    let kept = info["LogBytes"].as_u64().unwrap();
+    let flooded = kept + info["LogDroppedBytes"].as_u64().unwrap();
     let peak = rss.max_kib();
     // The flood's warnings (its process reports a start again) are few.
     let warns = a.daemon_log().matches("unexpected message").count();
     eprintln!(
-        "flood: the guest wrote {:.1} MB in 10 s ({:.1} MB/s) ignoring acknowledgements; the \
-         neighbour started meanwhile finished complete in {:.1} s (phases {phases}); agent RSS \
-         at most {:.1} MiB; {warns} warnings logged",
+        "flood: the guest wrote {:.1} MB in 10 s ({:.1} MB/s) ignoring acknowledgements, \
+         {:.1} MB of it kept under the log cap; the neighbour started meanwhile finished \
+         complete in {:.1} s (phases {phases}); agent RSS at most {:.1} MiB; {warns} warnings \
+         logged",
         flooded as f64 / 1e6,
         flooded as f64 / 1e7,
+        kept as f64 / 1e6,
         neighbour.as_secs_f64(),
         peak as f64 / 1024.0
     );
     assert!(flooded > 1 << 20, "the flood wrote only {flooded} bytes");
+    assert!(
+        kept <= 64 << 20,
+        "the log kept {kept} bytes, over the default cap"
+    );
     assert!(
         neighbour < Duration::from_secs(90),
         "the neighbour took {neighbour:?}"

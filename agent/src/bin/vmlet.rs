@@ -348,6 +348,9 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         w.write_all(&data)?;
                         w.flush()?;
                     }
+                    Response::Dropped { stdout, stderr } => {
+                        dropped_notice(&mut err, stdout, stderr)?
+                    }
                     Response::StreamEnd { .. } => break,
                     Response::Error(e) => return Err(ClientError::Api(e).into()),
                     _ => {}
@@ -417,6 +420,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 "MemoryMiB": info.memory_mib,
                 "Vcpus": info.vcpus,
                 "LogBytes": info.log_bytes,
+                "LogDroppedBytes": info.log_dropped_bytes,
                 "StartMode": info.start_mode,
                 "Env": info.spec.env,
                 "WorkingDir": info.spec.workdir,
@@ -678,6 +682,7 @@ async fn attach(
                     w.write_all(&data)?;
                     w.flush()?;
                 }
+                Response::Dropped { stdout, stderr } => dropped_notice(&mut err, stdout, stderr)?,
                 Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
                 Response::StreamEnd { exit: None } => return Ok(0),
                 Response::Error(e) => return Err(ClientError::Api(e).into()),
@@ -690,6 +695,18 @@ async fn attach(
         r = output => r,
         r = stdin_task => r.map(|_| 0),
     }
+}
+
+/// Says on stderr, as vmlet's own message, that the stream skipped output
+/// log rotation had deleted.
+fn dropped_notice(w: &mut dyn Write, stdout: u64, stderr: u64) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "vmlet: {} bytes of output were dropped by log rotation before they were read \
+         ({stdout} of stdout, {stderr} of stderr); continuing with the oldest output kept",
+        stdout + stderr
+    )?;
+    w.flush()
 }
 
 fn parse_signal(s: &str) -> Result<i32, CliError> {

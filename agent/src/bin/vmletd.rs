@@ -67,6 +67,22 @@ struct Args {
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
+    /// Most bytes of output each VM's log keeps (a number of bytes, or with
+    /// a K, M or G suffix: binary units); 0 keeps everything. Beyond it the
+    /// oldest part is deleted; a reader that had not read it yet is told how
+    /// many bytes it missed.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    log_max_size: String,
+    /// How many files each VM's log is divided into: rotation deletes the
+    /// oldest, 1/N of the cap, at a time.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    log_max_files: usize,
+    /// Seconds an API connection may sit idle (no request in flight, no
+    /// stream such as attach, logs -f, events or wait) before vmletd closes
+    /// it with a timed-out error; 0 never closes one. A connection must
+    /// say hello within 10 s (or this, if shorter) whatever this is.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    idle_timeout: f64,
     /// Boot one guest of IMAGE once, snapshot it, and start every VM of
     /// IMAGE (at the default memory and vCPUs) as a copy-on-write clone of
     /// the snapshot instead of booting it. Repeatable.
@@ -87,6 +103,12 @@ enum ArgsError {
     Accel(String),
     #[error("--boot-timeout must be a positive number of seconds")]
     BootTimeout,
+    #[error("--log-max-size {0:?} is not a size (bytes, or a number with K, M or G)")]
+    LogSize(String),
+    #[error("invalid log limits: {0}")]
+    LogLimits(String),
+    #[error("--idle-timeout must be a number of seconds, 0 for never")]
+    IdleTimeout,
 }
 
 impl TryFrom<Args> for Config {
@@ -118,6 +140,17 @@ impl TryFrom<Args> for Config {
         c.pools = a.pools;
         c.pool_refill = a.pool_refill;
         c.templates = a.templates;
+        let size = vmlet_agent::config::parse_size(&a.log_max_size)
+            .ok_or_else(|| ArgsError::LogSize(a.log_max_size.clone()))?;
+        c.log_limits = vmlet_agent::logstore::LogLimits::new(size, a.log_max_files)
+            .map_err(ArgsError::LogLimits)?;
+        c.idle_timeout = if a.idle_timeout == 0.0 {
+            Duration::MAX
+        } else if a.idle_timeout > 0.0 {
+            Duration::try_from_secs_f64(a.idle_timeout).map_err(|_| ArgsError::IdleTimeout)?
+        } else {
+            return Err(ArgsError::IdleTimeout);
+        };
         Ok(c)
     }
 }
