@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm_shim::Accel;
+use vmm_shim::{Accel, CgroupMode};
 
 /// Everything vmletd needs to run, validated.
 #[derive(Debug, Clone)]
@@ -42,6 +42,15 @@ pub struct Config {
     pub pools: Vec<crate::pool::PoolSpec>,
     /// Most pool members booting at once.
     pub pool_refill: usize,
+    /// The user (name or uid) VMMs run as; `None`: `vmlet-vmm` if it
+    /// exists, else the agent's own user.
+    pub vmm_user: Option<String>,
+    /// Which cgroups VMs go into.
+    pub cgroups: CgroupMode,
+    /// The cgroup VM cgroups are made in (see `vmm_shim::Cgroups::detect`).
+    pub cgroup_parent: Option<String>,
+    /// Memory (MiB) a VM's cgroup allows beyond its guest memory.
+    pub vmm_memory_overhead_mib: u64,
 }
 
 impl Config {
@@ -64,6 +73,10 @@ impl Config {
             max_total_memory_mib: default_memory_budget(),
             pools: Vec::new(),
             pool_refill: 1,
+            vmm_user: None,
+            cgroups: CgroupMode::Auto,
+            cgroup_parent: None,
+            vmm_memory_overhead_mib: vmm_shim::confine::DEFAULT_MEMORY_OVERHEAD_MIB,
         }
     }
 

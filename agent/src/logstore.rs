@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
@@ -74,7 +75,13 @@ pub fn now_ns() -> u64 {
 impl Log {
     /// Creates (or reopens for appending) the log at `path`.
     pub fn open(path: &Path) -> io::Result<(Log, LogWriter)> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        // The container's output is the agent's to serve: not readable by
+        // other users, a VMM's included.
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let (len, streams) = scan(path)?;
         // A torn tail from a crash mid-write is cut off so the next record
         // starts on a boundary.

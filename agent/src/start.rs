@@ -259,6 +259,7 @@ pub(crate) async fn launch(
         i.handle = Some(handle.clone());
         i.rec.vmm_pid = handle.pid();
         i.rec.helper_pids = handle.helper_pids();
+        i.rec.confinement = handle.confinement().map(confinement_info);
     });
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
@@ -428,8 +429,35 @@ pub fn tether_listen_path(vsock_uds: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Binds the tether listener, replacing a stale socket file.
+/// What `inspect` shows of a VM's confinement.
+pub fn confinement_info(c: vmm_shim::ConfinementInfo) -> vmlet_protocol::api::Confinement {
+    vmlet_protocol::api::Confinement {
+        user: c.user,
+        uid: c.uid,
+        gid: c.gid,
+        cgroup: c.cgroup.map(|g| vmlet_protocol::api::CgroupLimits {
+            version: g.version.to_string(),
+            paths: g.paths.iter().map(|p| p.display().to_string()).collect(),
+            memory_max_bytes: g.limits.memory_bytes,
+            cpu_quota_us: g.limits.cpu_quota_us,
+            cpu_period_us: g.limits.cpu_period_us,
+            pids_max: g.limits.pids_max,
+        }),
+        note: c.note,
+    }
+}
+
+/// Binds the tether listener, replacing a stale socket file; makes its
+/// directory if needed (the VMM backend gives it to the VMM's user).
 pub fn bind_tether_listener(path: &Path) -> Result<UnixListener, ApiError> {
+    if let Some(d) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return Err(err(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", d.display()),
+            ));
+        }
+    }
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).map_err(|e| {
         err(
@@ -610,22 +638,22 @@ pub struct Connected {
 }
 
 impl Connected {
-    /// The session of a VM adopted from an earlier agent: no connection
-    /// yet; the tether dials again and is told where to resume.
+    /// The session of a VM adopted from an earlier agent, on the tether
+    /// listener bound again for it: no connection yet; the tether dials
+    /// again and is told where to resume.
     pub fn adopted(
         handle: Arc<dyn VmHandle>,
-        vsock_uds: &Path,
+        listener: UnixListener,
+        listen_path: PathBuf,
         log: LogWriter,
-    ) -> Result<Self, ApiError> {
-        let listen_path = tether_listen_path(vsock_uds);
-        let listener = bind_tether_listener(&listen_path)?;
-        Ok(Connected {
+    ) -> Self {
+        Connected {
             handle,
             listener,
             listen_path,
             conn: None,
             log,
-        })
+        }
     }
 }
 
@@ -788,6 +816,14 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 code: 137,
                 signal: Some(9),
                 reason: "stopped: the VM was killed".into(),
+                at_ms: now_ms(),
+            }
+        } else if vmm_exit.oom_killed {
+            // As a container runtime reports an OOM kill: 128 + SIGKILL.
+            ExitInfo {
+                code: 137,
+                signal: Some(9),
+                reason: format!("out of memory: {}", vmm_exit.description),
                 at_ms: now_ms(),
             }
         } else {
