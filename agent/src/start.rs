@@ -269,12 +269,18 @@ pub(crate) async fn launch(
     let fail = |e: ApiError| (e, Some(handle.clone()));
     let timeout = agent.config.boot_timeout;
     let accept = async {
-        let (stream, _) = listener.accept().await.map_err(|e| {
-            err(
-                ErrorCode::Internal,
-                format!("accepting the guest connection failed: {e}"),
-            )
-        })?;
+        let stream = loop {
+            let (stream, _) = listener.accept().await.map_err(|e| {
+                err(
+                    ErrorCode::Internal,
+                    format!("accepting the guest connection failed: {e}"),
+                )
+            })?;
+            if from_own_vmm(&stream, &*handle) {
+                break stream;
+            }
+            tracing::warn!(vm = %vm.id, peer = ?stream.peer_cred().ok(), "refused a connection to the tether listener from a process that is not this VM's VMM");
+        };
         let (rd, wr) = stream.into_split();
         let mut frames = spawn_reader(rd);
         let boot = read_hello(&mut frames).await?;
@@ -427,6 +433,21 @@ pub fn tether_listen_path(vsock_uds: &Path) -> PathBuf {
     let mut p = vsock_uds.as_os_str().to_owned();
     p.push(format!("_{TETHER_PORT}"));
     PathBuf::from(p)
+}
+
+/// Whether a connection to a VM's tether listener comes from that VM's own
+/// VMM processes: with hybrid vsock, the guest's dial arrives from the
+/// process serving its vsock device (QEMU's vsock backend, or the VMM
+/// itself). Every VMM may share one uid, and the listener's directory is
+/// that uid's, so a process of another VM could connect too; it must not
+/// pose as this guest's tether (and be handed its spec and stdin). The
+/// kernel's SO_PEERCRED pid decides.
+fn from_own_vmm(stream: &tokio::net::UnixStream, handle: &dyn VmHandle) -> bool {
+    let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) else {
+        return false;
+    };
+    let pid = pid as u32;
+    handle.pid() == Some(pid) || handle.helper_pids().contains(&pid)
 }
 
 /// What `inspect` shows of a VM's confinement.
@@ -762,6 +783,12 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
             },
             a = listener.accept(), if conn.is_none() => {
                 let Ok((stream, _)) = a else { continue };
+                if !from_own_vmm(&stream, &*handle) {
+                    if let Some(suppressed) = noisy.admit() {
+                        tracing::warn!(vm = %vm.id, peer = ?stream.peer_cred().ok(), suppressed, "refused a connection to the tether listener from a process that is not this VM's VMM");
+                    }
+                    continue;
+                }
                 let (rd, wr) = stream.into_split();
                 let mut frames = spawn_reader(rd);
                 match tokio::time::timeout(REHELLO_TIMEOUT, read_hello(&mut frames)).await {

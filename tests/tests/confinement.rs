@@ -21,7 +21,7 @@ fn vmm_user() -> (u32, u32) {
 }
 
 /// `Uid:` or `Gid:` of /proc/PID/status: real, effective, saved, fs.
-fn ids(pid: i32, key: &str) -> Vec<u32> {
+fn ids_of(pid: i32, key: &str) -> Vec<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     s.lines()
         .find_map(|l| l.strip_prefix(key))
@@ -117,8 +117,12 @@ fn cgroup_of(info: &Value, memory_mib: u64, overhead_mib: u64, vcpus: u64) -> Ve
 /// directory of `cgroup`.
 fn assert_confined(pid: i32, cgroup: &[PathBuf], what: &str) {
     let (uid, gid) = vmm_user();
-    assert_eq!(ids(pid, "Uid:"), [uid; 4], "{what} runs as vmlet-vmm");
-    assert_eq!(ids(pid, "Gid:"), [gid; 4], "{what} has vmlet-vmm's group");
+    assert_eq!(ids_of(pid, "Uid:"), [uid; 4], "{what} runs as vmlet-vmm");
+    assert_eq!(
+        ids_of(pid, "Gid:"),
+        [gid; 4],
+        "{what} has vmlet-vmm's group"
+    );
     assert_eq!(status_field(pid, "CapEff:"), "0000000000000000", "{what}");
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     for d in cgroup {
@@ -382,4 +386,67 @@ fn pool_members_are_confined_too() {
     assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
     a.assert_no_processes(&id);
     wait_gone(&paths);
+}
+
+#[test]
+fn another_process_cannot_pose_as_a_guests_tether() {
+    use std::os::unix::net::UnixStream;
+    use vmlet_protocol::api::GuestBoot;
+    use vmlet_protocol::guest::{GuestMessage, GUEST_PROTOCOL_VERSION};
+
+    let a = TestAgent::start();
+    // The tether's listener exists from before the VMM is spawned; dial it
+    // first, from a process that is not the VM's VMM, and say hello.
+    let run = a
+        .vmlet()
+        .args(["run", "-d", "busybox", "--", "echo", "real"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vms = a.state_dir().join("vms");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let listener = loop {
+        let found = std::fs::read_dir(&vms)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("vsock/vsock.sock_1024"))
+            .find(|p| p.exists());
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no tether listener appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut forged = UnixStream::connect(&listener).expect("connect to the listener");
+    forged
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    vmlet_protocol::frame::write_frame(
+        &mut forged,
+        &GuestMessage::Hello {
+            version: GUEST_PROTOCOL_VERSION,
+            boot: GuestBoot::default(),
+        },
+    )
+    .unwrap();
+    // The agent closes it unanswered: no spec (argv, environment) for it.
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut forged, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the forged tether was answered");
+
+    // The real guest still boots and runs its command.
+    let o = vmlet_tests::wait_output(run, Duration::from_secs(240), "vmlet run -d");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = stdout(&o).trim().to_string();
+    a.wait_logs(&id, "real\n");
+    assert!(
+        a.daemon_log()
+            .contains("refused a connection to the tether listener"),
+        "{}",
+        a.daemon_log()
+    );
+    assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
+    a.assert_no_processes(&id);
 }
