@@ -51,6 +51,8 @@ pub struct Config {
     pub cgroup_parent: Option<String>,
     /// Memory (MiB) a VM's cgroup allows beyond its guest memory.
     pub vmm_memory_overhead_mib: u64,
+    /// Each VM's VMM runs as uid and gid this + its vsock CID, when set.
+    pub vmm_uid_base: Option<u32>,
 }
 
 impl Config {
@@ -77,6 +79,7 @@ impl Config {
             cgroups: CgroupMode::Auto,
             cgroup_parent: None,
             vmm_memory_overhead_mib: vmm_shim::confine::DEFAULT_MEMORY_OVERHEAD_MIB,
+            vmm_uid_base: None,
         }
     }
 

@@ -70,6 +70,7 @@ pub fn resolve(config: &Config) -> Result<Confinement, ConfinementError> {
         user_note,
         cgroups,
         memory_overhead_mib: config.vmm_memory_overhead_mib,
+        uid_base: config.vmm_uid_base,
     };
     if c.credentials().is_none() {
         if config.vmm_user.is_some() {
@@ -100,7 +101,8 @@ pub fn check_state_access(config: &Config, c: &Confinement) -> Result<(), Confin
     let Some(cred) = c.credentials() else {
         return Ok(());
     };
-    let user = c.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+    let cred = &cred;
+    let user = c.name_of(cred);
     let checks: [(PathBuf, u32); 3] = [
         (config.vms_dir(), 1),
         (config.images_dir().join("layers"), 1),

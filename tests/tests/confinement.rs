@@ -450,3 +450,74 @@ fn another_process_cannot_pose_as_a_guests_tether() {
     assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
     a.assert_no_processes(&id);
 }
+
+/// Whether `argv` succeeds when run as `uid`:`uid` (std drops root's
+/// supplementary groups when it changes the uid).
+fn succeeds_as(uid: u32, argv: &[&str]) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn per_vm_uids_keep_vmms_apart() {
+    const BASE: u32 = 2_000_000;
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--vmm-uid-base".into(), BASE.to_string()],
+        ..Default::default()
+    });
+    let ids: Vec<String> = (0..2)
+        .map(|i| {
+            a.detach(&[
+                "busybox",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo vm{i}; sleep 1000"),
+            ])
+        })
+        .collect();
+    let mut uids = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        a.wait_logs(id, &format!("vm{i}\n"));
+        let info = a.inspect(id);
+        let uid = BASE + info["Cid"].as_u64().unwrap() as u32;
+        assert_eq!(info["Confinement"]["Uid"], uid, "{info}");
+        assert_eq!(info["Confinement"]["Gid"], uid, "{info}");
+        let (qemu, backend) = vm_processes(&a, id);
+        for pid in [qemu, backend] {
+            assert_eq!(ids_of(pid, "Uid:"), [uid; 4]);
+            assert_eq!(ids_of(pid, "Gid:"), [uid; 4]);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let disk = a.vm_dir(id).join("rw.qcow2");
+        assert_eq!(std::fs::metadata(&disk).unwrap().uid(), uid);
+        uids.push(uid);
+    }
+    assert_ne!(uids[0], uids[1], "each VM has its own uid");
+    // Each VM's uid reaches its own writable disk and vsock directory, and
+    // not the other VM's.
+    let path = |id: &str, f: &str| a.vm_dir(id).join(f).display().to_string();
+    for (me, other) in [(0, 1), (1, 0)] {
+        let (uid, mine, theirs) = (uids[me], &ids[me], &ids[other]);
+        assert!(succeeds_as(uid, &["head", "-c1", &path(mine, "rw.qcow2")]));
+        assert!(succeeds_as(uid, &["ls", &path(mine, "vsock")]));
+        assert!(!succeeds_as(
+            uid,
+            &["head", "-c1", &path(theirs, "rw.qcow2")]
+        ));
+        assert!(!succeeds_as(uid, &["ls", &path(theirs, "vsock")]));
+        assert!(!succeeds_as(uid, &["head", "-c1", &path(theirs, "log")]));
+    }
+    for id in &ids {
+        assert_eq!(a.run(&["rm", "-f", id]).status.code(), Some(0));
+        a.assert_no_processes(id);
+    }
+}

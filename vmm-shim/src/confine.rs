@@ -992,7 +992,15 @@ pub struct Confinement {
     /// Memory a VMM may use beyond its guest's, MiB (QEMU's own heap, TCG's translation
     /// cache, I/O buffers, the vsock backend).
     pub memory_overhead_mib: u64,
+    /// When set, each VM's processes get a uid and gid of their own, this base plus the
+    /// VM's vsock CID (unique among the host's live guests), instead of sharing `user`'s;
+    /// they keep `user`'s supplementary groups (such as `kvm`). VMMs are then kept apart
+    /// from each other by uid too, not only from the host.
+    pub uid_base: Option<u32>,
 }
+
+/// The lowest vsock CID a guest gets (0 to 2 are reserved).
+const FIRST_CID: u32 = 3;
 
 impl Default for Confinement {
     /// Nothing: VMMs run as the agent's user, without cgroups.
@@ -1002,6 +1010,7 @@ impl Default for Confinement {
             user_note: Some("not configured".into()),
             cgroups: Cgroups::off("not configured"),
             memory_overhead_mib: DEFAULT_MEMORY_OVERHEAD_MIB,
+            uid_base: None,
         }
     }
 }
@@ -1014,12 +1023,50 @@ impl Default for Confinement {
 pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 256;
 
 impl Confinement {
-    /// The credentials VM processes get, or `None` when they run as the agent.
-    pub fn credentials(&self) -> Option<&Credentials> {
-        self.user
-            .as_ref()
-            .map(|u| &u.credentials)
-            .filter(|c| !c.are_own())
+    /// The credentials the processes of the VM with vsock CID `cid` get, or `None` when
+    /// they run as the agent.
+    pub fn credentials_for(&self, cid: u32) -> Option<Credentials> {
+        match self.uid_base {
+            Some(base) => {
+                let id = base.saturating_add(cid);
+                let groups = self
+                    .user
+                    .as_ref()
+                    .map(|u| {
+                        let c = &u.credentials;
+                        c.groups.iter().copied().filter(|g| *g != c.gid).collect()
+                    })
+                    .unwrap_or_default();
+                Some(Credentials {
+                    uid: id,
+                    gid: id,
+                    groups,
+                })
+            }
+            None => self
+                .user
+                .as_ref()
+                .map(|u| u.credentials.clone())
+                .filter(|c| !c.are_own()),
+        }
+    }
+
+    /// The credentials VM processes get (the first VM's, when each gets its own: what
+    /// access checks of shared files use), or `None` when they run as the agent.
+    pub fn credentials(&self) -> Option<Credentials> {
+        self.credentials_for(FIRST_CID)
+    }
+
+    /// A name for `cred`: the user's, or the uid when it has none (per-VM uids).
+    pub fn name_of(&self, cred: &Credentials) -> String {
+        match &self.user {
+            Some(u) if u.credentials.uid == cred.uid => u.name.clone(),
+            _ => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| cred.uid.to_string()),
+        }
     }
 
     /// The limits of a VM of this memory and vCPU count.
@@ -1029,8 +1076,13 @@ impl Confinement {
 
     /// A sentence for the agent's log.
     pub fn describe(&self) -> String {
-        let user = match (self.credentials(), &self.user) {
-            (Some(c), Some(u)) => format!("user {} (uid {}, gid {})", u.name, c.uid, c.gid),
+        let user = match (self.credentials(), &self.user, self.uid_base) {
+            (Some(_), _, Some(base)) => {
+                format!("a uid and gid of their own per VM ({base} + the VM's vsock CID)")
+            }
+            (Some(c), Some(u), None) => {
+                format!("user {} (uid {}, gid {})", u.name, c.uid, c.gid)
+            }
             _ => {
                 let me = VmmUser::agent();
                 format!(

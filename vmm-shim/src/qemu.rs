@@ -339,7 +339,7 @@ impl Qemu {
     /// Like [`Qemu::new`], with VMMs confined as `confinement` says; the programs found are
     /// ones the VMM's user may run, and a named one it may not run is an error.
     pub fn confined(confinement: Confinement) -> Result<Self, Error> {
-        let cred = confinement.credentials().cloned();
+        let cred = confinement.credentials();
         let find = |var: &str, name: &'static str| -> Result<PathBuf, Error> {
             let p = std::env::var_os(var)
                 .map(PathBuf::from)
@@ -508,7 +508,7 @@ impl Vmm for Qemu {
         use std::os::unix::fs::OpenOptionsExt;
         let paths = VmPaths::for_config(cfg);
         validate(cfg, &paths)?;
-        let cred = self.confinement.credentials().cloned();
+        let cred = self.confinement.credentials_for(cfg.cid);
         let log = File::options()
             .create(true)
             .append(true)
@@ -784,9 +784,9 @@ fn grant_listeners(cfg: &VmConfig, cred: &Credentials) -> Result<(), Error> {
 impl Qemu {
     /// What a VM started now is confined by.
     fn info(&self, cred: Option<&Credentials>, cgroup: Option<&VmCgroup>) -> ConfinementInfo {
-        let (user, ids) = match (cred, &self.confinement.user) {
-            (Some(c), Some(u)) => (u.name.clone(), c.clone()),
-            _ => {
+        let (user, ids) = match cred {
+            Some(c) => (self.confinement.name_of(c), c.clone()),
+            None => {
                 let me = VmmUser::agent();
                 (me.name, me.credentials)
             }

@@ -89,15 +89,23 @@ struct Args {
     /// backend.
     #[arg(long, default_value_t = vmm_shim::confine::DEFAULT_MEMORY_OVERHEAD_MIB)]
     vmm_memory_overhead: u64,
+    /// Give each VM's QEMU and vsock backend a uid and gid of their own,
+    /// BASE + the VM's vsock CID, instead of sharing --vmm-user's (they keep
+    /// its supplementary groups, such as kvm), so VMMs are kept apart from
+    /// each other too. Reserve a range no user or group uses (as
+    /// /etc/subuid does), at least BASE..BASE+65535.
+    #[arg(long, value_name = "BASE")]
+    vmm_uid_base: Option<u32>,
 }
 
 const CONFINEMENT_HELP: &str = "\
 Confinement: every VM's QEMU and vsock backend run under QEMU's seccomp
-sandbox, as the --vmm-user (dropped before exec: QEMU never holds root), in
-a cgroup of their own limited to the guest's memory + --vmm-memory-overhead
-(no swap), its vCPUs + 25 % of a CPU and 512 tasks. An OOM kill ends the VM
-with exit code 137 and says so in `vmlet inspect`, which also shows the
-user, the cgroup and its limits. See docs/confinement.md.";
+sandbox, as the --vmm-user (or, with --vmm-uid-base, a uid of their own per
+VM; dropped before exec: QEMU never holds root), in a cgroup of their own
+limited to the guest's memory + --vmm-memory-overhead (no swap), its vCPUs +
+25 % of a CPU and 512 tasks. An OOM kill ends the VM with exit code 137 and
+says so in `vmlet inspect`, which also shows the user, the cgroup and its
+limits. See docs/confinement.md.";
 
 #[derive(Debug, thiserror::Error)]
 enum ArgsError {
@@ -109,6 +117,8 @@ enum ArgsError {
     BootTimeout,
     #[error("--cgroups {0}")]
     Cgroups(String),
+    #[error("--vmm-uid-base must be from 1000 to {max}, so that BASE + any CID is an ordinary id")]
+    UidBase { max: u32 },
 }
 
 impl TryFrom<Args> for Config {
@@ -143,6 +153,14 @@ impl TryFrom<Args> for Config {
         c.cgroups = a.cgroups.parse().map_err(ArgsError::Cgroups)?;
         c.cgroup_parent = a.cgroup_parent;
         c.vmm_memory_overhead_mib = a.vmm_memory_overhead;
+        if let Some(base) = a.vmm_uid_base {
+            // Ids near 2^32 are the kernel's overflow and "no id" values.
+            let max = u32::MAX - (1 << 20);
+            if !(1000..=max).contains(&base) {
+                return Err(ArgsError::UidBase { max });
+            }
+            c.vmm_uid_base = Some(base);
+        }
         Ok(c)
     }
 }
