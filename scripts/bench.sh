@@ -22,6 +22,8 @@ log() { printf 'bench: %s\n' "$*" >&2; }
 PROFILE=release scripts/build.sh
 
 tmp=$(mktemp -d /tmp/vmlet-bench.XXXXXX)
+# QEMU runs as the unprivileged VMM user, which must be able to enter it.
+chmod 711 "$tmp"
 agent=
 cleanup() {
     [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true

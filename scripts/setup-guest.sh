@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a host to run vmlet guests:
 #   - installs the host packages vmlet drives (QEMU, vhost-device-vsock, image tools);
+#   - creates the system user QEMU runs as (vmlet-vmm, or $VMLET_VMM_USER; in group kvm if any);
 #   - fetches Debian's cloud kernel and writes, into ${VMLET_GUEST_DIR:-/var/lib/vmlet/guest}:
 #       vmlinux          the PVH ELF QEMU microvm boots (a bzImage will not do)
 #       modules/*.ko     the modules the guest needs that the kernel does not build in
@@ -12,11 +13,13 @@
 #   VMLET_GUEST_DIR       where the guest files go
 #   VMLET_KERNEL_PACKAGE  a concrete package to use instead of the newest linux-image-6.1.0-N-cloud-amd64
 #   VMLET_GUEST_REFRESH=1 rebuild the guest directory even when it is complete
+#   VMLET_VMM_USER        the user QEMU runs as (default vmlet-vmm)
 set -euo pipefail
 
 GUEST_DIR=${VMLET_GUEST_DIR:-/var/lib/vmlet/guest}
 HOST_PACKAGES=(qemu-system-x86 qemu-utils busybox-static erofs-utils e2fsprogs cpio lz4)
 VSOCK_BACKEND_VERSION=0.3.0
+VMM_USER=${VMLET_VMM_USER:-vmlet-vmm}
 
 # Modules the guest needs. A name that is built in (modules.builtin) is skipped; the ones
 # marked optional are only there to be loaded if this kernel builds them as modules.
@@ -63,15 +66,38 @@ install_host_packages() {
     fi
 }
 
+# vhost-device-vsock runs as the unprivileged VMM user, so it must be where every user may run
+# it: /usr/local/bin, not root's ~/.cargo/bin (a copy of a build already there will do).
 install_vsock_backend() {
-    local d
-    if command -v vhost-device-vsock >/dev/null; then return 0; fi
-    for d in "${CARGO_HOME:-$HOME/.cargo}/bin" /usr/local/cargo/bin; do
-        if [ -x "$d/vhost-device-vsock" ]; then return 0; fi
+    local p
+    if [ -x /usr/local/bin/vhost-device-vsock ]; then return 0; fi
+    need_root "installing vhost-device-vsock into /usr/local/bin"
+    for p in "$(command -v vhost-device-vsock || true)" \
+        "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" /usr/local/cargo/bin/vhost-device-vsock; do
+        if [ -n "$p" ] && [ -x "$p" ] && "$p" --version 2>/dev/null | grep -qF "$VSOCK_BACKEND_VERSION"; then
+            log "installing $p into /usr/local/bin"
+            install -m 0755 "$p" /usr/local/bin/vhost-device-vsock
+            return 0
+        fi
     done
     command -v cargo >/dev/null || die "vhost-device-vsock is missing and cargo is not installed to build it"
     log "cargo install vhost-device-vsock $VSOCK_BACKEND_VERSION (takes a few minutes)"
-    cargo install vhost-device-vsock --version "$VSOCK_BACKEND_VERSION" --locked >&2
+    cargo install vhost-device-vsock --version "$VSOCK_BACKEND_VERSION" --locked --root /usr/local >&2
+}
+
+# QEMU and vhost-device-vsock run as this unprivileged system user (vmletd --vmm-user), in the
+# kvm group where there is one (for /dev/kvm). Idempotent.
+ensure_vmm_user() {
+    if ! getent passwd "$VMM_USER" >/dev/null; then
+        need_root "creating the user $VMM_USER"
+        log "creating the system user $VMM_USER (QEMU runs as it)"
+        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$VMM_USER"
+    fi
+    if getent group kvm >/dev/null && ! id -nG "$VMM_USER" | tr ' ' '\n' | grep -qx kvm; then
+        need_root "adding $VMM_USER to the kvm group"
+        log "adding $VMM_USER to the kvm group"
+        usermod -aG kvm "$VMM_USER"
+    fi
 }
 
 # The module list a guest directory was built for: a directory built for another list
@@ -250,6 +276,7 @@ build_guest() {
 main() {
     install_host_packages
     install_vsock_backend
+    ensure_vmm_user
     if guest_complete && [ "${VMLET_GUEST_REFRESH:-0}" != 1 ]; then
         log "guest kernel $(cat "$GUEST_DIR/kernel.release") already in $GUEST_DIR"
         return 0

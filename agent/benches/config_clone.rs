@@ -51,7 +51,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("config clone + QEMU argv", |b| {
         b.iter(|| {
             let cfg = t.clone_for("0123456789abcdef", dir, 7, 256, 1, disks());
-            vmm_shim::qemu::argv(&cfg, &VmPaths::new(dir), true)
+            vmm_shim::qemu::argv(&cfg, &VmPaths::new(dir), true, Some(102))
         })
     });
 }

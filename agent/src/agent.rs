@@ -17,7 +17,7 @@ use crate::ids;
 use crate::image::{ImageError, ImageStore};
 use crate::initrd::{self, InitrdError};
 use crate::logstore::Log;
-use crate::state::write_atomic;
+use crate::state::write_atomic_mode;
 use crate::vm::{now_ms, Vm, VmRecord};
 
 /// Why the agent could not start.
@@ -65,7 +65,9 @@ impl VmTemplate {
 
     /// A per-VM config from the template.
     pub fn instantiate(&self, vm: &Vm, rec: &VmRecord, disks: Vec<Disk>) -> VmConfig {
-        self.clone_for(&vm.id, &vm.dir, rec.cid, rec.memory_mib, rec.vcpus, disks)
+        let mut c = self.clone_for(&vm.id, &vm.dir, rec.cid, rec.memory_mib, rec.vcpus, disks);
+        c.vsock_uds = rec.vsock_uds(&vm.dir);
+        c
     }
 
     /// Clones the template and fills in only what is per-VM.
@@ -81,7 +83,7 @@ impl VmTemplate {
         let mut c = self.base.clone();
         id.clone_into(&mut c.id);
         dir.clone_into(&mut c.dir);
-        c.vsock_uds = dir.join("vsock.sock");
+        c.vsock_uds = dir.join("vsock").join("vsock.sock");
         c.cid = cid;
         c.memory_mib = memory_mib;
         c.vcpus = vcpus;
@@ -299,21 +301,26 @@ impl Agent {
             if rec.from_template {
                 cfg.link = vmm_shim::Link::Serial;
             }
-            let adopted = match rec.vmm_pid {
-                Some(pid) => self
+            // The tether's link is set up again first: adopting opens a
+            // vsock listener to the VMM's user, whose backend connects to it.
+            let link = crate::start::GuestLink::open(&vm.dir, &cfg.vsock_uds, rec.from_template)
+                .map_err(|e| e.message);
+            let adopted = match (link, rec.vmm_pid) {
+                (Ok(l), Some(pid)) => self
                     .vmm
                     .adopt(&cfg, pid, &rec.helper_pids)
                     .await
+                    .map(|h| (h, l))
                     .map_err(|e| crate::start::error_chain(&e)),
-                None => Err("no VMM pid was recorded".to_string()),
+                (Err(e), _) => Err(e),
+                (_, None) => Err("no VMM pid was recorded".to_string()),
             };
             let writer = vm.with(|i| i.log_writer.take());
-            let session = adopted.and_then(|h| {
+            let session = adopted.and_then(|(h, listener)| {
                 let h: Arc<dyn vmm_shim::VmHandle> = h.into();
                 let log = writer.ok_or_else(|| "its log is not writable".to_string())?;
                 vm.with(|i| i.handle = Some(h.clone()));
-                crate::start::Connected::adopted(h, &vm.dir, &cfg.vsock_uds, rec.from_template, log)
-                    .map_err(|e| e.message)
+                Ok(crate::start::Connected::adopted(h, listener, log))
             });
             match session {
                 Ok(c) => {
@@ -343,6 +350,17 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Ids of the VMs that are running (after adoption: whose VMM this agent
+    /// holds).
+    pub fn running_ids(&self) -> std::collections::HashSet<String> {
+        self.vms
+            .read()
+            .values()
+            .filter(|v| matches!(v.state(), VmState::Starting | VmState::Running))
+            .map(|v| v.id.clone())
+            .collect()
     }
 
     /// Loads `image`'s layer disks into memory and keeps them mapped, so
@@ -390,7 +408,8 @@ impl Agent {
     pub fn persist(&self, vm: &Vm) {
         let rec = vm.record();
         let data = serde_json::to_vec_pretty(&rec).expect("record serialises");
-        if let Err(e) = write_atomic(&vm.dir.join("vm.json"), &data) {
+        // The spec (environment included) is the agent's: 0600.
+        if let Err(e) = write_atomic_mode(&vm.dir.join("vm.json"), &data, 0o600) {
             tracing::error!(vm = %vm.id, error = %e, "cannot persist VM state");
         }
     }
@@ -616,12 +635,17 @@ impl Agent {
     ) -> Result<Arc<Vm>, ApiError> {
         let id = ids::new_id();
         let dir = self.config.vms_dir().join(&id);
-        fs::create_dir(&dir).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Internal,
-                format!("cannot create the VM directory: {e}"),
-            )
-        })?;
+        // Searchable, not listable, by others: the VMM's user reaches its
+        // writable disk, console and vsock directory here, and nothing else
+        // (the record and the log are 0600).
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o711)
+            .create(&dir)
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("cannot create the VM directory: {e}"),
+                )
+            })?;
         let (log, writer) = Log::open(&dir.join("log"), self.config.log_limits).map_err(|e| {
             let _ = fs::remove_dir_all(&dir);
             ApiError::new(
@@ -649,6 +673,8 @@ impl Agent {
             template: None,
             image_id: Some(image_id),
             layers,
+            confinement: None,
+            layout: VmRecord::LAYOUT,
         };
         let vm = Vm::new(rec, dir, log, Some(writer));
         self.persist(&vm);
@@ -757,12 +783,15 @@ impl Agent {
     }
 }
 
-/// Removes the sockets a VM's processes left in its directory.
+/// Removes the sockets a VM's processes left in its directory and its
+/// vsock directory.
 fn remove_sockets(dir: &std::path::Path) {
     use std::os::unix::fs::FileTypeExt;
-    for ent in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if ent.file_type().map(|t| t.is_socket()).unwrap_or(false) {
-            let _ = fs::remove_file(ent.path());
+    for d in [dir.to_path_buf(), dir.join("vsock")] {
+        for ent in fs::read_dir(d).into_iter().flatten().flatten() {
+            if ent.file_type().map(|t| t.is_socket()).unwrap_or(false) {
+                let _ = fs::remove_file(ent.path());
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm_shim::Accel;
+use vmm_shim::{Accel, CgroupMode};
 
 /// Everything vmletd needs to run, validated.
 #[derive(Debug, Clone)]
@@ -51,6 +51,17 @@ pub struct Config {
     /// How long an API connection may sit idle (no request in flight, no
     /// stream, no frame received) before the agent closes it.
     pub idle_timeout: Duration,
+    /// The user (name or uid) VMMs run as; `None`: `vmlet-vmm` if it
+    /// exists, else the agent's own user.
+    pub vmm_user: Option<String>,
+    /// Which cgroups VMs go into.
+    pub cgroups: CgroupMode,
+    /// The cgroup VM cgroups are made in (see `vmm_shim::Cgroups::detect`).
+    pub cgroup_parent: Option<String>,
+    /// Memory (MiB) a VM's cgroup allows beyond its guest memory.
+    pub vmm_memory_overhead_mib: u64,
+    /// Each VM's VMM runs as uid and gid this + its vsock CID, when set.
+    pub vmm_uid_base: Option<u32>,
 }
 
 impl Config {
@@ -76,6 +87,11 @@ impl Config {
             templates: Vec::new(),
             log_limits: crate::logstore::LogLimits::DEFAULT,
             idle_timeout: Duration::from_secs(300),
+            vmm_user: None,
+            cgroups: CgroupMode::Auto,
+            cgroup_parent: None,
+            vmm_memory_overhead_mib: vmm_shim::confine::DEFAULT_MEMORY_OVERHEAD_MIB,
+            vmm_uid_base: None,
         }
     }
 

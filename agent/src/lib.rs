@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod confinement;
 pub mod ids;
 pub mod image;
 pub mod initrd;

@@ -37,6 +37,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -317,7 +318,11 @@ impl Log {
     pub fn open(base: &Path, limits: LogLimits) -> io::Result<(Log, LogWriter)> {
         let mut segs = list_segments(base)?;
         if segs.is_empty() {
-            OpenOptions::new().create(true).append(true).open(base)?;
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(base)?;
             segs.push((
                 Seg {
                     start: 0,
@@ -612,7 +617,13 @@ impl LogWriter {
     /// finds its offset stored or learns that it was dropped.
     fn rotate(&mut self) -> io::Result<()> {
         let path = segment_path(&self.base, self.len, self.streams);
-        let open = || OpenOptions::new().append(true).create_new(true).open(&path);
+        let open = || {
+            OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+        };
         let file = match open() {
             // A leftover of a crash at this very offset holds nothing kept.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {

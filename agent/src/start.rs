@@ -259,7 +259,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
 
 /// How the agent reaches one guest's tether, connection after connection.
 #[derive(Debug)]
-pub(crate) enum GuestLink {
+pub enum GuestLink {
     /// Hybrid vsock: the tether dials the agent's listener.
     Vsock {
         listener: UnixListener,
@@ -275,7 +275,7 @@ const SERIAL_REDIAL: Duration = Duration::from_millis(10);
 
 impl GuestLink {
     /// The link of a VM: `serial` for template clones.
-    pub(crate) fn open(dir: &Path, vsock_uds: &Path, serial: bool) -> Result<Self, ApiError> {
+    pub fn open(dir: &Path, vsock_uds: &Path, serial: bool) -> Result<Self, ApiError> {
         if serial {
             return Ok(GuestLink::Serial {
                 path: vmm_shim::VmPaths::new(dir).serial,
@@ -286,13 +286,30 @@ impl GuestLink {
         Ok(GuestLink::Vsock { listener, path })
     }
 
-    /// The next connection to the tether.
+    /// The next connection to the tether. On vsock, connections from any
+    /// process but this VM's own VMM are refused (every VMM may share one
+    /// uid); the serial link's socket is the shim's, in the VM's directory.
     ///
     /// # Cancel safety
     /// Cancel safe.
-    async fn next(&self) -> std::io::Result<tokio::net::UnixStream> {
+    pub(crate) async fn next(
+        &self,
+        handle: &dyn VmHandle,
+    ) -> std::io::Result<tokio::net::UnixStream> {
         match self {
-            GuestLink::Vsock { listener, .. } => listener.accept().await.map(|(s, _)| s),
+            GuestLink::Vsock { listener, .. } => loop {
+                let (stream, _) = listener.accept().await?;
+                if from_own_vmm(&stream, handle) {
+                    return Ok(stream);
+                }
+                static NOISY: std::sync::OnceLock<crate::ratelimit::RateLimit> =
+                    std::sync::OnceLock::new();
+                let noisy = NOISY
+                    .get_or_init(|| crate::ratelimit::RateLimit::new(5, Duration::from_secs(10)));
+                if let Some(suppressed) = noisy.admit() {
+                    tracing::warn!(listener = %listener.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default(), peer = ?stream.peer_cred().ok(), suppressed, "refused a connection to a tether listener from a process that is not this VM's VMM");
+                }
+            },
             GuestLink::Serial { path } => loop {
                 // QEMU serves one client at a time and creates the socket
                 // as it starts: dial until it answers.
@@ -375,6 +392,7 @@ pub(crate) async fn launch(
         i.handle = Some(handle.clone());
         i.rec.vmm_pid = handle.pid();
         i.rec.helper_pids = handle.helper_pids();
+        i.rec.confinement = handle.confinement().map(confinement_info);
     });
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
@@ -476,7 +494,7 @@ pub(crate) async fn await_hello(
     timeout: Duration,
 ) -> Result<(Frames, OwnedWriteHalf, GuestBoot), ApiError> {
     let accept = async {
-        let stream = link.next().await.map_err(|e| {
+        let stream = link.next(&**handle).await.map_err(|e| {
             err(
                 ErrorCode::Internal,
                 format!("accepting the guest connection failed: {e}"),
@@ -621,8 +639,50 @@ pub fn tether_listen_path(vsock_uds: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Binds the tether listener, replacing a stale socket file.
+/// Whether a connection to a VM's tether listener comes from that VM's own
+/// VMM processes: with hybrid vsock, the guest's dial arrives from the
+/// process serving its vsock device (QEMU's vsock backend, or the VMM
+/// itself). Every VMM may share one uid, and the listener's directory is
+/// that uid's, so a process of another VM could connect too; it must not
+/// pose as this guest's tether (and be handed its spec and stdin). The
+/// kernel's SO_PEERCRED pid decides.
+fn from_own_vmm(stream: &tokio::net::UnixStream, handle: &dyn VmHandle) -> bool {
+    let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) else {
+        return false;
+    };
+    let pid = pid as u32;
+    handle.pid() == Some(pid) || handle.helper_pids().contains(&pid)
+}
+
+/// What `inspect` shows of a VM's confinement.
+pub fn confinement_info(c: vmm_shim::ConfinementInfo) -> vmlet_protocol::api::Confinement {
+    vmlet_protocol::api::Confinement {
+        user: c.user,
+        uid: c.uid,
+        gid: c.gid,
+        cgroup: c.cgroup.map(|g| vmlet_protocol::api::CgroupLimits {
+            version: g.version.to_string(),
+            paths: g.paths.iter().map(|p| p.display().to_string()).collect(),
+            memory_max_bytes: g.limits.memory_bytes,
+            cpu_quota_us: g.limits.cpu_quota_us,
+            cpu_period_us: g.limits.cpu_period_us,
+            pids_max: g.limits.pids_max,
+        }),
+        note: c.note,
+    }
+}
+
+/// Binds the tether listener, replacing a stale socket file; makes its
+/// directory if needed (the VMM backend gives it to the VMM's user).
 pub fn bind_tether_listener(path: &Path) -> Result<UnixListener, ApiError> {
+    if let Some(d) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return Err(err(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", d.display()),
+            ));
+        }
+    }
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).map_err(|e| {
         err(
@@ -809,21 +869,16 @@ pub struct Connected {
 }
 
 impl Connected {
-    /// The session of a VM adopted from an earlier agent: no connection
-    /// yet; the tether dials again and is told where to resume.
-    pub fn adopted(
-        handle: Arc<dyn VmHandle>,
-        dir: &Path,
-        vsock_uds: &Path,
-        serial: bool,
-        log: LogWriter,
-    ) -> Result<Self, ApiError> {
-        Ok(Connected {
+    /// The session of a VM adopted from an earlier agent, on the tether
+    /// listener bound again for it: no connection yet; the tether dials
+    /// again and is told where to resume.
+    pub fn adopted(handle: Arc<dyn VmHandle>, link: GuestLink, log: LogWriter) -> Self {
+        Connected {
             handle,
-            link: GuestLink::open(dir, vsock_uds, serial)?,
+            link,
             conn: None,
             log,
-        })
+        }
     }
 }
 
@@ -932,7 +987,7 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     conn = None;
                 }
             },
-            a = link.next(), if conn.is_none() => {
+            a = link.next(&*handle), if conn.is_none() => {
                 let Ok(stream) = a else { continue };
                 let (rd, wr) = stream.into_split();
                 let mut frames = spawn_reader(rd);
@@ -987,6 +1042,14 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 code: 137,
                 signal: Some(9),
                 reason: "stopped: the VM was killed".into(),
+                at_ms: now_ms(),
+            }
+        } else if vmm_exit.oom_killed {
+            // As a container runtime reports an OOM kill: 128 + SIGKILL.
+            ExitInfo {
+                code: 137,
+                signal: Some(9),
+                reason: format!("out of memory: {}", vmm_exit.description),
                 at_ms: now_ms(),
             }
         } else {

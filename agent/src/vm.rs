@@ -84,6 +84,32 @@ pub struct VmRecord {
     /// is removed.
     #[serde(default)]
     pub layers: Vec<String>,
+    /// What confines its VMM (user, cgroup, limits), from its start; kept
+    /// after the VM ends so `inspect` still shows what it had.
+    #[serde(default)]
+    pub confinement: Option<vmlet_protocol::api::Confinement>,
+    /// Where its files are: 0 for records of agents older than VMM
+    /// confinement ([`VmRecord::vsock_uds`]), else [`VmRecord::LAYOUT`].
+    #[serde(default)]
+    pub layout: u32,
+}
+
+impl VmRecord {
+    /// The layout of VMs this agent creates.
+    pub const LAYOUT: u32 = 1;
+
+    /// The VM's hybrid-vsock socket. Its directory belongs to the VMM's
+    /// user (the vsock backend creates its sockets there), so it is not the
+    /// VM's directory, where the agent keeps its files. VMs created by an
+    /// agent older than confinement had it in the VM's directory, and keep
+    /// it there, so an upgraded agent still adopts them.
+    pub fn vsock_uds(&self, dir: &std::path::Path) -> PathBuf {
+        if self.layout == 0 {
+            dir.join("vsock.sock")
+        } else {
+            dir.join("vsock").join("vsock.sock")
+        }
+    }
 }
 
 /// Mutable state of a VM, behind one lock.
@@ -248,6 +274,7 @@ impl Vm {
                 "cold"
             }
             .into(),
+            confinement: g.rec.confinement.clone(),
         }
     }
 

@@ -193,7 +193,7 @@ impl Baseline {
             staged: None,
         };
         let qemu = Command::new(&self.qemu)
-            .args(vmm_shim::qemu::argv(&cfg, &paths, true))
+            .args(vmm_shim::qemu::argv(&cfg, &paths, true, None))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

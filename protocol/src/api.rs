@@ -623,6 +623,41 @@ pub struct VmInfo {
     /// Bytes of stdout and stderr that log rotation deleted to keep the
     /// log within the agent's cap.
     pub log_dropped_bytes: u64,
+    /// What confines the VM's VMM processes, once they were started.
+    pub confinement: Option<Confinement>,
+}
+
+/// What confines one VM's VMM processes (QEMU and its helpers): the user
+/// they run as and their cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confinement {
+    /// The user they run as (a name, or the uid when it has none).
+    pub user: String,
+    /// Their uid.
+    pub uid: u32,
+    /// Their primary gid.
+    pub gid: u32,
+    /// Their cgroup, if they have one.
+    pub cgroup: Option<CgroupLimits>,
+    /// What is not confined and why, if anything.
+    pub note: Option<String>,
+}
+
+/// One VM's cgroup and the limits written to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    /// `v1` or `v2`.
+    pub version: String,
+    /// Its directories: one on v2; on v1 one per hierarchy, memory first.
+    pub paths: Vec<String>,
+    /// Memory limit in bytes (guest memory plus the VMM's overhead).
+    pub memory_max_bytes: u64,
+    /// CPU time per period, microseconds (none without a CPU quota).
+    pub cpu_quota_us: Option<u64>,
+    /// The quota's period, microseconds.
+    pub cpu_period_us: u64,
+    /// Most tasks (none without the pids controller).
+    pub pids_max: Option<u64>,
 }
 
 /// A VM state change.

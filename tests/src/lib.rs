@@ -143,6 +143,13 @@ impl TestAgent {
             .prefix("vmlet-e2e-")
             .tempdir_in("/tmp")
             .expect("temp dir");
+        // The VMM's unprivileged user must be able to enter the state
+        // directory (not list it).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod the temp dir");
         let socket = dir.path().join("api.sock");
         let mut a = TestAgent {
             child: None,
@@ -184,6 +191,7 @@ impl TestAgent {
             .arg(self.opts.tether.clone().unwrap_or_else(tether))
             .arg("--boot-timeout")
             .arg(self.opts.boot_timeout.to_string())
+            .args(self.cgroup_parent_args())
             .args(&self.opts.extra)
             .env("VMLET_LOG", "info,vmlet_agent=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -237,6 +245,35 @@ impl TestAgent {
                 self.daemon_log()
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `--cgroup-parent` for this agent alone (an agent removes what it
+    /// does not own from its parent at startup, and tests run at once),
+    /// unless the test gave one.
+    fn cgroup_parent_args(&self) -> Vec<String> {
+        if self.opts.extra.iter().any(|a| a == "--cgroup-parent") {
+            return Vec::new();
+        }
+        vec!["--cgroup-parent".into(), self.cgroup_parent()]
+    }
+
+    /// The cgroup parent the agent was given by [`TestAgent::start`]:
+    /// below the test's own cgroup on v1 (so VMs stay inside whatever
+    /// limits the test runs under), from the root on v2 (where only leaves
+    /// hold processes).
+    pub fn cgroup_parent(&self) -> String {
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .expect("temp dir name")
+            .to_string_lossy()
+            .into_owned();
+        if cgroup_v2_has_memory() {
+            format!("/{name}")
+        } else {
+            name
         }
     }
 
@@ -481,12 +518,12 @@ impl TestAgent {
         }
     }
 
-    /// Socket files left in VM `id`'s directory.
+    /// Socket files left in VM `id`'s directory and its vsock directory.
     pub fn sockets_left(&self, id: &str) -> Vec<std::ffi::OsString> {
-        std::fs::read_dir(self.vm_dir(id))
-            .into_iter()
-            .flatten()
-            .flatten()
+        let dir = self.vm_dir(id);
+        [dir.clone(), dir.join("vsock")]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
             .filter(|e| e.file_name().to_string_lossy().contains(".sock"))
             .map(|e| e.file_name())
             .collect()
@@ -512,6 +549,100 @@ impl TestAgent {
                 self.daemon_log()
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Whether the unified (v2) hierarchy offers the memory controller, so
+/// agents use cgroup v2.
+pub fn cgroup_v2_has_memory() -> bool {
+    cgroup_mounts().iter().any(|(point, v2, _)| {
+        *v2 && std::fs::read_to_string(point.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+    })
+}
+
+/// Cgroup filesystems: mount point, whether it is v2, v1 controllers.
+fn cgroup_mounts() -> Vec<(PathBuf, bool, Vec<String>)> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mi.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let opts = r.nth(1)?;
+            let ctrls = opts.split(',').map(str::to_owned).collect();
+            match fstype {
+                "cgroup2" => Some((PathBuf::from(point), true, Vec::new())),
+                "cgroup" => Some((PathBuf::from(point), false, ctrls)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Where a cgroup parent `parent` (as `--cgroup-parent` takes it) lies in
+/// every mounted hierarchy, for this process.
+pub fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own: Vec<(Vec<&str>, &str)> = own
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let _ = it.next()?;
+            let c = it.next()?;
+            Some((c.split(',').filter(|x| !x.is_empty()).collect(), it.next()?))
+        })
+        .collect();
+    cgroup_mounts()
+        .into_iter()
+        .map(|(point, v2, ctrls)| {
+            if let Some(abs) = parent.strip_prefix('/') {
+                return point.join(abs);
+            }
+            let mine = own
+                .iter()
+                .find(|(c, _)| {
+                    if v2 {
+                        c.is_empty()
+                    } else {
+                        c.iter().any(|x| ctrls.iter().any(|y| y == x))
+                    }
+                })
+                .map(|(_, p)| *p)
+                .unwrap_or("/");
+            point.join(mine.trim_start_matches('/')).join(parent)
+        })
+        .collect()
+}
+
+/// Removes cgroup directories and the cgroups below them, killing what
+/// is still in them (bounded: a few seconds).
+pub fn remove_cgroups(dirs: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        let children: Vec<PathBuf> = std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        for c in children.iter().chain(std::iter::once(d)) {
+            loop {
+                let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                if std::fs::remove_dir(c).is_ok() || !c.exists() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -604,6 +735,10 @@ impl Drop for TestAgent {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // Nor their cgroups.
+        if self.cgroup_parent_args().len() == 2 {
+            remove_cgroups(&cgroup_dirs(&self.cgroup_parent()));
         }
         if std::thread::panicking() {
             eprintln!("---- vmletd log ----\n{}", self.daemon_log());

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub mod accel;
+pub mod confine;
 mod process;
 pub mod qemu;
 pub mod qmp;
@@ -24,6 +25,9 @@ pub mod staged;
 pub mod vsock_backend;
 
 pub use accel::{detect_accel, Accel, ParseAccelError};
+pub use confine::{
+    CgroupInfo, CgroupMode, CgroupVersion, Cgroups, Confinement, ConfinementInfo, VmmUser,
+};
 pub use qemu::{Qemu, VmPaths};
 pub use staged::{MemoryFile, StagedFile};
 
@@ -85,7 +89,9 @@ pub struct VmConfig {
     pub accel: Accel,
     /// The hybrid-vsock host socket: the host reaches guest port P by connecting here and
     /// writing `CONNECT P\n`; a guest connecting to CID 2 port P reaches a listener the agent
-    /// bound at `"<vsock_uds>_P"`.
+    /// bound at `"<vsock_uds>_P"`. When the VMM runs as another user its directory must be
+    /// its own below [`VmConfig::dir`] (the shim gives it to that user, and the agent's
+    /// listeners in it), since the backend creates its sockets there.
     pub vsock_uds: PathBuf,
     /// How the guest's tether reaches the agent.
     pub link: Link,
@@ -135,6 +141,8 @@ pub struct VmExit {
     pub code: Option<i32>,
     /// The signal that ended it, if one did.
     pub signal: Option<i32>,
+    /// The kernel killed it for reaching its cgroup's memory limit.
+    pub oom_killed: bool,
     /// A sentence for people.
     pub description: String,
 }
@@ -197,6 +205,9 @@ pub enum Error {
     /// The vsock backend failed.
     #[error("the vsock backend failed")]
     VsockBackend(#[from] vsock_backend::Error),
+    /// Confining the VMM failed.
+    #[error("confining the VMM failed")]
+    Confine(#[from] confine::Error),
     /// A file or process operation failed.
     #[error("{what}")]
     Io {
@@ -253,6 +264,11 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     ) -> Result<Box<dyn VmHandle>, Error> {
         Err(Error::Unsupported)
     }
+
+    /// Releases what the backend still holds for VMs that are not in `live` (such as the
+    /// cgroups of VMs whose agent crashed), killing any process left there. The agent calls
+    /// it once at startup, after adopting its running VMs.
+    async fn reclaim(&self, _live: &std::collections::HashSet<String>) {}
 }
 
 /// A started VM. Dropping the handle leaves the VM running.
@@ -265,6 +281,11 @@ pub trait VmHandle: Send + Sync + fmt::Debug {
     /// vhost-device-vsock), so the agent can record everything the VM owns.
     fn helper_pids(&self) -> Vec<u32> {
         Vec::new()
+    }
+
+    /// What confines the VM's processes (user, cgroup and limits), if the backend says.
+    fn confinement(&self) -> Option<ConfinementInfo> {
+        None
     }
 
     /// Resolves once the VMM process has exited; any number of tasks may wait at once, and

@@ -11,6 +11,8 @@ use nix::sys::signal::Signal;
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::confine::Jail;
+
 /// How a child ended, or why waiting for it failed.
 pub(crate) type Exit = Result<ExitStatus, String>;
 
@@ -24,13 +26,15 @@ pub(crate) struct Process {
 
 impl Process {
     /// Spawns `program args` in a new session with stdin from /dev/null and stdout and stderr
-    /// appended to `log`. The child is not killed when this value drops.
+    /// appended to `log`, inside `jail`'s cgroups and as its user. The child is not killed
+    /// when this value drops.
     pub(crate) fn spawn(
         name: &'static str,
         program: &std::path::Path,
         args: &[String],
         log: &File,
         inherit: &[crate::staged::Inherit],
+        jail: &Jail,
     ) -> io::Result<Self> {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -38,6 +42,27 @@ impl Process {
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?)
             .kill_on_drop(false);
+        if !jail.procs.is_empty() {
+            use std::os::fd::AsRawFd;
+            let procs: Vec<i32> = jail.procs.iter().map(|f| f.as_raw_fd()).collect();
+            // SAFETY: the closure runs in the forked child before exec and only calls write(2),
+            // which is async-signal-safe, on descriptors the parent opened and keeps open
+            // across spawn (so they are open in the child), from a buffer that is a static
+            // literal and a vector allocated before the fork. It runs first, before any other
+            // closure can replace a descriptor and while the child may still write cgroup
+            // files: the program's first instruction already runs in the VM's cgroup.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &procs {
+                        // "0" moves the writing process.
+                        if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
         // which is async-signal-safe and touches no memory of the parent. A new session keeps
         // the VMM away from the agent's terminal signals (^C, hangup): VMs outlive the agent.
@@ -56,6 +81,28 @@ impl Process {
                         if libc::dup2(i.from, i.to) < 0 {
                             return Err(io::Error::last_os_error());
                         }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(c) = &jail.credentials {
+            let (uid, gid) = (c.uid, c.gid);
+            let groups: Vec<libc::gid_t> = c.groups.clone();
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setgroups(2), setgid(2) and setuid(2), which are async-signal-safe; `groups` was
+            // allocated before the fork and is only read. It is registered last, so it runs
+            // after the cgroup writes and descriptor moves that still need the agent's
+            // privileges; std applies its own uid/gid settings before any closure, which is
+            // why they are not used. Groups first, uid last: each step needs the privilege the
+            // next one drops.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
                     }
                     Ok(())
                 });
@@ -210,12 +257,14 @@ impl Process {
     }
 }
 
-/// Undoes work abandoned part-way (a start whose future was dropped): when dropped still
-/// armed, SIGKILLs the processes (their tasks reap them) and removes the sockets.
+/// Undoes work abandoned part-way (a start that failed, or whose future was dropped): when
+/// run, or dropped still armed, SIGKILLs the processes, removes the sockets, and removes the
+/// cgroup once the processes are gone.
 #[derive(Debug, Default)]
 pub(crate) struct Undo {
     processes: Vec<Process>,
     sockets: Vec<std::path::PathBuf>,
+    cgroup: Option<crate::confine::VmCgroup>,
 }
 
 impl Undo {
@@ -227,10 +276,32 @@ impl Undo {
         self.sockets.push(p.to_owned());
     }
 
+    pub(crate) fn cgroup(&mut self, c: &crate::confine::VmCgroup) {
+        self.cgroup = Some(c.clone());
+    }
+
     /// The work finished: undo nothing.
     pub(crate) fn disarm(mut self) {
         self.processes.clear();
         self.sockets.clear();
+        self.cgroup = None;
+    }
+
+    /// Undoes now, and waits (bounded) until the processes are reaped and the cgroup gone.
+    pub(crate) async fn run(mut self) {
+        for p in std::mem::take(&mut self.processes) {
+            if p.kill_and_reap(Duration::from_secs(5)).await.is_none() {
+                tracing::warn!(pid = p.pid(), "a process survived SIGKILL for 5 s");
+            }
+        }
+        for s in std::mem::take(&mut self.sockets) {
+            let _ = crate::vsock_backend::remove_socket(&s);
+        }
+        if let Some(c) = self.cgroup.take() {
+            if let Err(e) = c.remove().await {
+                tracing::warn!(error = %e, "cannot remove a cgroup");
+            }
+        }
     }
 }
 
@@ -241,6 +312,20 @@ impl Drop for Undo {
         }
         for s in &self.sockets {
             let _ = crate::vsock_backend::remove_socket(s);
+        }
+        // The cgroup can only go after its processes: their reapers run on the runtime.
+        if let Some(c) = self.cgroup.take() {
+            let processes = std::mem::take(&mut self.processes);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    for p in processes {
+                        let _ = p.wait_timeout(Duration::from_secs(10)).await;
+                    }
+                    if let Err(e) = c.remove().await {
+                        tracing::warn!(error = %e, "cannot remove the cgroup of an abandoned start");
+                    }
+                });
+            }
         }
     }
 }
@@ -285,6 +370,7 @@ mod tests {
             &["-c".into(), "exit 7".into()],
             &log,
             &[],
+            &Jail::default(),
         )
         .unwrap();
         let (a, b) = tokio::join!(p.wait(), p.wait());
@@ -301,8 +387,17 @@ mod tests {
     #[tokio::test]
     async fn undo_kills_unless_disarmed() {
         let (_d, log) = log();
-        let sleep =
-            || Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log, &[]).unwrap();
+        let sleep = || {
+            Process::spawn(
+                "sleep",
+                "/bin/sleep".as_ref(),
+                &["30".into()],
+                &log,
+                &[],
+                &Jail::default(),
+            )
+            .unwrap()
+        };
         let (a, b) = (sleep(), sleep());
         let mut undo = Undo::default();
         undo.process(&a);
@@ -352,7 +447,15 @@ mod tests {
     #[tokio::test]
     async fn kills_and_runs_in_its_own_session() {
         let (_d, log) = log();
-        let p = Process::spawn("sleep", "/bin/sleep".as_ref(), &["30".into()], &log, &[]).unwrap();
+        let p = Process::spawn(
+            "sleep",
+            "/bin/sleep".as_ref(),
+            &["30".into()],
+            &log,
+            &[],
+            &Jail::default(),
+        )
+        .unwrap();
         let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(p.pid() as i32))).unwrap();
         assert_eq!(
             sid.as_raw(),

@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::confine::{Confinement, ConfinementInfo, Credentials, Jail, VmCgroup, VmmUser};
 use crate::process::{self, Process};
 use crate::qmp::{self, QmpClient};
 use crate::staged::StagedFile;
@@ -29,13 +30,21 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet";
 /// and forcing 2 GHz there would mis-state it, so they are left out.
 pub const TCG_TIMER_HINTS: &str = "tsc_early_khz=2000000 lpj=4000000 no_timer_check";
 
+/// The size of TCG's translation cache, MiB. QEMU's default is 1 GiB, filled as the guest
+/// runs new code and never given back: a long-lived guest would grow its VMM towards it and
+/// past any sensible cgroup memory limit. 128 MiB is over twice what a guest's boot and a
+/// mixed busybox workload used here (55 MiB); a fuller cache is flushed and refilled.
+pub const TCG_TB_MIB: u32 = 128;
+
 /// Longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// Where the shim puts one VM's files, all in [`VmConfig::dir`].
+/// Where the shim puts one VM's files, in [`VmConfig::dir`] (the vhost-user socket beside
+/// [`VmConfig::vsock_uds`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
-    /// QEMU's QMP socket.
+    /// QEMU's QMP socket. The shim binds it and QEMU inherits the listening socket, so QEMU
+    /// needs no right to create files in the VM's directory.
     pub qmp: PathBuf,
     /// The vhost-user socket between QEMU and vhost-device-vsock.
     pub vhost_vsock: PathBuf,
@@ -60,6 +69,16 @@ impl VmPaths {
             serial: dir.join("serial.sock"),
             migrate: dir.join("migrate.sock"),
         }
+    }
+
+    /// The names for `cfg`: the vhost-user socket goes beside the hybrid-vsock socket, in
+    /// the directory the vsock backend creates its sockets in.
+    pub fn for_config(cfg: &VmConfig) -> Self {
+        let mut p = Self::new(&cfg.dir);
+        if let Some(d) = cfg.vsock_uds.parent().filter(|d| !d.as_os_str().is_empty()) {
+            p.vhost_vsock = d.join("vhost-vsock.sock");
+        }
+        p
     }
 }
 
@@ -88,14 +107,15 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     s
 }
 
-/// QEMU's arguments (without the program) for `cfg`.
+/// QEMU's arguments (without the program) for `cfg`. With `qmp_fd`, QEMU serves QMP on that
+/// inherited listening socket; without, it creates `paths.qmp` itself.
 ///
 /// `acpi` is whether the machine describes its devices with ACPI. Debian's cloud kernel finds
 /// virtio-mmio devices only through ACPI (it lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), so it
 /// needs ACPI on. A kernel built without ACPI needs `acpi=off` on the machine instead, which
 /// makes QEMU list the devices as `virtio_mmio.device=` kernel arguments. `acpi=off` on the
 /// kernel command line is never wanted: with the machine's ACPI on, Debian's kernel then hangs.
-pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
+pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool, qmp_fd: Option<i32>) -> Vec<String> {
     let mut a: Vec<String> = Vec::with_capacity(48 + 4 * cfg.disks.len());
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     let mem = format!("{}M", cfg.memory_mib);
@@ -105,7 +125,10 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
     );
     push(&["-name", &format!("vmlet-{}", cfg.id.replace(',', ",,"))]);
     push(&["-M", &machine]);
-    push(&["-accel", cfg.accel.as_str()]);
+    match cfg.accel {
+        Accel::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_TB_MIB}")]),
+        Accel::Kvm => push(&["-accel", "kvm"]),
+    }
     // TCG's "max" emulates every feature it can; under KVM "host" passes the real CPU through.
     push(&[
         "-cpu",
@@ -188,13 +211,16 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
         }
         Link::Serial => {
             push(&["-device", "virtio-serial-device,max_ports=2"]);
-            push(&[
-                "-chardev",
-                &format!(
+            // Like QMP's, the listening socket is the shim's, inherited
+            // (when QMP's is): QEMU creates nothing in the VM's directory.
+            let chardev = match qmp_fd {
+                Some(_) => format!("socket,id=link0,fd={SERIAL_FD},server=on,wait=off"),
+                None => format!(
                     "socket,id=link0,path={},server=on,wait=off",
                     opt_value(&paths.serial)
                 ),
-            ]);
+            };
+            push(&["-chardev", &chardev]);
             push(&["-device", "virtserialport,chardev=link0,name=vmlet"]);
         }
     }
@@ -202,45 +228,68 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool) -> Vec<String> {
         // The state comes once QMP has set x-ignore-shared (see `restore`).
         push(&["-incoming", "defer"]);
     }
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", opt_value(&paths.qmp)),
-    ]);
+    match qmp_fd {
+        Some(fd) => {
+            push(&[
+                "-chardev",
+                &format!("socket,id=qmp,fd={fd},server=on,wait=off"),
+            ]);
+            push(&["-mon", "chardev=qmp,mode=control"]);
+        }
+        None => push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", opt_value(&paths.qmp)),
+        ]),
+    }
     a
 }
 
-/// Where QEMU finds a staged kernel and initrd among its descriptors.
+/// Where QEMU finds a staged kernel and initrd, and its QMP listening socket, among its
+/// descriptors.
 const KERNEL_FD: i32 = 100;
 const INITRD_FD: i32 = 101;
+const QMP_FD: i32 = 102;
 /// Where QEMU finds a [`Memory::File`].
-const MEMORY_FD: i32 = 102;
+const MEMORY_FD: i32 = 103;
 /// Where QEMU reads the state to restore ([`VmConfig::incoming`]).
-const INCOMING_FD: i32 = 103;
+const INCOMING_FD: i32 = 104;
+/// The listening socket of a [`Link::Serial`].
+const SERIAL_FD: i32 = 105;
 
-/// The descriptors QEMU must inherit for `cfg`; `incoming` is this start's
-/// own open description of [`VmConfig::incoming`].
-fn inherited_fds(cfg: &VmConfig, incoming: Option<&File>) -> Vec<crate::staged::Inherit> {
+/// The descriptors QEMU must inherit for `cfg`: the QMP listener, the
+/// serial link's, and this start's own open description of
+/// [`VmConfig::incoming`].
+fn inherited_fds(
+    cfg: &VmConfig,
+    qmp: &std::os::unix::net::UnixListener,
+    serial: Option<&std::os::unix::net::UnixListener>,
+    incoming: Option<&File>,
+) -> Vec<crate::staged::Inherit> {
     use std::os::fd::AsRawFd;
-    let mut v = Vec::new();
+    let qmp = crate::staged::Inherit {
+        from: qmp.as_raw_fd(),
+        to: QMP_FD,
+    };
+    let mut extra = Vec::new();
     if let Memory::File { file, .. } = &cfg.memory {
-        v.push(crate::staged::Inherit {
+        extra.push(crate::staged::Inherit {
             from: file.as_fd().as_raw_fd(),
             to: MEMORY_FD,
         });
     }
     if let Some(f) = incoming {
-        v.push(crate::staged::Inherit {
+        extra.push(crate::staged::Inherit {
             from: f.as_raw_fd(),
             to: INCOMING_FD,
         });
     }
-    v.extend(staged_fds(cfg));
-    v
-}
-
-fn staged_fds(cfg: &VmConfig) -> Vec<crate::staged::Inherit> {
-    use std::os::fd::AsRawFd;
-    match &cfg.staged {
+    if let Some(l) = serial {
+        extra.push(crate::staged::Inherit {
+            from: l.as_raw_fd(),
+            to: SERIAL_FD,
+        });
+    }
+    let mut v = match &cfg.staged {
         Some((k, i)) => vec![
             crate::staged::Inherit {
                 from: k.as_fd().as_raw_fd(),
@@ -252,7 +301,10 @@ fn staged_fds(cfg: &VmConfig) -> Vec<crate::staged::Inherit> {
             },
         ],
         None => Vec::new(),
-    }
+    };
+    v.push(qmp);
+    v.extend(extra);
+    v
 }
 
 /// Rejects what QEMU would reject later, or worse, misread.
@@ -324,6 +376,12 @@ pub fn validate(cfg: &VmConfig, paths: &VmPaths) -> Result<(), Error> {
 /// Finds `name` in PATH, then in cargo's bin directories (where `cargo install` puts
 /// vhost-device-vsock).
 pub fn find_program(name: &str) -> Option<PathBuf> {
+    find_program_for(name, None)
+}
+
+/// Like [`find_program`], but only a program `cred` may run: root's `~/.cargo/bin` is no
+/// use to an unprivileged VMM user.
+pub fn find_program_for(name: &str, cred: Option<&Credentials>) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
@@ -334,9 +392,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(h).join(".cargo/bin"));
     }
     dirs.push("/usr/local/cargo/bin".into());
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
+    dirs.into_iter().map(|d| d.join(name)).find(|p| {
+        is_executable(p) && cred.is_none_or(|c| crate::confine::check_access(p, c, 1).is_ok())
+    })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -353,22 +411,48 @@ pub struct Qemu {
     qmp_timeout: Duration,
     backend_timeout: Duration,
     version: String,
+    confinement: Confinement,
 }
 
 impl Qemu {
     /// Finds `qemu-system-x86_64` and `vhost-device-vsock` ([`find_program`]); the
     /// environment variables `VMLET_QEMU` and `VMLET_VSOCK_BACKEND` name them instead.
     pub fn new() -> Result<Self, Error> {
-        let find = |var: &str, name: &'static str| {
-            std::env::var_os(var)
+        Self::confined(Confinement::default())
+    }
+
+    /// Like [`Qemu::new`], with VMMs confined as `confinement` says; the programs found are
+    /// ones the VMM's user may run, and a named one it may not run is an error.
+    pub fn confined(confinement: Confinement) -> Result<Self, Error> {
+        let cred = confinement.credentials();
+        let find = |var: &str, name: &'static str| -> Result<PathBuf, Error> {
+            let p = std::env::var_os(var)
                 .map(PathBuf::from)
-                .or_else(|| find_program(name))
-                .ok_or(Error::BinaryNotFound { name })
+                .or_else(|| find_program_for(name, cred.as_ref()))
+                .ok_or(Error::BinaryNotFound { name })?;
+            if let Some(c) = &cred {
+                crate::confine::check_access(&p, c, 1).map_err(|why| {
+                    Error::InvalidConfig(format!("the VMM's user cannot run {name}: {why}"))
+                })?;
+            }
+            Ok(p)
         };
         Ok(Self::with_binaries(
             find("VMLET_QEMU", "qemu-system-x86_64")?,
             find("VMLET_VSOCK_BACKEND", "vhost-device-vsock")?,
-        ))
+        )
+        .with_confinement(confinement))
+    }
+
+    /// Confines VMMs as `c` says (by default they run as the agent, without cgroups).
+    pub fn with_confinement(mut self, c: Confinement) -> Self {
+        self.confinement = c;
+        self
+    }
+
+    /// How VMMs are confined.
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     /// Uses the given programs.
@@ -381,6 +465,7 @@ impl Qemu {
             qmp_timeout: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(5),
             version,
+            confinement: Confinement::default(),
         }
     }
 
@@ -505,11 +590,14 @@ impl Vmm for Qemu {
     }
 
     async fn start(&self, cfg: &VmConfig) -> Result<Box<dyn VmHandle>, Error> {
-        let paths = VmPaths::new(&cfg.dir);
+        use std::os::unix::fs::OpenOptionsExt;
+        let paths = VmPaths::for_config(cfg);
         validate(cfg, &paths)?;
+        let cred = self.confinement.credentials_for(cfg.cid);
         let log = File::options()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&paths.log)
             .map_err(|e| Error::io(format!("cannot open {}", paths.log.display()), e))?;
         // Only this start's lines explain its failure.
@@ -522,60 +610,131 @@ impl Vmm for Qemu {
         };
         let t0 = Instant::now();
 
+        // Until the handle exists, a failed or dropped start must not leave processes,
+        // sockets or a cgroup behind.
+        let mut undo = process::Undo::default();
         vsock_backend::remove_socket(&paths.qmp).map_err(|e| {
             fail(
                 "preparing its directory",
                 Error::io(format!("cannot remove {}", paths.qmp.display()), e),
             )
         })?;
+        let qmp_listener = std::os::unix::net::UnixListener::bind(&paths.qmp).map_err(|e| {
+            fail(
+                "preparing its directory",
+                Error::io(format!("cannot listen on {}", paths.qmp.display()), e),
+            )
+        })?;
+        undo.socket(&paths.qmp);
+        // A serial link's listening socket is the shim's too (the agent,
+        // root, connects to it; QEMU only inherits it).
+        let serial_listener = match cfg.link {
+            Link::Serial => {
+                let _ = vsock_backend::remove_socket(&paths.serial);
+                match std::os::unix::net::UnixListener::bind(&paths.serial) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        undo.run().await;
+                        return Err(fail(
+                            "preparing its directory",
+                            Error::io(format!("cannot listen on {}", paths.serial.display()), e),
+                        ));
+                    }
+                }
+            }
+            Link::Vsock => None,
+        };
+        undo.socket(&paths.serial);
+        if let Some(c) = &cred {
+            if let Err(e) = hand_over(cfg, &paths, c) {
+                undo.run().await;
+                return Err(fail("giving the VMM's user its files", e));
+            }
+        }
+        let limits = self.confinement.limits(cfg.memory_mib, cfg.vcpus);
+        let cgroup = match self.confinement.cgroups.create(&cfg.id, &limits) {
+            Ok(c) => c,
+            Err(e) => {
+                undo.run().await;
+                return Err(fail("creating its cgroup", e.into()));
+            }
+        };
+        if let Some(cg) = &cgroup {
+            undo.cgroup(cg);
+        }
+        let procs = match cgroup.as_ref().map(VmCgroup::open_procs).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                undo.run().await;
+                return Err(fail("creating its cgroup", e.into()));
+            }
+        };
+        let jail = Jail {
+            procs,
+            credentials: cred.clone(),
+        };
+
         let backend = match cfg.link {
-            Link::Vsock => Some(
-                VsockBackend::spawn(
-                    &self.vsock_backend,
-                    cfg.cid,
-                    &paths.vhost_vsock,
-                    &cfg.vsock_uds,
-                    &log,
-                    self.backend_timeout,
-                )
-                .await
-                .map_err(|e| fail("starting the vsock backend", e.into()))?,
-            ),
+            Link::Vsock => match VsockBackend::spawn(
+                &self.vsock_backend,
+                cfg.cid,
+                &paths.vhost_vsock,
+                &cfg.vsock_uds,
+                &log,
+                self.backend_timeout,
+                &jail,
+            )
+            .await
+            {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    undo.run().await;
+                    return Err(fail("starting the vsock backend", e.into()));
+                }
+            },
             Link::Serial => None,
         };
         let t_backend = t0.elapsed();
-        // Until the handle exists, a dropped start must not leave processes or sockets.
-        let mut undo = process::Undo::default();
         if let Some(b) = &backend {
             undo.process(b.process());
             undo.socket(&paths.vhost_vsock);
             undo.socket(&cfg.vsock_uds);
         }
-        undo.socket(&paths.qmp);
-        undo.socket(&paths.serial);
-        let shutdown = |backend: Option<VsockBackend>| async move {
-            if let Some(b) = backend {
-                b.shutdown().await;
-            }
-        };
 
         let incoming = match cfg.incoming.as_ref().map(StagedFile::reopen).transpose() {
             Ok(f) => f,
             Err(e) => {
-                shutdown(backend).await;
+                undo.run().await;
                 return Err(fail(
                     "opening the state to restore",
                     Error::io("cannot reopen the staged state", e),
                 ));
             }
         };
-        let args = argv(cfg, &paths, self.acpi);
+        let args = argv(cfg, &paths, self.acpi, Some(QMP_FD));
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
-        let inherit = inherited_fds(cfg, incoming.as_ref());
-        let qemu = match Process::spawn("qemu", &self.binary, &args, &log, &inherit) {
+        let spawned = Process::spawn(
+            "qemu",
+            &self.binary,
+            &args,
+            &log,
+            &inherited_fds(
+                cfg,
+                &qmp_listener,
+                serial_listener.as_ref(),
+                incoming.as_ref(),
+            ),
+            &jail,
+        );
+        // QEMU holds the listening sockets now; without these copies, a QEMU that dies
+        // before accepting makes connections fail at once rather than hang.
+        drop(qmp_listener);
+        drop(serial_listener);
+        drop(jail);
+        let qemu = match spawned {
             Ok(p) => p,
             Err(e) => {
-                shutdown(backend).await;
+                undo.run().await;
                 return Err(fail(
                     "spawning QEMU",
                     Error::io(format!("cannot run {}", self.binary.display()), e),
@@ -596,17 +755,18 @@ impl Vmm for Qemu {
             Ok(c) => c,
             Err(e) => {
                 // Exited by itself: its exit (and the log) is the story. Still running: the
-                // QMP error is, and the SIGKILL is only tidying up.
-                let exited = qemu.exited();
-                if exited.is_none() && qemu.kill_and_reap(Duration::from_secs(5)).await.is_none() {
-                    tracing::warn!(id = %cfg.id, pid = qemu.pid(), "QEMU survived SIGKILL for 5 s");
-                }
-                shutdown(backend).await;
-                let _ = vsock_backend::remove_socket(&paths.qmp);
-                let source = match exited {
-                    Some(exit) => Error::Exited(vm_exit(&exit)),
+                // QMP error is, and the SIGKILL is only tidying up. A QEMU that dies as it
+                // starts breaks the connection before its reaper has seen the exit: give that
+                // a moment.
+                let exited = match qemu.exited() {
+                    Some(x) => Some(x),
+                    None => qemu.wait_timeout(Duration::from_millis(500)).await,
+                };
+                let source = match &exited {
+                    Some(exit) => Error::Exited(vm_exit(exit, cgroup.as_ref())),
                     None => e.into(),
                 };
+                undo.run().await;
                 return Err(fail("waiting for QEMU's QMP socket", source));
             }
         };
@@ -619,27 +779,179 @@ impl Vmm for Qemu {
         );
         drop(incoming);
         undo.disarm();
+        let info = self.info(cred.as_ref(), cgroup.as_ref());
         Ok(Box::new(QemuHandle {
             id: cfg.id.clone(),
             qemu,
             backend,
             paths,
             qmp: Mutex::new(Some(qmp)),
+            cgroup,
+            info,
         }))
+    }
+
+    async fn reclaim(&self, live: &std::collections::HashSet<String>) {
+        let removed = self.confinement.cgroups.reclaim(live).await;
+        if !removed.is_empty() {
+            tracing::info!(cgroups = ?removed, "removed cgroups no VM owns any more");
+        }
     }
 }
 
+/// Gives the VMM's user what QEMU and the vsock backend open or create, and checks it can
+/// reach the rest; the VM's own directory stays the agent's.
+///
+/// - writable disks become its own, mode 0600: other users (and, with per-VM users, other
+///   VMs) cannot read or write them;
+/// - `console.log` is created for it, since QEMU opens it by name;
+/// - the directory of [`VmConfig::vsock_uds`] becomes its own, mode 0700: vhost-device-vsock
+///   creates its sockets there, and the agent's hybrid-vsock listeners in it (`<uds>_<port>`)
+///   become its own so the backend may connect to them. That directory must not be the VM's
+///   directory, where the agent keeps files the VMM must not replace;
+/// - read-only disks and an unstaged kernel and initrd must be readable by it as they are
+///   (layer disks are shared by every VM and stay the agent's).
+///
+/// Nothing here follows a symbolic link: files are opened with `O_NOFOLLOW` and changed
+/// through their descriptors, and socket owners are changed with lchown.
+fn hand_over(cfg: &VmConfig, paths: &VmPaths, cred: &Credentials) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let owner = |f: &File, p: &Path| -> Result<(), Error> {
+        std::os::unix::fs::fchown(f, Some(cred.uid), Some(cred.gid)).map_err(|e| {
+            Error::io(
+                format!("cannot give {} to uid {}", p.display(), cred.uid),
+                e,
+            )
+        })?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("cannot set the mode of {}", p.display()), e))
+    };
+    let access = |p: &Path, want: u32| {
+        crate::confine::check_access(p, cred, want).map_err(|why| {
+            Error::InvalidConfig(format!("the VMM's user cannot reach its files: {why}"))
+        })
+    };
+    access(&cfg.dir, 1)?;
+    for d in cfg.disks.iter().filter(|d| !d.read_only) {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&d.path)
+            .map_err(|e| Error::io(format!("cannot open {}", d.path.display()), e))?;
+        owner(&f, &d.path)?;
+        access(&d.path, 6)?;
+    }
+    for d in cfg.disks.iter().filter(|d| d.read_only) {
+        access(&d.path, 4)?;
+    }
+    if cfg.staged.is_none() {
+        access(&cfg.kernel, 4)?;
+        access(&cfg.initrd, 4)?;
+    }
+    let console = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&paths.console)
+        .map_err(|e| Error::io(format!("cannot create {}", paths.console.display()), e))?;
+    owner(&console, &paths.console)?;
+    let uds_dir = cfg
+        .vsock_uds
+        .parent()
+        .filter(|d| *d != cfg.dir && d.starts_with(&cfg.dir))
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "the hybrid-vsock socket {} must be in a directory of its own below {}, \
+                 which the VMM's user may write",
+                cfg.vsock_uds.display(),
+                cfg.dir.display()
+            ))
+        })?;
+    std::fs::create_dir_all(uds_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", uds_dir.display()), e))?;
+    let ids = (Some(cred.uid), Some(cred.gid));
+    std::os::unix::fs::lchown(uds_dir, ids.0, ids.1).map_err(|e| {
+        Error::io(
+            format!("cannot give {} to uid {}", uds_dir.display(), cred.uid),
+            e,
+        )
+    })?;
+    // A directory below the VM's, which only the agent can change: its name cannot be
+    // swapped for a link between the lchown above and this.
+    std::fs::set_permissions(uds_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("cannot set the mode of {}", uds_dir.display()), e))?;
+    grant_listeners(cfg, cred)
+}
+
+/// Makes the agent's hybrid-vsock listeners (`<uds>_<port>`) the VMM user's, so the vsock
+/// backend may connect to them.
+fn grant_listeners(cfg: &VmConfig, cred: &Credentials) -> Result<(), Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let (Some(dir), Some(name)) = (cfg.vsock_uds.parent(), cfg.vsock_uds.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}_", name.to_string_lossy());
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+    for e in entries.flatten() {
+        let is_listener = e.file_name().to_string_lossy().starts_with(&prefix)
+            && e.file_type().is_ok_and(|t| t.is_socket());
+        if is_listener {
+            std::os::unix::fs::lchown(e.path(), Some(cred.uid), Some(cred.gid)).map_err(|err| {
+                Error::io(
+                    format!("cannot give {} to uid {}", e.path().display(), cred.uid),
+                    err,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 impl Qemu {
+    /// What a VM started now is confined by.
+    fn info(&self, cred: Option<&Credentials>, cgroup: Option<&VmCgroup>) -> ConfinementInfo {
+        let (user, ids) = match cred {
+            Some(c) => (self.confinement.name_of(c), c.clone()),
+            None => {
+                let me = VmmUser::agent();
+                (me.name, me.credentials)
+            }
+        };
+        let mut notes = Vec::new();
+        if cred.is_none() {
+            notes.push(format!(
+                "runs as the agent's user ({})",
+                self.confinement.user_note.as_deref().unwrap_or("asked for")
+            ));
+        }
+        if cgroup.is_none() {
+            notes.push(self.confinement.cgroups.describe());
+        }
+        ConfinementInfo {
+            user,
+            uid: ids.uid,
+            gid: ids.gid,
+            cgroup: cgroup.map(VmCgroup::info),
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
+        }
+    }
+
     async fn adopt_inner(
         &self,
         cfg: &VmConfig,
         vmm_pid: u32,
         helper_pids: &[u32],
     ) -> Result<Box<dyn VmHandle>, Error> {
-        let paths = VmPaths::new(&cfg.dir);
+        let paths = VmPaths::for_config(cfg);
         let adopt_err = |what: String, e: std::io::Error| Error::io(what, e);
-        // QEMU names its QMP socket in its arguments: that ties the pid to this VM.
-        let qemu = Process::adopt("qemu", vmm_pid, &paths.qmp.display().to_string())
+        // QEMU names its console file, in the VM's directory, in its arguments: that ties
+        // the pid to this VM.
+        let console = format!("file:{}", paths.console.display());
+        let qemu = Process::adopt("qemu", vmm_pid, &console)
             .map_err(|e| adopt_err(format!("cannot adopt QEMU (pid {vmm_pid})"), e))?;
         let backend = match (cfg.link, helper_pids) {
             (Link::Vsock, &[backend_pid]) => Some(
@@ -660,7 +972,40 @@ impl Qemu {
                 )))
             }
         };
-        tracing::info!(id = %cfg.id, pid = vmm_pid, backend_pid = ?backend.as_ref().map(VsockBackend::pid), "adopted a running VM");
+        // The cgroup the earlier agent made, if QEMU is in it.
+        let cgroup = self
+            .confinement
+            .cgroups
+            .find(&cfg.id)
+            .filter(|c| c.holds(vmm_pid));
+        // Whoever it runs as, the listener the agent bound again must be open to it.
+        let ids = proc_ids(vmm_pid);
+        if let Some((uid, gid)) = ids.filter(|(u, _)| *u != nix::unistd::geteuid().as_raw()) {
+            let cred = Credentials {
+                uid,
+                gid,
+                groups: Vec::new(),
+            };
+            if let Err(e) = grant_listeners(cfg, &cred) {
+                tracing::warn!(id = %cfg.id, error = %e, "cannot open the vsock listeners to the adopted VMM");
+            }
+        }
+        let (uid, gid) = ids.unwrap_or((u32::MAX, u32::MAX));
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| uid.to_string());
+        let info = ConfinementInfo {
+            user,
+            uid,
+            gid,
+            cgroup: cgroup.as_ref().map(VmCgroup::info),
+            note: cgroup
+                .is_none()
+                .then(|| "adopted from an earlier agent: not in a cgroup of this agent".into()),
+        };
+        tracing::info!(id = %cfg.id, pid = vmm_pid, backend_pid = ?backend.as_ref().map(VsockBackend::pid), cgroup = cgroup.is_some(), "adopted a running VM");
         Ok(Box::new(QemuHandle {
             id: cfg.id.clone(),
             qemu,
@@ -668,20 +1013,50 @@ impl Qemu {
             paths,
             // Connected on first use; QEMU accepts a new monitor client once the old one left.
             qmp: Mutex::new(None),
+            cgroup,
+            info,
         }))
     }
 }
 
-fn vm_exit(exit: &process::Exit) -> VmExit {
+/// The real uid and gid of a process, from /proc.
+fn proc_ids(pid: u32) -> Option<(u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| -> Option<u32> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+/// How QEMU ended. A QEMU killed while its cgroup records an OOM kill was killed by the
+/// kernel for reaching the VM's memory limit, and says so.
+fn vm_exit(exit: &process::Exit, cgroup: Option<&VmCgroup>) -> VmExit {
     use std::os::unix::process::ExitStatusExt;
     let (code, signal) = match exit {
         Ok(st) => (st.code(), st.signal()),
         Err(_) => (None, None),
     };
+    // An adopted QEMU's status is unknown (Err): the counter alone tells.
+    let killed = signal == Some(libc::SIGKILL) || exit.is_err();
+    let oom = killed && cgroup.is_some_and(|c| c.oom_kills() > 0);
+    let description = match cgroup.filter(|_| oom) {
+        Some(c) => format!(
+            "QEMU was killed by the kernel's OOM killer: the VM reached its cgroup's memory \
+             limit of {} MiB (guest memory plus the VMM's overhead)",
+            c.info().limits.memory_bytes >> 20
+        ),
+        None => process::describe("QEMU", exit),
+    };
     VmExit {
         code,
         signal,
-        description: process::describe("QEMU", exit),
+        oom_killed: oom,
+        description,
     }
 }
 
@@ -695,6 +1070,9 @@ struct QemuHandle {
     paths: VmPaths,
     /// One QMP session at a time (QEMU serves one); None after an error, reconnected lazily.
     qmp: Mutex<Option<QmpClient>>,
+    /// The VM's cgroup, removed by cleanup.
+    cgroup: Option<VmCgroup>,
+    info: ConfinementInfo,
 }
 
 /// Migration skips shared RAM: a snapshot holds only the devices' state,
@@ -726,7 +1104,9 @@ const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl QemuHandle {
     fn exited_error(&self) -> Option<Error> {
-        self.qemu.exited().map(|e| Error::Exited(vm_exit(&e)))
+        self.qemu
+            .exited()
+            .map(|e| Error::Exited(vm_exit(&e, self.cgroup.as_ref())))
     }
 
     async fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value, Error> {
@@ -754,7 +1134,7 @@ impl QemuHandle {
                 }
                 // A broken connection usually means QEMU is exiting; say so if it has.
                 if let Some(exit) = self.qemu.wait_timeout(Duration::from_millis(200)).await {
-                    return Err(Error::Exited(vm_exit(&exit)));
+                    return Err(Error::Exited(vm_exit(&exit, self.cgroup.as_ref())));
                 }
                 Err(e.into())
             }
@@ -773,7 +1153,11 @@ impl VmHandle for QemuHandle {
     }
 
     async fn wait(&self) -> VmExit {
-        vm_exit(&self.qemu.wait().await)
+        vm_exit(&self.qemu.wait().await, self.cgroup.as_ref())
+    }
+
+    fn confinement(&self) -> Option<ConfinementInfo> {
+        Some(self.info.clone())
     }
 
     async fn stop(&self, timeout: Duration) -> Result<(), Error> {
@@ -839,6 +1223,10 @@ impl VmHandle for QemuHandle {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)
             .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+        // QEMU may run as the VMM's user: it must be able to connect.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| Error::io(format!("cannot open {} to the VMM", path.display()), e))?;
         let uri = format!("unix:{}", path.display());
         let read = async {
             let (mut s, _) = listener.accept().await?;
@@ -918,6 +1306,12 @@ impl VmHandle for QemuHandle {
                 tracing::warn!(id = %self.id, error = %e, path = %p.display(), "cannot remove a socket");
             }
         }
+        // Last: the cgroup can go once nothing is left in it.
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove().await {
+                tracing::warn!(id = %self.id, error = %e, "cannot remove the VM's cgroup");
+            }
+        }
     }
 }
 
@@ -968,12 +1362,13 @@ mod tests {
     #[test]
     fn argv_for_tcg() {
         let c = cfg(Accel::Tcg);
-        let a = argv(&c, &VmPaths::new(&c.dir), true);
+        let a = argv(&c, &VmPaths::new(&c.dir), true, Some(102));
         assert_eq!(
             values(&a, "-M"),
             ["microvm,x-option-roms=off,rtc=on,pit=on,pic=on,memory-backend=mem"]
         );
-        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        // A bounded translation cache keeps QEMU's own memory under its cgroup's limit.
+        assert_eq!(values(&a, "-accel"), ["tcg,tb-size=128"]);
         assert!(values(&a, "-sandbox")[0].starts_with("on,"));
         assert_eq!(values(&a, "-cpu"), ["max"]);
         assert_eq!(values(&a, "-smp"), ["2"]);
@@ -1011,12 +1406,14 @@ mod tests {
         );
         assert_eq!(
             values(&a, "-chardev"),
-            ["socket,id=vs0,path=/run/vmlet/vm1/vhost-vsock.sock"]
+            [
+                "socket,id=vs0,path=/run/vmlet/vm1/vhost-vsock.sock",
+                // QMP on the listening socket the shim bound and QEMU inherits.
+                "socket,id=qmp,fd=102,server=on,wait=off",
+            ]
         );
-        assert_eq!(
-            values(&a, "-qmp"),
-            ["unix:/run/vmlet/vm1/qmp.sock,server=on,wait=off"]
-        );
+        assert_eq!(values(&a, "-mon"), ["chardev=qmp,mode=control"]);
+        assert!(values(&a, "-qmp").is_empty());
         assert_eq!(values(&a, "-name"), ["vmlet-vm1"]);
         // Every flag is followed by its value: no value starts a new flag by accident.
         assert!(!a.iter().any(|x| x.is_empty()));
@@ -1027,7 +1424,7 @@ mod tests {
         let mut c = cfg(Accel::Kvm);
         c.cmdline.clear();
         c.disks.clear();
-        let a = argv(&c, &VmPaths::new(&c.dir), false);
+        let a = argv(&c, &VmPaths::new(&c.dir), false, None);
         assert_eq!(values(&a, "-accel"), ["kvm"]);
         assert_eq!(values(&a, "-cpu"), ["host"]);
         assert!(values(&a, "-M")[0].ends_with(",acpi=off"));
@@ -1036,6 +1433,11 @@ mod tests {
             ["console=ttyS0 panic=-1 reboot=t quiet"]
         );
         assert!(values(&a, "-drive").is_empty());
+        // Without an inherited socket, QEMU creates the QMP socket itself.
+        assert_eq!(
+            values(&a, "-qmp"),
+            ["unix:/run/vmlet/vm1/qmp.sock,server=on,wait=off"]
+        );
         assert_eq!(
             values(&a, "-device"),
             ["vhost-user-vsock-device,chardev=vs0"]
@@ -1046,7 +1448,7 @@ mod tests {
     fn paths_escape_commas_where_qemu_parses_options() {
         let mut c = cfg(Accel::Tcg);
         c.dir = "/r/a,b".into();
-        let a = argv(&c, &VmPaths::new(&c.dir), true);
+        let a = argv(&c, &VmPaths::new(&c.dir), true, None);
         assert_eq!(
             values(&a, "-qmp"),
             ["unix:/r/a,,b/qmp.sock,server=on,wait=off"]

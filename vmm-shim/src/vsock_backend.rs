@@ -84,6 +84,7 @@ impl VsockBackend {
         uds: &Path,
         log: &File,
         timeout: Duration,
+        jail: &crate::confine::Jail,
     ) -> Result<Self, Error> {
         // A socket left by an earlier run would end the wait below before the backend binds.
         for p in [socket, uds] {
@@ -98,6 +99,7 @@ impl VsockBackend {
             &args(cid, socket, uds),
             log,
             &[],
+            jail,
         )
         .map_err(|source| Error::Spawn {
             program: program.to_owned(),
@@ -266,6 +268,7 @@ mod tests {
             &dir.path().join("u.sock"),
             &log(dir.path()),
             Duration::from_secs(10),
+            &Default::default(),
         )
         .await;
         match r {
@@ -290,6 +293,7 @@ mod tests {
             &dir.path().join("u.sock"),
             &log(dir.path()),
             Duration::from_millis(200),
+            &Default::default(),
         )
         .await;
         assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
@@ -316,6 +320,7 @@ mod tests {
                 &uds,
                 &log(dir.path()),
                 Duration::from_secs(10),
+                &Default::default(),
             ),
         )
         .await

@@ -11,7 +11,7 @@ use vmlet_agent::{server, Agent, Config};
 /// The per-host containerVM agent: starts containers in their own VMs and
 /// serves the engine over a Unix socket.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = CONFINEMENT_HELP)]
 struct Args {
     /// Where VMs, images, logs and generated guest files are kept.
     #[arg(long, env = "VMLET_STATE_DIR", default_value = "/var/lib/vmlet/state")]
@@ -67,6 +67,35 @@ struct Args {
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
+    /// Run every VM's QEMU and vsock backend as this user (a name or uid).
+    /// Default: vmlet-vmm if it exists (scripts/setup.sh creates it), else
+    /// the agent's own user, with a warning. `--vmm-user root` (the
+    /// agent's own user) asks for no change of user.
+    #[arg(long, env = "VMLET_VMM_USER")]
+    vmm_user: Option<String>,
+    /// Cgroups for VMs: auto (v2 where its memory controller is available,
+    /// else v1, else none, with a warning), v2, v1 (either fails the start
+    /// of vmletd when unusable) or off.
+    #[arg(long, default_value = "auto")]
+    cgroups: String,
+    /// The cgroup each VM's cgroup is made in: relative to vmletd's own
+    /// cgroup, or absolute from the hierarchy's root. Default: /vmlet on v2,
+    /// vmlet on v1. It belongs to this vmletd alone: what is in it and not
+    /// a VM of this agent is removed at startup.
+    #[arg(long)]
+    cgroup_parent: Option<String>,
+    /// Memory (MiB) each VM's cgroup allows beyond the guest's memory, for
+    /// QEMU itself (its heap, TCG's translation cache, I/O) and the vsock
+    /// backend.
+    #[arg(long, default_value_t = vmm_shim::confine::DEFAULT_MEMORY_OVERHEAD_MIB)]
+    vmm_memory_overhead: u64,
+    /// Give each VM's QEMU and vsock backend a uid and gid of their own,
+    /// BASE + the VM's vsock CID, instead of sharing --vmm-user's (they keep
+    /// its supplementary groups, such as kvm), so VMMs are kept apart from
+    /// each other too. Reserve a range no user or group uses (as
+    /// /etc/subuid does), at least BASE..BASE+65535.
+    #[arg(long, value_name = "BASE")]
+    vmm_uid_base: Option<u32>,
     /// Most bytes of output each VM's log keeps (a number of bytes, or with
     /// a K, M or G suffix: binary units); 0 keeps everything. Beyond it the
     /// oldest part is deleted; a reader that had not read it yet is told how
@@ -95,6 +124,15 @@ fn parse_template(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+const CONFINEMENT_HELP: &str = "\
+Confinement: every VM's QEMU and vsock backend run under QEMU's seccomp
+sandbox, as the --vmm-user (or, with --vmm-uid-base, a uid of their own per
+VM; dropped before exec: QEMU never holds root), in a cgroup of their own
+limited to the guest's memory + --vmm-memory-overhead (no swap), its vCPUs +
+25 % of a CPU and 512 tasks. An OOM kill ends the VM with exit code 137 and
+says so in `vmlet inspect`, which also shows the user, the cgroup and its
+limits. See docs/confinement.md.";
+
 #[derive(Debug, thiserror::Error)]
 enum ArgsError {
     #[error("--socket-mode {0:?} is not an octal permission mode")]
@@ -109,6 +147,10 @@ enum ArgsError {
     LogLimits(String),
     #[error("--idle-timeout must be a number of seconds, 0 for never")]
     IdleTimeout,
+    #[error("--cgroups {0}")]
+    Cgroups(String),
+    #[error("--vmm-uid-base must be from 1000 to {max}, so that BASE + any CID is an ordinary id")]
+    UidBase { max: u32 },
 }
 
 impl TryFrom<Args> for Config {
@@ -151,6 +193,18 @@ impl TryFrom<Args> for Config {
         } else {
             return Err(ArgsError::IdleTimeout);
         };
+        c.vmm_user = a.vmm_user;
+        c.cgroups = a.cgroups.parse().map_err(ArgsError::Cgroups)?;
+        c.cgroup_parent = a.cgroup_parent;
+        c.vmm_memory_overhead_mib = a.vmm_memory_overhead;
+        if let Some(base) = a.vmm_uid_base {
+            // Ids near 2^32 are the kernel's overflow and "no id" values.
+            let max = u32::MAX - (1 << 20);
+            if !(1000..=max).contains(&base) {
+                return Err(ArgsError::UidBase { max });
+            }
+            c.vmm_uid_base = Some(base);
+        }
         Ok(c)
     }
 }
@@ -191,11 +245,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let vmm = Arc::new(vmm_shim::Qemu::new()?);
+    let confinement = vmlet_agent::confinement::resolve(&config)?;
+    let vmm = Arc::new(vmm_shim::Qemu::confined(confinement.clone())?);
     let socket = config.socket.clone();
     let mode = config.socket_mode;
     let agent = tokio::task::block_in_place(|| Agent::new(config, vmm))?;
+    vmlet_agent::confinement::check_state_access(&agent.config, &confinement)?;
     agent.adopt_running().await;
+    // What an earlier agent left in the cgroups and no VM owns any more.
+    agent.vmm.reclaim(&agent.running_ids()).await;
     vmlet_agent::pool::start(&agent);
     vmlet_agent::templates::start(&agent);
     let listener = server::bind(&socket, mode).await.map_err(|e| {
