@@ -42,6 +42,12 @@ pub struct Config {
     pub pools: Vec<crate::pool::PoolSpec>,
     /// Most pool members booting at once.
     pub pool_refill: usize,
+    /// Pre-staging: the guest kernel and initrd are copied into sealed
+    /// memory at startup and `prestage` keeps an image's layer disks
+    /// mapped. Off, QEMU reads the kernel and initrd by path on every start
+    /// and the layers stay wherever the page cache leaves them (what the
+    /// benchmark's cold mode measures).
+    pub prestage: bool,
 }
 
 impl Config {
@@ -64,6 +70,7 @@ impl Config {
             max_total_memory_mib: default_memory_budget(),
             pools: Vec::new(),
             pool_refill: 1,
+            prestage: true,
         }
     }
 

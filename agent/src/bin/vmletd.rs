@@ -67,6 +67,11 @@ struct Args {
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
+    /// Do not pre-stage: QEMU reads the guest kernel and initrd from disk
+    /// on every start, and `vmlet prestage` is refused. For measuring what
+    /// pre-staging saves.
+    #[arg(long)]
+    no_prestage: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,7 @@ impl TryFrom<Args> for Config {
         c.allowed_gids = a.allow_gids;
         c.pools = a.pools;
         c.pool_refill = a.pool_refill;
+        c.prestage = !a.no_prestage;
         Ok(c)
     }
 }
