@@ -211,7 +211,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(o, "- page cache: {cache}");
     let _ = writeln!(
         o,
-        "- ready = the tether's hello (the guest's own signal); first output = `ready` reaching the caller; both from the script's first step (baseline) or the client's create (agent modes)\n"
+        "- ready = the tether's hello (the guest's own signal; a pool member said it before the start, so a pool's ready is its create and attach); first output = `ready` reaching the caller; both from the script's first step (baseline) or the client's create (agent modes)\n"
     );
 
     let _ = writeln!(o, "## Modes\n");
