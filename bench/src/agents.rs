@@ -156,6 +156,24 @@ pub fn kill_naming(dir: &Path) {
     }
 }
 
+/// Copies the directory tree `from` to `to` (regular files and
+/// directories; anything else is skipped).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        let dst = to.join(e.file_name());
+        if ft.is_dir() {
+            bytes += copy_dir(&e.path(), &dst)?;
+        } else if ft.is_file() {
+            bytes += std::fs::copy(e.path(), dst)?;
+        }
+    }
+    Ok(bytes)
+}
+
 /// The last `n` lines of a file, joined with " | ".
 pub fn tail(p: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
@@ -190,6 +208,19 @@ pub fn help_lists(help: &str, flag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_a_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let from = d.path().join("guest");
+        std::fs::create_dir_all(from.join("modules")).unwrap();
+        std::fs::write(from.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(from.join("modules/virtio.ko"), b"m").unwrap();
+        let to = d.path().join("copy");
+        assert_eq!(copy_dir(&from, &to).unwrap(), 7);
+        assert_eq!(std::fs::read(to.join("vmlinux")).unwrap(), b"kernel");
+        assert_eq!(std::fs::read(to.join("modules/virtio.ko")).unwrap(), b"m");
+    }
 
     #[test]
     fn finds_listed_options_only() {

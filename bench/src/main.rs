@@ -42,7 +42,9 @@ struct Args {
     /// The tether the agents boot guests with; default: vmletd's own.
     #[arg(long, env = "VMLET_TETHER")]
     tether: Option<PathBuf>,
-    /// Where the guest kernel (`vmlinux`) and its modules are.
+    /// Where the guest kernel (`vmlinux`) and its modules are; the run
+    /// copies them into its work directory and boots every mode from the
+    /// copy.
     #[arg(long, env = "VMLET_GUEST_DIR", default_value = "/var/lib/vmlet/guest")]
     guest_dir: PathBuf,
     /// One more argument for every agent (`--agent-arg=--accel=tcg`).
@@ -78,7 +80,8 @@ struct Args {
     #[arg(long, default_value_t = 1.5)]
     memory_after: f64,
     /// Where the run's agents and the baseline keep their files (a fresh
-    /// directory inside it, removed at the end).
+    /// directory inside it, removed at the end). Page-cache eviction needs
+    /// it on a disk filesystem, not tmpfs.
     #[arg(long, default_value = "/tmp")]
     work_dir: PathBuf,
     /// How long a guest may take to boot, in seconds.
@@ -478,11 +481,23 @@ async fn run(
     modes.sort();
     modes.dedup();
     let pool_size = a.concurrency.iter().copied().max().unwrap_or(1);
-    let kernel = a.guest_dir.join("vmlinux");
+    // The run's own copy of the guest kernel and modules: on a shared host
+    // other agents read the installed kernel, which would put it back in
+    // the page cache between an eviction and a cold start; and the copy
+    // cannot change under the run.
+    let guest_dir = work.join("guest");
+    let copied = agents::copy_dir(&a.guest_dir, &guest_dir)
+        .with_context(|| format!("copying {}", a.guest_dir.display()))?;
+    eprintln!(
+        "vmlet-bench: copied {} ({} MiB) for this run",
+        a.guest_dir.display(),
+        copied >> 20
+    );
+    let kernel = guest_dir.join("vmlinux");
     let spec = |m: &str, args: Vec<String>| AgentSpec {
         vmletd: vmletd.to_path_buf(),
         dir: work.join(m),
-        guest_dir: a.guest_dir.clone(),
+        guest_dir: guest_dir.clone(),
         tether: a.tether.clone(),
         boot_timeout: a.boot_timeout,
         args: args

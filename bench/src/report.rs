@@ -204,7 +204,7 @@ pub fn markdown(r: &Report) -> String {
         r.runs, r.warmup
     );
     let cache = if r.page_cache == "evict" {
-        "every batch of every mode began with the start's input files (guest kernel, initrd, image store) evicted from the host page cache; pages an agent holds mapped stay (that is pre-staging)"
+        "every batch of every mode began with the start's input files (the run's own copy of the guest kernel, each agent's initrd and image store) evicted from the host page cache; pages an agent holds mapped stay (that is pre-staging)"
     } else {
         "left as it was (inputs mostly cached from earlier starts)"
     };
