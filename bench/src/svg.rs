@@ -60,17 +60,28 @@ pub fn axis(max: f64) -> (f64, f64) {
     ((max / step).ceil() * step, step)
 }
 
-/// Decade ends around `lo..=hi` (both positive) and ticks at 1, 2 and 5
-/// times each power of ten between them.
+/// Ends on the 1-2-5 ladder (1, 2, 5 times a power of ten) around
+/// `lo..=hi` (both positive), and the ladder's steps between them as ticks.
 pub fn log_axis(lo: f64, hi: f64) -> (f64, f64, Vec<f64>) {
-    let start = 10f64.powf(lo.log10().floor());
-    let end = 10f64.powf(hi.log10().ceil()).max(start * 10.0);
+    let ladder = |v: f64| {
+        let d = 10f64.powf(v.log10().floor());
+        [d, 2.0 * d, 5.0 * d, 10.0 * d]
+    };
+    let eps = 1.0 + 1e-9;
+    let start = ladder(lo)
+        .into_iter()
+        .filter(|t| *t <= lo * eps)
+        .fold(f64::NAN, f64::max);
+    let end = ladder(hi)
+        .into_iter()
+        .find(|t| *t >= hi / eps)
+        .unwrap_or(hi)
+        .max(start * 2.0);
     let mut ticks = Vec::new();
-    let mut d = start;
-    while d < end * 1.0001 {
-        for m in [1.0, 2.0, 5.0] {
-            let t = d * m;
-            if t <= end * 1.0001 {
+    let mut d = 10f64.powf(start.log10().floor());
+    while d <= end * eps {
+        for t in [d, 2.0 * d, 5.0 * d] {
+            if t >= start / eps && t <= end * eps {
                 ticks.push(t);
             }
         }
@@ -201,7 +212,10 @@ pub fn plot(title: &str, x_label: &str, series: &[Series]) -> String {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v.fract().abs() < 1e-9 {
+    if v >= 10_000.0 && (v / 1000.0).fract().abs() < 1e-9 {
+        // Keeps the labels of a log axis's upper decades apart.
+        format!("{:.0}k", v / 1000.0)
+    } else if v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else {
         // Ticks of a log axis below 1 are powers of ten times 1, 2 or 5.
@@ -231,13 +245,17 @@ mod tests {
     #[test]
     fn log_axis_spans_whole_decades() {
         let (start, end, ticks) = log_axis(95.0, 3300.0);
-        assert_eq!((start, end), (10.0, 10000.0));
-        assert_eq!(ticks.first(), Some(&10.0));
-        assert_eq!(ticks.last(), Some(&10000.0));
-        assert!(ticks.contains(&200.0) && ticks.contains(&5000.0));
-        assert!(ticks.windows(2).all(|w| w[0] < w[1]));
-        let (start, end, _) = log_axis(100.0, 100.0);
-        assert!(start <= 100.0 && end > start);
+        assert_eq!((start, end), (50.0, 5000.0));
+        assert_eq!(ticks, [50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]);
+        let (start, end, ticks) = log_axis(1.5, 15900.0);
+        assert_eq!((start, end), (1.0, 20000.0));
+        assert_eq!(ticks.first(), Some(&1.0));
+        assert_eq!(ticks.last(), Some(&20000.0));
+        let (start, end, ticks) = log_axis(100.0, 100.0);
+        assert_eq!((start, end), (100.0, 200.0));
+        assert_eq!(ticks, [100.0, 200.0]);
+        assert_eq!(fmt_tick(20000.0), "20k");
+        assert_eq!(fmt_tick(5000.0), "5000");
         assert!(wants_log(100.0, 3000.0));
         assert!(!wants_log(2000.0, 8000.0));
         assert!(!wants_log(0.0, 8000.0));
