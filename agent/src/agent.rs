@@ -150,21 +150,27 @@ impl Agent {
         }
         // Pre-staging: the kernel and initrd go into sealed memory once,
         // so no start reads them from disk or sees them change.
-        let staged = (
-            StagedFile::stage(&kernel, "kernel").map_err(|source| SetupError::Io {
-                path: kernel.clone(),
-                source,
-            })?,
-            StagedFile::stage(&initrd, "initrd").map_err(|source| SetupError::Io {
-                path: initrd.clone(),
-                source,
-            })?,
-        );
-        tracing::info!(
-            kernel_bytes = staged.0.len(),
-            initrd_bytes = staged.1.len(),
-            "staged the guest kernel and initrd in sealed memory"
-        );
+        let staged = if config.prestage {
+            let staged = (
+                StagedFile::stage(&kernel, "kernel").map_err(|source| SetupError::Io {
+                    path: kernel.clone(),
+                    source,
+                })?,
+                StagedFile::stage(&initrd, "initrd").map_err(|source| SetupError::Io {
+                    path: initrd.clone(),
+                    source,
+                })?,
+            );
+            tracing::info!(
+                kernel_bytes = staged.0.len(),
+                initrd_bytes = staged.1.len(),
+                "staged the guest kernel and initrd in sealed memory"
+            );
+            Some(staged)
+        } else {
+            tracing::info!("pre-staging off: every start reads the kernel and initrd from disk");
+            None
+        };
         let template = VmTemplate::new(VmConfig {
             id: String::new(),
             dir: PathBuf::new(),
@@ -180,7 +186,7 @@ impl Agent {
             link: Default::default(),
             memory: Default::default(),
             incoming: None,
-            staged: Some(staged),
+            staged,
         });
         let (events, _) = broadcast::channel(1024);
         let pools = crate::pool::Pools::new(
@@ -365,7 +371,14 @@ impl Agent {
 
     /// Loads `image`'s layer disks into memory and keeps them mapped, so
     /// starts of it wait on no disk. Returns the bytes staged.
+    /// Refused when the agent runs with pre-staging off.
     pub async fn prestage(self: &Arc<Self>, image: &str) -> Result<u64, ApiError> {
+        if !self.config.prestage {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "pre-staging is off in this agent (vmletd --no-prestage)",
+            ));
+        }
         let img = self.images.resolve(image)?;
         let mut total = 0;
         for diff_id in &img.layers {

@@ -191,9 +191,12 @@ pub fn start(agent: &Arc<Agent>) {
 }
 
 async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
-    // A pooled image is a hot image: keep its layers in memory.
-    if let Err(e) = agent.prestage(&pool.spec.image).await {
-        tracing::warn!(image = %pool.spec.image, error = %e, "cannot pre-stage the pool's image");
+    // A pooled image is a hot image: keep its layers in memory (unless
+    // pre-staging is off altogether).
+    if agent.config.prestage {
+        if let Err(e) = agent.prestage(&pool.spec.image).await {
+            tracing::warn!(image = %pool.spec.image, error = %e, "cannot pre-stage the pool's image");
+        }
     }
     let mut backoff = Duration::from_secs(1);
     loop {

@@ -307,7 +307,7 @@ impl GuestLink {
                 let noisy = NOISY
                     .get_or_init(|| crate::ratelimit::RateLimit::new(5, Duration::from_secs(10)));
                 if let Some(suppressed) = noisy.admit() {
-                    tracing::warn!(listener = %listener.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default(), peer = ?stream.peer_cred().ok(), suppressed, "refused a connection to a tether listener from a process that is not this VM's VMM");
+                    tracing::warn!(listener = %listener.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default(), peer = ?stream.peer_cred().ok(), suppressed, "refused a connection to the tether listener from a process that is not this VM's VMM");
                 }
             },
             GuestLink::Serial { path } => loop {

@@ -1,58 +1,63 @@
-//! vmlet-bench: boot latency of containerVM starts, side by side.
+//! vmlet-bench: containerVM start latency, every mode side by side in one
+//! run ([`Mode`]): (a) the start a user would script by hand, (b) a cold
+//! start through a vmletd with pre-staging off, (c) a start through a
+//! vmletd that pre-staged the image, (d) a hand-off from a warm pool,
+//! (e) a template clone where the agent offers one (else the mode is
+//! reported unavailable, with the reason).
 //!
-//! Modes, interleaved batch by batch in one run so both see the same
-//! machine:
-//!
-//! - `baseline`: what a user would script by hand ([`vmlet_bench::baseline`]):
-//!   copy the image disk, start vhost-device-vsock and QEMU with the agent's
-//!   flags, wait for the tether's hello, send the spec.
-//! - `cold`: a cold start through a running vmletd: create, attach
-//!   (replaying from the first byte), start.
-//!
-//! Both run `echo ready`. "Ready" is the tether's hello, the guest's own
-//! signal; "first output" is the first byte of `ready` reaching the caller.
-//! Output: a markdown table on stdout (or `--markdown`), `--json` with every
-//! sample, `--svg` with the latency distributions.
+//! The harness starts one private vmletd per agent mode, so the agents
+//! differ only in the mode's flags, then interleaves the modes batch by
+//! batch at each concurrency, every mode with the same N and C. Every
+//! start runs `echo ready`. "Ready" is the tether's hello, the guest's own
+//! signal; "first output" is the first byte of `ready` reaching the
+//! caller. Output: a markdown report (stdout or `--markdown`), `--json`
+//! with every sample, `--svg` with the latency distributions.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use serde::Serialize;
+use vmlet_bench::agents::{self, AgentProc, AgentSpec};
 use vmlet_bench::baseline::{self, Baseline};
-use vmlet_bench::stats::{summarize, Summary};
-use vmlet_bench::svg::{self, Series};
+use vmlet_bench::cache::{self, Evicted};
+use vmlet_bench::mode::Mode;
+use vmlet_bench::report::{self, MemoryResult, ModeResult, ModeStatus, Report, Sample};
+use vmlet_bench::stats::summarize;
 use vmlet_bench::sys::{self, Machine};
 use vmlet_protocol::api::{AttachSpec, CreateSpec, Phase, Request, Response, VersionInfo};
 use vmlet_protocol::client::Client;
 use vmm_shim::Accel;
 
-/// Measures containerVM start latency: a hand-written baseline and cold
-/// starts through vmletd, side by side.
+/// Measures containerVM start latency in every mode side by side: a
+/// hand-written baseline, cold, pre-staged, pool and template starts.
 #[derive(Debug, Parser)]
 struct Args {
-    /// vmletd's API socket.
-    #[arg(long, env = "VMLET_SOCKET", default_value = "/run/vmlet/vmlet.sock")]
-    socket: PathBuf,
-    /// vmletd's state directory: the baseline uses its generated initrd
-    /// (`guest/initrd.cpio`) and its busybox image disk.
-    #[arg(long, env = "VMLET_STATE_DIR", default_value = "/var/lib/vmlet/state")]
-    state_dir: PathBuf,
-    /// Where the guest kernel (`vmlinux`) is.
+    /// The vmletd to run (one per agent mode); default: the one beside
+    /// this binary.
+    #[arg(long)]
+    vmletd: Option<PathBuf>,
+    /// The tether the agents boot guests with; default: vmletd's own.
+    #[arg(long, env = "VMLET_TETHER")]
+    tether: Option<PathBuf>,
+    /// Where the guest kernel (`vmlinux`) and its modules are; the run
+    /// copies them into its work directory and boots every mode from the
+    /// copy.
     #[arg(long, env = "VMLET_GUEST_DIR", default_value = "/var/lib/vmlet/guest")]
     guest_dir: PathBuf,
-    /// The image disk for the baseline; found under the state directory if
-    /// not given.
-    #[arg(long)]
-    rootfs: Option<PathBuf>,
-    /// vmletd's pid, for its CPU time; read from the socket's peer
-    /// credentials if not given.
-    #[arg(long)]
-    agent_pid: Option<u32>,
+    /// One more argument for every agent (`--agent-arg=--accel=tcg`).
+    /// Repeatable.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Modes to run side by side.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,cold,prestaged,pool,template"
+    )]
+    modes: Vec<Mode>,
     /// Measured starts per mode and concurrency.
     #[arg(short = 'n', long, default_value_t = 10)]
     runs: usize,
@@ -62,23 +67,27 @@ struct Args {
     /// Starts in flight at once; a list measures each in turn.
     #[arg(short, long, value_delimiter = ',', default_value = "1")]
     concurrency: Vec<usize>,
-    /// Modes to run.
-    #[arg(long, value_delimiter = ',', default_value = "baseline,cold")]
-    modes: Vec<Mode>,
-    /// Image the cold starts run.
+    /// Image every start runs (a fresh agent has busybox).
     #[arg(long, default_value = "busybox")]
     image: String,
+    /// `evict`: before every batch, drop the start's input files (kernel,
+    /// initrd, image store) from the page cache, so "cold" means cold;
+    /// `keep`: leave the page cache alone.
+    #[arg(long, value_enum, default_value = "evict")]
+    page_cache: PageCache,
     /// Seconds after the first output at which memory is sampled, in one
-    /// extra start per mode whose command stays up long enough.
+    /// extra start per mode whose command stays up.
     #[arg(long, default_value_t = 1.5)]
     memory_after: f64,
-    /// Directory for the baseline's per-start files.
+    /// Where the run's agents and the baseline keep their files (a fresh
+    /// directory inside it, removed at the end). Page-cache eviction needs
+    /// it on a disk filesystem, not tmpfs.
     #[arg(long, default_value = "/tmp")]
     work_dir: PathBuf,
     /// How long a guest may take to boot, in seconds.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
-    /// Write the report here instead of stdout.
+    /// Write the markdown report here instead of stdout.
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Write every sample and summary as JSON here.
@@ -89,140 +98,93 @@ struct Args {
     svg: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    /// The hand-written script.
-    Baseline,
-    /// A cold start through vmletd.
-    Cold,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Baseline => "baseline",
-            Mode::Cold => "cold",
-        }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            Mode::Baseline => "baseline (by hand)",
-            Mode::Cold => "cold (vmletd)",
-        }
-    }
-}
-
-/// One start's timings, in milliseconds since the start began.
-#[derive(Debug, Clone, Default, Serialize)]
-struct Sample {
-    ready_ms: f64,
-    first_output_ms: f64,
-    /// Each phase; for cold starts, as the agent recorded them (since it
-    /// accepted the start request).
-    phases_ms: BTreeMap<&'static str, f64>,
-}
-
-#[derive(Debug, Serialize)]
-struct ModeResult {
-    mode: Mode,
-    concurrency: usize,
-    ready: Summary,
-    first_output: Summary,
-    starts_per_s: f64,
-    /// vmletd's CPU time per start (cold mode only).
-    agent_cpu_ms_per_start: Option<f64>,
-    phases: BTreeMap<&'static str, Summary>,
-    samples: Vec<Sample>,
-}
-
-#[derive(Debug, Default, Serialize)]
-struct Memory {
-    /// QEMU plus vhost-device-vsock of one VM, KiB, per mode.
-    vm_pss_kib: BTreeMap<&'static str, u64>,
-    /// vmletd's whole PSS while one VM ran, KiB.
-    agent_pss_kib: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-struct Report {
-    date: String,
-    machine: Machine,
-    accel: String,
-    vmm: String,
-    guest_kernel: String,
-    agent: String,
-    image: String,
-    command: &'static str,
-    runs: usize,
-    warmup: usize,
-    memory_mib: u32,
-    vcpus: u32,
-    results: Vec<ModeResult>,
-    memory: Memory,
-    /// The 1-minute load average before and after the run.
-    load_average: (Option<f64>, Option<f64>),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PageCache {
+    Evict,
+    Keep,
 }
 
 const COMMAND: [&str; 2] = ["echo", "ready"];
 
-struct Bench {
+/// An agent mode's running agent.
+#[derive(Debug)]
+struct Target {
     client: Client,
-    image: String,
-    baseline: Option<Baseline>,
+    pid: u32,
+    /// Its state directory, which every process of its VMs names.
+    state_dir: PathBuf,
+    /// The pool's size, for a pool agent.
+    pool: Option<u32>,
 }
 
-impl Bench {
-    /// A cold start through the agent. With `sample_after`, also returns the
-    /// PSS of the VM's processes and of the agent, sampled that long after
-    /// the first output.
-    async fn cold(
-        &self,
-        argv: &[&str],
-        sample_after: Option<(Duration, u32)>,
-    ) -> anyhow::Result<(Sample, Option<(u64, u64)>)> {
+/// Everything the batches need, shared by their tasks.
+#[derive(Debug)]
+struct Runner {
+    image: String,
+    targets: BTreeMap<Mode, Target>,
+    baseline: Option<Baseline>,
+    /// Every file any mode's start reads; evicted before each batch.
+    evict: Option<Vec<PathBuf>>,
+    /// Each mode's own input files, to see what stayed in memory.
+    inputs: BTreeMap<Mode, Vec<PathBuf>>,
+    /// The 1-minute load average at each measured batch's start.
+    load: std::sync::Mutex<Vec<f64>>,
+}
+
+/// One batch's outcome.
+struct Batch {
+    samples: Vec<Sample>,
+    wall: Duration,
+    /// The pool's refill after the batch.
+    refill: Option<Duration>,
+    agent_cpu_s: Option<f64>,
+    evicted: Option<Evicted>,
+}
+
+impl Runner {
+    fn target(&self, m: Mode) -> anyhow::Result<&Target> {
+        self.targets
+            .get(&m)
+            .with_context(|| format!("no agent for {}", m.name()))
+    }
+
+    /// One start through `mode`'s agent: create, attach (replaying from
+    /// the first byte), start, read to the end, inspect, remove.
+    async fn agent_start(&self, mode: Mode) -> anyhow::Result<Sample> {
+        let c = &self.target(mode)?.client;
         let t0 = Instant::now();
-        let id = self
-            .client
+        let id = c
             .create(CreateSpec {
                 image: self.image.clone(),
-                argv: argv.iter().map(|s| s.to_string()).collect(),
+                argv: COMMAND.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             })
             .await?;
-        let mut s = self
-            .client
-            .stream(Request::Attach(AttachSpec {
-                vm: id.clone(),
-                stdin: false,
-                stdout: true,
-                stderr: true,
-                replay: true,
-            }))
-            .await?;
+        let mut s = c.stream(attach(&id)).await?;
         let before_start = t0.elapsed();
-        self.client.start(&id).await?;
+        c.start(&id).await?;
         let mut first = None;
-        let mut pss = None;
         while let Some(r) = s.next().await {
             match r {
-                Response::Output { .. } if first.is_none() => {
-                    first = Some(t0.elapsed());
-                    if let Some((after, agent_pid)) = sample_after {
-                        tokio::time::sleep(after).await;
-                        pss = Some(self.sample_vm(&id, agent_pid).await?);
-                    }
-                }
+                Response::Output { .. } if first.is_none() => first = Some(t0.elapsed()),
                 Response::StreamEnd { .. } => break,
                 Response::Error(e) => bail!("attach failed: {e}"),
                 _ => {}
             }
         }
         let first = first.context("the container wrote nothing")?;
-        self.client.wait(&id).await?;
-        let info = self.client.inspect(&id).await?;
-        self.client.remove(&id, true).await?;
+        c.wait(&id).await?;
+        let info = c.inspect(&id).await?;
+        c.remove(&id, true).await?;
+        if let Some(want) = mode.start_mode() {
+            if info.start_mode != want {
+                bail!(
+                    "a {} start was a {:?} start, not {want:?}",
+                    mode.name(),
+                    info.start_mode
+                );
+            }
+        }
         let phases_ms: BTreeMap<_, _> = info
             .phases
             .iter()
@@ -232,32 +194,16 @@ impl Bench {
             .get(Phase::GuestBooted.name())
             .copied()
             .context("the agent recorded no guest-booted phase")?;
-        Ok((
-            Sample {
-                // The agent's clock starts at the start request; the client
-                // had spent `before_start` creating and attaching.
-                ready_ms: before_start.as_secs_f64() * 1000.0 + booted,
-                first_output_ms: first.as_secs_f64() * 1000.0,
-                phases_ms,
-            },
-            pss,
-        ))
+        Ok(Sample {
+            // The agent's clock starts at the start request; the client
+            // had spent `before_start` creating and attaching.
+            ready_ms: before_start.as_secs_f64() * 1000.0 + booted,
+            first_output_ms: first.as_secs_f64() * 1000.0,
+            phases_ms,
+        })
     }
 
-    async fn sample_vm(&self, id: &str, agent_pid: u32) -> anyhow::Result<(u64, u64)> {
-        let info = self.client.inspect(id).await?;
-        let qemu = info.vmm_pid.context("the VM has no VMM pid")?;
-        let mut total = sys::pss_kib(qemu).context("QEMU's PSS")?;
-        // The backend's command line names the VM's directory, which holds its id.
-        for (pid, comm) in sys::pids_mentioning(id) {
-            if comm.starts_with("vhost-device") {
-                total += sys::pss_kib(pid).context("the vsock backend's PSS")?;
-            }
-        }
-        Ok((total, sys::pss_kib(agent_pid).context("vmletd's PSS")?))
-    }
-
-    async fn baseline(&self, slot: usize) -> anyhow::Result<Sample> {
+    async fn baseline_start(&self, slot: usize) -> anyhow::Result<Sample> {
         let b = self.baseline.as_ref().context("no baseline configured")?;
         let r = b.run(slot, &COMMAND, None).await?;
         Ok(Sample {
@@ -267,33 +213,193 @@ impl Bench {
         })
     }
 
-    /// One batch of `c` concurrent starts in `mode`; returns the samples and
-    /// the batch's wall time.
-    async fn batch(
-        self: &Arc<Self>,
-        mode: Mode,
-        c: usize,
-    ) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    /// Waits until `mode`'s pool is full again; returns how long that took.
+    async fn pool_full(&self, mode: Mode) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let target = self.target(mode)?;
+        let Some(size) = target.pool else {
+            return Ok(Duration::ZERO);
+        };
+        let deadline = t + Duration::from_secs(600);
+        loop {
+            if let Response::Pools(p) = target.client.call(Request::Pools).await? {
+                if let Some(p) = p.first() {
+                    if p.ready >= size {
+                        return Ok(t.elapsed());
+                    }
+                    if p.failures > 0 {
+                        bail!("{} pool member(s) failed to boot", p.failures);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the pool did not fill in 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One batch of `n` concurrent starts in `mode`.
+    async fn batch(self: &Arc<Self>, mode: Mode, n: usize) -> anyhow::Result<Batch> {
+        let pool = self.targets.get(&mode).is_some_and(|t| t.pool.is_some());
+        if pool {
+            self.pool_full(mode).await?;
+        }
+        let evicted = match &self.evict {
+            Some(files) => {
+                cache::evict_all(files).context("evicting the start's files")?;
+                let own = self.inputs.get(&mode).map_or(&[][..], |v| &v[..]);
+                Some(cache::evict_all(own)?)
+            }
+            None => None,
+        };
+        let pid = self.targets.get(&mode).map(|t| t.pid);
+        let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
         let t = Instant::now();
         let mut hs = Vec::new();
-        for slot in 0..c {
+        for slot in 0..n {
             let me = self.clone();
             hs.push(tokio::spawn(async move {
                 match mode {
-                    Mode::Baseline => me.baseline(slot).await,
-                    Mode::Cold => me.cold(&COMMAND, None).await.map(|(s, _)| s),
+                    Mode::Baseline => me.baseline_start(slot).await,
+                    m => me.agent_start(m).await,
                 }
             }));
         }
-        let mut out = Vec::new();
+        let mut samples = Vec::new();
         for h in hs {
-            out.push(
+            samples.push(
                 h.await?
                     .with_context(|| format!("a {} start failed", mode.name()))?,
             );
         }
-        Ok((out, t.elapsed()))
+        let wall = t.elapsed();
+        // The pool's refill is the price of its next hand-offs: wait for it
+        // here, outside the batch's time but inside the agent's CPU, and
+        // before the next mode's batch, so it never runs under another
+        // mode's starts.
+        let refill = if pool {
+            Some(self.pool_full(mode).await?)
+        } else {
+            None
+        };
+        let agent_cpu_s = match (cpu0, pid.and_then(|p| sys::cpu_seconds(p).ok())) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Ok(Batch {
+            samples,
+            wall,
+            refill,
+            agent_cpu_s,
+            evicted,
+        })
     }
+
+    /// Memory of one VM of `mode`: one more start whose command stays up,
+    /// sampled `after` its first output (and, for a pool, once the pool is
+    /// full again, so its members are booted, not half-way).
+    async fn memory(&self, mode: Mode, after: Duration) -> anyhow::Result<MemoryResult> {
+        if mode == Mode::Baseline {
+            let b = self.baseline.as_ref().context("no baseline configured")?;
+            let hold = format!("echo ready; sleep {}", after.as_secs_f64() + 1.5);
+            let r = b.run(0, &["sh", "-c", hold.as_str()], Some(after)).await?;
+            return Ok(MemoryResult {
+                mode,
+                vm_pss_kib: r.pss_kib.context("the baseline sampled no memory")?,
+                agent_pss_kib: None,
+                guests_held: None,
+                agent_share_kib: None,
+                pool_members_pss_kib: None,
+            });
+        }
+        let target = self.target(mode)?;
+        if target.pool.is_some() {
+            self.pool_full(mode).await?;
+        }
+        let c = &target.client;
+        let id = c
+            .create(CreateSpec {
+                image: self.image.clone(),
+                argv: ["sh", "-c", "echo ready; exec sleep 3600"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ..Default::default()
+            })
+            .await?;
+        let mut s = c.stream(attach(&id)).await?;
+        c.start(&id).await?;
+        let r = async {
+            loop {
+                match s.next().await {
+                    Some(Response::Output { .. }) => break,
+                    Some(Response::Error(e)) => bail!("attach failed: {e}"),
+                    None | Some(Response::StreamEnd { .. }) => {
+                        bail!("the container ended before writing")
+                    }
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(after).await;
+            if target.pool.is_some() {
+                self.pool_full(mode).await?;
+            }
+            let info = c.inspect(&id).await?;
+            let qemu = info.vmm_pid.context("the VM has no VMM pid")?;
+            let mut own = vec![qemu];
+            // The backend's command line names the VM's directory, which
+            // holds its id.
+            for (pid, comm) in sys::pids_mentioning(&id) {
+                if comm.starts_with("vhost-device") {
+                    own.push(pid);
+                }
+            }
+            let mut vm_pss = 0;
+            for &p in &own {
+                vm_pss += sys::pss_kib(p).with_context(|| format!("the PSS of {p}"))?;
+            }
+            let agent_pss = sys::pss_kib(target.pid).context("vmletd's PSS")?;
+            let mut members = None;
+            let mut guests = 1u32;
+            if target.pool.is_some() {
+                if let Response::Pools(p) = c.call(Request::Pools).await? {
+                    guests += p.iter().map(|p| p.ready + p.filling).sum::<u32>();
+                }
+                // The members' VMMs and backends name the agent's directory.
+                let mut sum = 0;
+                for (pid, comm) in sys::pids_mentioning(&target.state_dir.to_string_lossy()) {
+                    if !own.contains(&pid)
+                        && (comm.starts_with("qemu") || comm.starts_with("vhost-device"))
+                    {
+                        sum += sys::pss_kib(pid).unwrap_or(0);
+                    }
+                }
+                members = Some(sum);
+            }
+            Ok(MemoryResult {
+                mode,
+                vm_pss_kib: vm_pss,
+                agent_pss_kib: Some(agent_pss),
+                guests_held: Some(guests),
+                agent_share_kib: Some(agent_pss / u64::from(guests)),
+                pool_members_pss_kib: members,
+            })
+        }
+        .await;
+        let _ = c.remove(&id, true).await;
+        r
+    }
+}
+
+fn attach(id: &str) -> Request {
+    Request::Attach(AttachSpec {
+        vm: id.to_string(),
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        replay: true,
+    })
 }
 
 fn date() -> String {
@@ -311,92 +417,43 @@ fn find(name: &'static str) -> anyhow::Result<PathBuf> {
     vmm_shim::qemu::find_program(name).with_context(|| format!("{name} is not installed"))
 }
 
+/// QEMU processes on the host that are not this run's.
+fn foreign_vmms(work: &Path) -> usize {
+    let ours = sys::pids_mentioning(&work.to_string_lossy());
+    sys::pids_mentioning("qemu-system")
+        .into_iter()
+        .filter(|(pid, comm)| comm.starts_with("qemu") && !ours.iter().any(|(p, _)| p == pid))
+        .count()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if a.runs == 0 || a.concurrency.contains(&0) {
         bail!("--runs and --concurrency must be at least 1");
     }
-    let client = Client::connect(&a.socket)
-        .await
-        .with_context(|| format!("connecting to vmletd at {}", a.socket.display()))?;
-    let v: VersionInfo = client.agent_version().await?;
-    let agent_pid = match a.agent_pid {
-        Some(p) => p,
-        None => sys::socket_peer_pid(&a.socket).context("reading vmletd's pid from its socket")?,
+    let vmletd = match &a.vmletd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory of this binary")?
+            .join("vmletd"),
     };
-    let mut bench = Bench {
-        client,
-        image: a.image.clone(),
-        baseline: None,
-    };
-
-    // One start fixes what the baseline must match: the agent's memory and vCPUs.
-    eprintln!("vmlet-bench: a first cold start to learn the agent's VM shape");
-    let probe = bench
-        .client
-        .create(CreateSpec {
-            image: a.image.clone(),
-            argv: vec!["true".into()],
-            ..Default::default()
-        })
-        .await?;
-    let shape = bench.client.inspect(&probe).await?;
-    bench.client.remove(&probe, true).await?;
-    let accel: Accel = v
-        .accel
-        .parse()
-        .map_err(|e| anyhow::anyhow!("the agent's accelerator {:?}: {e}", v.accel))?;
-
-    if a.modes.contains(&Mode::Baseline) {
-        let (rootfs, fstype) = match &a.rootfs {
-            Some(p) => (
-                p.clone(),
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .unwrap_or("ext4")
-                    .to_string(),
-            ),
-            None => baseline::find_image_disk(&a.state_dir).with_context(|| {
-                format!(
-                    "no image disk under {}/images: pass --rootfs",
-                    a.state_dir.display()
-                )
-            })?,
-        };
-        let initrd = a.state_dir.join("guest/initrd.cpio");
-        if !initrd.is_file() {
-            bail!(
-                "no initrd at {}: is --state-dir vmletd's?",
-                initrd.display()
-            );
-        }
-        let work_dir = a
-            .work_dir
-            .join(format!("vmlet-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&work_dir)?;
-        bench.baseline = Some(Baseline {
-            qemu: find("qemu-system-x86_64")?,
-            backend: find("vhost-device-vsock")?,
-            kernel: a.guest_dir.join("vmlinux"),
-            initrd,
-            rootfs,
-            fstype,
-            accel,
-            memory_mib: shape.memory_mib,
-            vcpus: shape.vcpus,
-            work_dir,
-            boot_timeout: Duration::from_secs(a.boot_timeout),
-        });
+    if !vmletd.is_file() {
+        bail!("no vmletd at {}: pass --vmletd", vmletd.display());
     }
-    let bench = Arc::new(bench);
-    let r = run(&a, &bench, &v, agent_pid, &shape).await;
-    if let Some(b) = &bench.baseline {
-        let _ = std::fs::remove_dir_all(&b.work_dir);
+    let work = a.work_dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("mkdir {}", work.display()))?;
+    let mut procs = Vec::new();
+    let r = run(&a, &vmletd, &work, &mut procs).await;
+    for p in procs {
+        p.stop().await;
     }
+    agents::kill_naming(&work);
+    let _ = std::fs::remove_dir_all(&work);
     let report = r?;
 
-    let md = markdown(&report);
+    let md = report::markdown(&report);
     match &a.markdown {
         Some(p) => std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?,
         None => print!("{md}"),
@@ -406,123 +463,243 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.svg {
-        std::fs::write(p, plot(&report)).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, report::plot(&report))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
 
 async fn run(
     a: &Args,
-    bench: &Arc<Bench>,
-    v: &VersionInfo,
-    agent_pid: u32,
-    shape: &vmlet_protocol::api::VmInfo,
+    vmletd: &Path,
+    work: &Path,
+    procs: &mut Vec<AgentProc>,
 ) -> anyhow::Result<Report> {
     let load_before = sys::load_average();
-    let mut results = Vec::new();
+    let foreign_before = foreign_vmms(work);
     let mut modes = a.modes.clone();
     modes.sort();
     modes.dedup();
+    let pool_size = a.concurrency.iter().copied().max().unwrap_or(1);
+    // The run's own copy of the guest kernel and modules: on a shared host
+    // other agents read the installed kernel, which would put it back in
+    // the page cache between an eviction and a cold start; and the copy
+    // cannot change under the run.
+    let guest_dir = work.join("guest");
+    let copied = agents::copy_dir(&a.guest_dir, &guest_dir)
+        .with_context(|| format!("copying {}", a.guest_dir.display()))?;
+    eprintln!(
+        "vmlet-bench: copied {} ({} MiB) for this run",
+        a.guest_dir.display(),
+        copied >> 20
+    );
+    let kernel = guest_dir.join("vmlinux");
+    let spec = |m: &str, args: Vec<String>| AgentSpec {
+        vmletd: vmletd.to_path_buf(),
+        dir: work.join(m),
+        guest_dir: guest_dir.clone(),
+        tether: a.tether.clone(),
+        boot_timeout: a.boot_timeout,
+        args: args
+            .into_iter()
+            .chain(a.agent_args.iter().cloned())
+            .collect(),
+    };
+
+    // One agent per agent mode; a mode whose agent cannot run is reported,
+    // not faked.
+    let mut statuses = Vec::new();
+    let mut targets = BTreeMap::new();
+    let mut inputs = BTreeMap::new();
+    let mut files_dir = None;
+    for &m in &modes {
+        let args = m.agent_args(&a.image, pool_size);
+        let how = if m.uses_agent() {
+            let mut h = format!(
+                "`{}`",
+                ["vmletd"]
+                    .into_iter()
+                    .chain(args.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            if m == Mode::Prestaged {
+                h.push_str(&format!(", then `vmlet prestage {}`", a.image));
+            }
+            h
+        } else {
+            "script: cp the image disk, vhost-device-vsock, qemu with the agent's flags, wait for the hello (an agent's initrd and image disk)".into()
+        };
+        let mut status = ModeStatus {
+            mode: m,
+            how,
+            unavailable: None,
+        };
+        if m.uses_agent() {
+            eprintln!("vmlet-bench: {}: starting its agent", m.name());
+            match start_agent(m, &spec(m.name(), args), vmletd, &a.image, pool_size, procs).await {
+                Ok(t) => {
+                    inputs.insert(m, cache::start_inputs(&kernel, &t.state_dir));
+                    files_dir.get_or_insert(t.state_dir.clone());
+                    targets.insert(m, t);
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!("vmlet-bench: {} unavailable: {why}", m.name());
+                    status.unavailable = Some(why);
+                }
+            }
+        }
+        statuses.push(status);
+    }
+
+    // The VM shape every mode must share, from a create through an agent.
+    let mut helper = None;
+    if targets.is_empty() {
+        // Only the baseline: an agent just for its initrd and image disk.
+        let sp = spec("files", Mode::Cold.agent_args(&a.image, 1));
+        let (p, c) = sp.start().await?;
+        procs.push(p);
+        files_dir = Some(sp.state_dir());
+        helper = Some(c);
+    }
+    let probe_client = match (targets.values().next(), &helper) {
+        (Some(t), _) => &t.client,
+        (None, Some(c)) => c,
+        (None, None) => unreachable!("an agent was started above"),
+    };
+    let v: VersionInfo = probe_client.agent_version().await?;
+    let probe = probe_client
+        .create(CreateSpec {
+            image: a.image.clone(),
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await?;
+    let shape = probe_client.inspect(&probe).await?;
+    probe_client.remove(&probe, true).await?;
+    let accel: Accel = v
+        .accel
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the agent's accelerator {:?}: {e}", v.accel))?;
+
+    let files_dir = files_dir.context("no agent ran")?;
+    let mut baseline = None;
+    if modes.contains(&Mode::Baseline) {
+        let (rootfs, fstype) = baseline::find_image_disk(&files_dir)
+            .with_context(|| format!("no image disk under {}/images", files_dir.display()))?;
+        let initrd = files_dir.join("guest/initrd.cpio");
+        inputs.insert(
+            Mode::Baseline,
+            vec![kernel.clone(), initrd.clone(), rootfs.clone()],
+        );
+        let dir = work.join("baseline");
+        std::fs::create_dir_all(&dir)?;
+        baseline = Some(Baseline {
+            qemu: find("qemu-system-x86_64")?,
+            backend: find("vhost-device-vsock")?,
+            kernel: kernel.clone(),
+            initrd,
+            rootfs,
+            fstype,
+            accel,
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
+            work_dir: dir,
+            boot_timeout: Duration::from_secs(a.boot_timeout),
+        });
+    }
+    let evict = (a.page_cache == PageCache::Evict).then(|| {
+        let mut all: Vec<PathBuf> = inputs.values().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    });
+    let runner = Arc::new(Runner {
+        image: a.image.clone(),
+        targets,
+        baseline,
+        evict,
+        inputs,
+        load: Default::default(),
+    });
+    let measured: Vec<Mode> = modes
+        .iter()
+        .copied()
+        .filter(|m| {
+            statuses
+                .iter()
+                .any(|s| s.mode == *m && s.unavailable.is_none())
+        })
+        .collect();
+    for &m in &measured {
+        if runner.targets.get(&m).is_some_and(|t| t.pool.is_some()) {
+            eprintln!("vmlet-bench: waiting for the {} pool to fill", m.name());
+            runner.pool_full(m).await?;
+        }
+    }
+
+    let mut results = Vec::new();
     for &c in &a.concurrency {
         eprintln!(
             "vmlet-bench: concurrency {c}: {} warm-up batch(es) per mode",
             a.warmup
         );
         for _ in 0..a.warmup {
-            for &m in &modes {
-                bench.batch(m, c).await?;
+            for &m in &measured {
+                runner.batch(m, c).await?;
             }
         }
-        let mut samples: BTreeMap<Mode, Vec<Sample>> = BTreeMap::new();
-        let mut wall: BTreeMap<Mode, Duration> = BTreeMap::new();
-        let mut agent_cpu = 0.0;
-        let batches = a.runs.div_ceil(c);
-        for b in 0..batches {
+        let mut batches: BTreeMap<Mode, Vec<Batch>> = BTreeMap::new();
+        let rounds = a.runs.div_ceil(c);
+        for b in 0..rounds {
             let n = c.min(a.runs - b * c);
-            // Alternate which mode goes first so neither always runs on a
-            // machine the other just warmed (or dirtied).
+            // Reverse the order every other round so no mode always runs on
+            // a machine another just warmed (or dirtied).
             let order: Vec<Mode> = if b % 2 == 0 {
-                modes.clone()
+                measured.clone()
             } else {
-                modes.iter().rev().copied().collect()
+                measured.iter().rev().copied().collect()
             };
             for m in order {
-                let cpu0 = sys::cpu_seconds(agent_pid).ok();
-                let (s, t) = bench.batch(m, n).await?;
-                if m == Mode::Cold {
-                    if let (Some(c0), Ok(c1)) = (cpu0, sys::cpu_seconds(agent_pid)) {
-                        agent_cpu += c1 - c0;
-                    }
+                if let Some(l) = sys::load_average() {
+                    runner.load.lock().expect("not poisoned").push(l);
                 }
+                let x = runner.batch(m, n).await?;
                 eprintln!(
-                    "vmlet-bench: C={c} batch {}/{batches} {}: first output {}",
+                    "vmlet-bench: C={c} round {}/{rounds} {}: first output {}",
                     b + 1,
                     m.name(),
-                    s.iter()
-                        .map(|x| format!("{:.0} ms", x.first_output_ms))
+                    x.samples
+                        .iter()
+                        .map(|s| format!("{:.0} ms", s.first_output_ms))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                samples.entry(m).or_default().extend(s);
-                *wall.entry(m).or_default() += t;
+                batches.entry(m).or_default().push(x);
             }
         }
-        for (m, s) in samples {
-            let mut phase_names: Vec<&'static str> = Vec::new();
-            for x in &s {
-                for k in x.phases_ms.keys() {
-                    if !phase_names.contains(k) {
-                        phase_names.push(k);
-                    }
-                }
-            }
-            let phases = phase_names
-                .into_iter()
-                .map(|p| {
-                    let xs: Vec<f64> = s
-                        .iter()
-                        .filter_map(|x| x.phases_ms.get(p).copied())
-                        .collect();
-                    (p, summarize(&xs))
-                })
-                .collect();
-            results.push(ModeResult {
-                mode: m,
-                concurrency: c,
-                ready: summarize(&s.iter().map(|x| x.ready_ms).collect::<Vec<_>>()),
-                first_output: summarize(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
-                starts_per_s: s.len() as f64 / wall[&m].as_secs_f64(),
-                agent_cpu_ms_per_start: (m == Mode::Cold)
-                    .then(|| agent_cpu * 1000.0 / s.len() as f64),
-                phases,
-                samples: s,
-            });
+        for (m, bs) in batches {
+            results.push(summarize_mode(m, c, bs));
         }
     }
 
-    // Memory: one more start per mode, whose command outlives the sample.
-    let mut memory = Memory::default();
-    let hold = format!("echo ready; sleep {}", a.memory_after + 1.5);
-    let argv = ["sh", "-c", hold.as_str()];
     let after = Duration::from_secs_f64(a.memory_after);
     eprintln!(
         "vmlet-bench: sampling memory {:.1} s after first output",
         a.memory_after
     );
-    if let Some(b) = &bench.baseline {
-        let r = b.run(0, &argv, Some(after)).await?;
-        if let Some(p) = r.pss_kib {
-            memory.vm_pss_kib.insert("baseline", p);
-        }
-    }
-    if a.modes.contains(&Mode::Cold) {
-        let (_, pss) = bench.cold(&argv, Some((after, agent_pid))).await?;
-        if let Some((vm, agent)) = pss {
-            memory.vm_pss_kib.insert("cold", vm);
-            memory.agent_pss_kib = Some(agent);
-        }
+    let mut memory = Vec::new();
+    for &m in &measured {
+        memory.push(
+            runner
+                .memory(m, after)
+                .await
+                .with_context(|| format!("sampling the memory of a {} VM", m.name()))?,
+        );
     }
 
+    let load_during = summarize(&runner.load.lock().expect("not poisoned"));
     Ok(Report {
         date: date(),
         machine: Machine::probe(),
@@ -536,155 +713,121 @@ async fn run(
         warmup: a.warmup,
         memory_mib: shape.memory_mib,
         vcpus: shape.vcpus,
+        page_cache: match a.page_cache {
+            PageCache::Evict => "evict",
+            PageCache::Keep => "keep",
+        }
+        .into(),
+        modes: statuses,
         results,
         memory,
         load_average: (load_before, sys::load_average()),
+        load_during,
+        foreign_vmms: (foreign_before, foreign_vmms(work)),
     })
 }
 
-fn ms(x: f64) -> String {
-    if x.is_nan() {
-        "–".into()
-    } else {
-        format!("{x:.0}")
-    }
-}
-
-fn markdown(r: &Report) -> String {
-    let mut o = String::new();
-    let _ = writeln!(o, "# vmlet boot latency, {}\n", r.date);
-    let _ = writeln!(
-        o,
-        "- machine: {} ({}), {} cores, {} MiB, host kernel {}",
-        r.machine.hostname,
-        r.machine.cpu,
-        r.machine.cores,
-        r.machine.memory_mib,
-        r.machine.host_kernel
-    );
-    let la = |x: Option<f64>| x.map_or("?".into(), |v| format!("{v:.2}"));
-    let _ = writeln!(
-        o,
-        "- load average (1 min): {} before the run, {} after (anything above 0 is other work sharing the cores)",
-        la(r.load_average.0),
-        la(r.load_average.1)
-    );
-    let _ = writeln!(
-        o,
-        "- accel: {}; VMM: {}; guest kernel: {}; agent {}",
-        r.accel, r.vmm, r.guest_kernel, r.agent
-    );
-    let _ = writeln!(
-        o,
-        "- each VM: {} MiB, {} vCPU; image `{}`; command `{}`",
-        r.memory_mib, r.vcpus, r.image, r.command
-    );
-    let _ = writeln!(
-        o,
-        "- {} measured starts per mode and concurrency after {} warm-up batch(es); modes interleaved batch by batch",
-        r.runs, r.warmup
-    );
-    let _ = writeln!(
-        o,
-        "- ready = the tether's hello (the guest's own signal); first output = `ready` reaching the caller; both from the start of the script (baseline: before `cp`) or of the client's create (cold)\n"
-    );
-    let concurrencies: Vec<usize> = {
-        let mut c: Vec<usize> = r.results.iter().map(|x| x.concurrency).collect();
-        c.dedup();
-        c
-    };
-    let _ = writeln!(
-        o,
-        "| mode | C | ready p50 | p90 | p99 | max | first output p50 | p90 | p99 | max | starts/s | agent CPU/start |"
-    );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for x in &r.results {
-        let _ = writeln!(
-            o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
-            x.mode.title(),
-            x.concurrency,
-            ms(x.ready.p50),
-            ms(x.ready.p90),
-            ms(x.ready.p99),
-            ms(x.ready.max),
-            ms(x.first_output.p50),
-            ms(x.first_output.p90),
-            ms(x.first_output.p99),
-            ms(x.first_output.max),
-            x.starts_per_s,
-            x.agent_cpu_ms_per_start
-                .map_or("–".into(), |c| format!("{c:.0} ms")),
-        );
-    }
-    let _ = writeln!(o, "\nAll latencies in ms.\n");
-    for &c in &concurrencies {
-        let get = |m: Mode| r.results.iter().find(|x| x.mode == m && x.concurrency == c);
-        if let (Some(b), Some(k)) = (get(Mode::Baseline), get(Mode::Cold)) {
-            let _ = writeln!(
-                o,
-                "- C={c}: cold/baseline ratio, ready p50 {:.2}, p90 {:.2}; first output p50 {:.2}, p90 {:.2}; starts/s {:.2}",
-                k.ready.p50 / b.ready.p50,
-                k.ready.p90 / b.ready.p90,
-                k.first_output.p50 / b.first_output.p50,
-                k.first_output.p90 / b.first_output.p90,
-                k.starts_per_s / b.starts_per_s,
+/// Starts `mode`'s agent and readies it: checks that vmletd offers the
+/// mode, pre-stages the image, fills the pool.
+async fn start_agent(
+    mode: Mode,
+    spec: &AgentSpec,
+    vmletd: &Path,
+    image: &str,
+    pool_size: usize,
+    procs: &mut Vec<AgentProc>,
+) -> anyhow::Result<Target> {
+    if let Some(flag) = mode.required_flag() {
+        if !agents::has_flag(vmletd, flag)? {
+            bail!(
+                "{} has no {flag} option: this agent does not offer {} starts",
+                vmletd.display(),
+                mode.name()
             );
         }
     }
-    let _ = writeln!(o, "\n## Phases (p50 / p90, ms)\n");
-    let _ = writeln!(
-        o,
-        "Baseline phases count from the start of the script; cold phases are the agent's own (`vmlet inspect`), from the moment it accepted the start request.\n"
-    );
-    for x in &r.results {
-        let _ = writeln!(o, "**{} at C={}**: ", x.mode.title(), x.concurrency);
-        let order: Vec<&'static str> = match x.mode {
-            Mode::Baseline => baseline::PHASES.to_vec(),
-            Mode::Cold => Phase::ALL.iter().map(|p| p.name()).collect(),
-        };
-        let parts: Vec<String> = order
-            .iter()
-            .filter_map(|p| {
-                x.phases
-                    .get(p)
-                    .map(|s| format!("{p} {} / {}", ms(s.p50), ms(s.p90)))
+    let (p, client) = spec.start().await?;
+    let pid = p.pid;
+    procs.push(p);
+    if mode == Mode::Prestaged {
+        match client
+            .call(Request::Prestage {
+                image: image.into(),
             })
-            .collect();
-        let _ = writeln!(o, "{}\n", parts.join(" → "));
-    }
-    let _ = writeln!(o, "## Memory per VM (PSS, KiB)\n");
-    let _ = writeln!(o, "| mode | QEMU + vhost-device-vsock |");
-    let _ = writeln!(o, "|---|---|");
-    for (m, p) in &r.memory.vm_pss_kib {
-        let _ = writeln!(o, "| {m} | {p} |");
-    }
-    if let Some(a) = r.memory.agent_pss_kib {
-        let _ = writeln!(o, "\nvmletd's own PSS while that VM ran: {a} KiB.");
-    }
-    o
-}
-
-fn plot(r: &Report) -> String {
-    let mut series = Vec::new();
-    for (metric, get) in [
-        ("ready", (|s: &Sample| s.ready_ms) as fn(&Sample) -> f64),
-        ("first output", |s: &Sample| s.first_output_ms),
-    ] {
-        for x in &r.results {
-            series.push(Series {
-                label: format!("{} C={} · {metric}", x.mode.title(), x.concurrency),
-                group: x.mode as usize,
-                samples: x.samples.iter().map(get).collect(),
-            });
+            .await?
+        {
+            Response::Done => {}
+            Response::Error(e) => bail!("vmlet prestage {image}: {e}"),
+            other => bail!("vmlet prestage {image}: unexpected answer {other:?}"),
         }
     }
-    svg::plot(
-        &format!(
-            "vmlet start latency: {}, {} cores, {}",
-            r.machine.cpu, r.machine.cores, r.accel
-        ),
-        "milliseconds from start",
-        &series,
-    )
+    if mode == Mode::Template {
+        // Timed starts begin once the snapshot exists (its build is one
+        // cold boot, paid once, like a pool's first fill).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Response::Templates(ts) = client.call(Request::Templates).await? {
+                if !ts.is_empty() && ts.iter().all(|t| t.status == "ready") {
+                    break;
+                }
+                if let Some(e) = ts.iter().find_map(|t| t.last_error.clone()) {
+                    bail!("the template failed: {e}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the template was not ready in 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let pool = (mode == Mode::Pool).then(|| u32::try_from(pool_size).unwrap_or(u32::MAX));
+    Ok(Target {
+        client,
+        pid,
+        state_dir: spec.state_dir(),
+        pool,
+    })
+}
+
+fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
+    let wall: Duration = bs.iter().map(|b| b.wall).sum();
+    let refill: Option<Duration> = bs
+        .iter()
+        .map(|b| b.refill)
+        .sum::<Option<Duration>>()
+        .filter(|_| mode == Mode::Pool);
+    let cpu: Option<f64> = bs.iter().map(|b| b.agent_cpu_s).sum();
+    let evicted = bs.last().and_then(|b| b.evicted);
+    let s: Vec<Sample> = bs.into_iter().flat_map(|b| b.samples).collect();
+    let n = s.len() as f64;
+    let mut phase_names: Vec<&'static str> = Vec::new();
+    for x in &s {
+        for k in x.phases_ms.keys() {
+            if !phase_names.contains(k) {
+                phase_names.push(k);
+            }
+        }
+    }
+    let phases = phase_names
+        .into_iter()
+        .map(|p| {
+            let xs: Vec<f64> = s
+                .iter()
+                .filter_map(|x| x.phases_ms.get(p).copied())
+                .collect();
+            (p, summarize(&xs))
+        })
+        .collect();
+    ModeResult {
+        mode,
+        concurrency: c,
+        ready: summarize(&s.iter().map(|x| x.ready_ms).collect::<Vec<_>>()),
+        first_output: summarize(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
+        starts_per_s: n / wall.as_secs_f64(),
+        sustained_starts_per_s: refill.map(|r| n / (wall + r).as_secs_f64()),
+        agent_cpu_ms_per_start: cpu.filter(|_| mode.uses_agent()).map(|c| c * 1000.0 / n),
+        phases,
+        inputs_after_eviction: evicted,
+        samples: s,
+    }
 }

@@ -60,17 +60,72 @@ pub fn axis(max: f64) -> (f64, f64) {
     ((max / step).ceil() * step, step)
 }
 
-/// The plot as a complete SVG document.
+/// Ends on the 1-2-5 ladder (1, 2, 5 times a power of ten) around
+/// `lo..=hi` (both positive), and the ladder's steps between them as ticks.
+pub fn log_axis(lo: f64, hi: f64) -> (f64, f64, Vec<f64>) {
+    let ladder = |v: f64| {
+        let d = 10f64.powf(v.log10().floor());
+        [d, 2.0 * d, 5.0 * d, 10.0 * d]
+    };
+    let eps = 1.0 + 1e-9;
+    let start = ladder(lo)
+        .into_iter()
+        .filter(|t| *t <= lo * eps)
+        .fold(f64::NAN, f64::max);
+    let end = ladder(hi)
+        .into_iter()
+        .find(|t| *t >= hi / eps)
+        .unwrap_or(hi)
+        .max(start * 2.0);
+    let mut ticks = Vec::new();
+    let mut d = 10f64.powf(start.log10().floor());
+    while d <= end * eps {
+        for t in [d, 2.0 * d, 5.0 * d] {
+            if t >= start / eps && t <= end * eps {
+                ticks.push(t);
+            }
+        }
+        d *= 10.0;
+    }
+    (start, end, ticks)
+}
+
+/// Whether samples spanning `lo..=hi` read better on a log scale: when
+/// the fastest would otherwise be squashed against the axis (a pool start
+/// of 0.1 s beside a cold one of 3 s).
+pub fn wants_log(lo: f64, hi: f64) -> bool {
+    lo > 0.0 && hi / lo > 20.0
+}
+
+/// The plot as a complete SVG document; the x axis is logarithmic when the
+/// samples span more than a factor of 20.
 pub fn plot(title: &str, x_label: &str, series: &[Series]) -> String {
     let height = TOP + ROW * series.len().max(1) as f64 + BOTTOM;
-    let max = series
-        .iter()
-        .flat_map(|s| s.samples.iter().copied())
-        .filter(|x| x.is_finite())
-        .fold(0.0, f64::max);
-    let (end, step) = axis(max);
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|s| s.samples.iter().copied())
+            .filter(|x| x.is_finite())
+    };
+    let max = finite().fold(0.0, f64::max);
+    let min_pos = finite().filter(|x| *x > 0.0).fold(f64::INFINITY, f64::min);
     let plot_w = WIDTH - LEFT - RIGHT;
-    let x = |v: f64| LEFT + plot_w * (v.max(0.0) / end);
+    let log = wants_log(min_pos, max);
+    let (ticks, x): (Vec<f64>, Box<dyn Fn(f64) -> f64>) = if log {
+        let (start, end, ticks) = log_axis(min_pos, max);
+        let (l0, l1) = (start.log10(), end.log10());
+        (
+            ticks,
+            Box::new(move |v: f64| LEFT + plot_w * ((v.max(start).log10() - l0) / (l1 - l0))),
+        )
+    } else {
+        let (end, step) = axis(max);
+        let n = (end / step).round() as usize;
+        (
+            (0..=n).map(|i| i as f64 * step).collect(),
+            Box::new(move |v: f64| LEFT + plot_w * (v.max(0.0) / end)),
+        )
+    };
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -82,14 +137,12 @@ pub fn plot(title: &str, x_label: &str, series: &[Series]) -> String {
     );
     let _ = writeln!(
         o,
-        r#"<text x="{}" y="24" font-size="15" font-weight="bold">{}</text>"#,
-        LEFT,
+        r#"<text x="10" y="24" font-size="15" font-weight="bold">{}</text>"#,
         escape(title)
     );
     let bottom = TOP + ROW * series.len().max(1) as f64;
     // Grid and ticks.
-    let mut t = 0.0;
-    while t <= end + step / 2.0 {
+    for t in ticks {
         let xt = x(t);
         let _ = writeln!(
             o,
@@ -97,14 +150,14 @@ pub fn plot(title: &str, x_label: &str, series: &[Series]) -> String {
             bottom + 16.0,
             fmt_tick(t)
         );
-        t += step;
     }
     let _ = writeln!(
         o,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}{}</text>"#,
         LEFT + plot_w / 2.0,
         bottom + 38.0,
-        escape(x_label)
+        escape(x_label),
+        if log { " (log scale)" } else { "" }
     );
     for (i, s) in series.iter().enumerate() {
         let color = PALETTE[s.group % PALETTE.len()];
@@ -159,10 +212,15 @@ pub fn plot(title: &str, x_label: &str, series: &[Series]) -> String {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v.fract().abs() < 1e-9 {
+    if v >= 10_000.0 && (v / 1000.0).fract().abs() < 1e-9 {
+        // Keeps the labels of a log axis's upper decades apart.
+        format!("{:.0}k", v / 1000.0)
+    } else if v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else {
-        format!("{v}")
+        // Ticks of a log axis below 1 are powers of ten times 1, 2 or 5.
+        let s = format!("{v:.6}");
+        s.trim_end_matches('0').to_string()
     }
 }
 
@@ -182,6 +240,56 @@ mod tests {
             assert!((ticks - ticks.round()).abs() < 1e-9);
         }
         assert_eq!(axis(3300.0), (3500.0, 500.0));
+    }
+
+    #[test]
+    fn log_axis_spans_whole_decades() {
+        let (start, end, ticks) = log_axis(95.0, 3300.0);
+        assert_eq!((start, end), (50.0, 5000.0));
+        assert_eq!(ticks, [50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]);
+        let (start, end, ticks) = log_axis(1.5, 15900.0);
+        assert_eq!((start, end), (1.0, 20000.0));
+        assert_eq!(ticks.first(), Some(&1.0));
+        assert_eq!(ticks.last(), Some(&20000.0));
+        let (start, end, ticks) = log_axis(100.0, 100.0);
+        assert_eq!((start, end), (100.0, 200.0));
+        assert_eq!(ticks, [100.0, 200.0]);
+        assert_eq!(fmt_tick(20000.0), "20k");
+        assert_eq!(fmt_tick(5000.0), "5000");
+        assert!(wants_log(100.0, 3000.0));
+        assert!(!wants_log(2000.0, 8000.0));
+        assert!(!wants_log(0.0, 8000.0));
+        assert_eq!(fmt_tick(0.5), "0.5");
+        assert_eq!(fmt_tick(20.0), "20");
+    }
+
+    #[test]
+    fn a_wide_spread_is_drawn_on_a_log_axis_inside_the_plot() {
+        let series = vec![
+            Series {
+                label: "pool".into(),
+                group: 0,
+                samples: vec![90.0, 110.0],
+            },
+            Series {
+                label: "cold".into(),
+                group: 1,
+                samples: vec![2800.0, 3500.0],
+            },
+        ];
+        let svg = plot("t", "ms", &series);
+        assert!(svg.contains("ms (log scale)"));
+        let xs: Vec<f64> = svg
+            .split("<circle cx=\"")
+            .skip(1)
+            .map(|c| c.split('"').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(xs.len(), 4);
+        for cx in &xs {
+            assert!((LEFT..=WIDTH - RIGHT).contains(cx), "{cx}");
+        }
+        // The pool's samples are far from the axis's start, not squashed.
+        assert!(xs[0] - LEFT > 50.0, "{xs:?}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Pre-staging: the guest kernel and initrd live in sealed memory from the
-//! agent's start, so no start reads them from disk.
+//! agent's start, so no start reads them from disk; `vmletd --no-prestage`
+//! turns that off (the benchmark's cold mode).
 
 use std::path::Path;
 
@@ -15,6 +16,30 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dst).unwrap();
         }
     }
+}
+
+/// QEMU's argument after `flag`, read from the live process.
+fn qemu_arg(pid: i64, flag: &str) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    args[i + 1].clone()
+}
+
+/// Layer disks of the agent's image store that the agent holds mapped.
+fn mapped_layer_disks(a: &TestAgent) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", a.pid().unwrap())).unwrap();
+    let layers_dir = a.state_dir().join("images");
+    maps.lines()
+        .filter(|l| l.contains(&*layers_dir.to_string_lossy()) && l.contains("disk."))
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
@@ -36,17 +61,8 @@ fn starts_never_read_the_kernel_or_initrd_from_disk() {
     let pid = info["VmmPid"].as_i64().unwrap();
     // QEMU was told to load both from inherited descriptors, which are
     // sealed memfds.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let after = |flag: &str| {
-        let i = args.iter().position(|a| a == flag).unwrap();
-        args[i + 1].clone()
-    };
     for (flag, name) in [("-kernel", "vmlet-kernel"), ("-initrd", "vmlet-initrd")] {
-        let path = after(flag);
+        let path = qemu_arg(pid, flag);
         let fd = path
             .strip_prefix("/proc/self/fd/")
             .expect("an inherited descriptor");
@@ -71,15 +87,9 @@ fn prestage_keeps_an_images_layers_in_memory() {
     // The agent holds every layer disk of the image mapped.
     let info: serde_json::Value =
         serde_json::from_slice(&a.run(&["image", "inspect", "busybox"]).stdout).unwrap_or_default();
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", a.pid().unwrap())).unwrap();
-    let layers_dir = a.state_dir().join("images");
-    let mapped: Vec<&str> = maps
-        .lines()
-        .filter(|l| l.contains(&*layers_dir.to_string_lossy()) && l.contains("disk."))
-        .collect();
     assert!(
-        !mapped.is_empty(),
-        "no layer disk mapped; image {info}\n{maps}"
+        !mapped_layer_disks(&a).is_empty(),
+        "no layer disk mapped; image {info}"
     );
     let o = a.run(&["prestage", "no-such-image"]);
     assert_eq!(o.status.code(), Some(125));
@@ -87,4 +97,31 @@ fn prestage_keeps_an_images_layers_in_memory() {
     // And a start of it works as ever.
     let o = a.run(&["run", "--rm", "busybox", "--", "echo", "warm"]);
     assert_eq!(stdout(&o), "warm\n");
+}
+
+#[test]
+fn without_prestaging_qemu_reads_the_files_by_path() {
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--no-prestage".into()],
+        ..Default::default()
+    });
+    // Nothing is kept in memory for an image either.
+    let o = a.run(&["prestage", "busybox"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stdout(&o));
+    assert!(stderr(&o).contains("pre-staging is off"), "{}", stderr(&o));
+    assert_eq!(mapped_layer_disks(&a), Vec::<String>::new());
+
+    let id = a.detach(&["busybox", "--", "sh", "-c", "echo from-disk; sleep 1000"]);
+    let pid = a.inspect(&id)["VmmPid"].as_i64().unwrap();
+    // QEMU names the files themselves, not inherited descriptors.
+    assert_eq!(
+        qemu_arg(pid, "-kernel"),
+        guest_dir().join("vmlinux").to_string_lossy()
+    );
+    assert_eq!(
+        qemu_arg(pid, "-initrd"),
+        a.state_dir().join("guest/initrd.cpio").to_string_lossy()
+    );
+    a.wait_logs(&id, "from-disk\n");
+    assert_eq!(a.run(&["rm", "-f", &id]).status.code(), Some(0));
 }

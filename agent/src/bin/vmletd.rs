@@ -117,6 +117,11 @@ struct Args {
     /// the snapshot instead of booting it. Repeatable.
     #[arg(long = "template", value_name = "IMAGE", value_parser = parse_template)]
     templates: Vec<String>,
+    /// Do not pre-stage: QEMU reads the guest kernel and initrd from disk
+    /// on every start, and `vmlet prestage` is refused. For measuring what
+    /// pre-staging saves.
+    #[arg(long)]
+    no_prestage: bool,
 }
 
 fn parse_template(s: &str) -> Result<String, String> {
@@ -205,6 +210,7 @@ impl TryFrom<Args> for Config {
             }
             c.vmm_uid_base = Some(base);
         }
+        c.prestage = !a.no_prestage;
         Ok(c)
     }
 }
