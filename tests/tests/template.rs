@@ -71,9 +71,24 @@ fn clones_share_no_connection_seed_or_clock() {
         let dir = a.vm_dir(id);
         assert!(cmd.contains("share=off"), "{cmd}");
         assert!(cmd.contains("-incoming defer"), "{cmd}");
+        // The serial link's listening socket: inherited at fd 105, and it
+        // is the one bound at this VM's own serial.sock.
+        assert!(cmd.contains("socket,id=link0,fd=105"), "{cmd}");
+        let own = dir.join("serial.sock");
+        let inode = std::fs::read_link(format!("/proc/{pid}/fd/105"))
+            .expect("QEMU's fd 105")
+            .to_string_lossy()
+            .trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .to_string();
+        let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
         assert!(
-            cmd.contains(&format!("path={}/serial.sock", dir.display())),
-            "{cmd}"
+            unix.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 8 && f[6] == inode && f[7] == own.to_string_lossy()
+            }),
+            "QEMU's fd 105 (socket {inode}) is not bound at {}",
+            own.display()
         );
         assert!(!cmd.contains("vhost-user-vsock"), "{cmd}");
 
