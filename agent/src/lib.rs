@@ -14,6 +14,7 @@ pub mod config;
 pub mod ids;
 pub mod image;
 pub mod initrd;
+pub mod kernel;
 pub mod logstore;
 pub mod pool;
 pub mod ratelimit;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Serialize;
+use vmlet_agent::kernel::GuestKernel;
 use vmlet_bench::baseline::{self, Baseline};
 use vmlet_bench::stats::{summarize, Summary};
 use vmlet_bench::svg::{self, Series};
@@ -42,9 +43,10 @@ struct Args {
     /// (`guest/initrd.cpio`) and its busybox image disk.
     #[arg(long, env = "VMLET_STATE_DIR", default_value = "/var/lib/vmlet/state")]
     state_dir: PathBuf,
-    /// Where the guest kernel (`vmlinux`) is.
-    #[arg(long, env = "VMLET_GUEST_DIR", default_value = "/var/lib/vmlet/guest")]
-    guest_dir: PathBuf,
+    /// The guest kernel's directory, as vmletd's `--guest-dir` (the
+    /// baseline boots it); the same default as vmletd's.
+    #[arg(long, env = "VMLET_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
     /// The image disk for the baseline; found under the state directory if
     /// not given.
     #[arg(long)]
@@ -371,6 +373,9 @@ async fn main() -> anyhow::Result<()> {
                 initrd.display()
             );
         }
+        let guest_dir = a.guest_dir.clone().unwrap_or_else(GuestKernel::default_dir);
+        let kernel = GuestKernel::open(&guest_dir)
+            .with_context(|| format!("the guest kernel in {}", guest_dir.display()))?;
         let work_dir = a
             .work_dir
             .join(format!("vmlet-bench-{}", std::process::id()));
@@ -378,7 +383,8 @@ async fn main() -> anyhow::Result<()> {
         bench.baseline = Some(Baseline {
             qemu: find("qemu-system-x86_64")?,
             backend: find("vhost-device-vsock")?,
-            kernel: a.guest_dir.join("vmlinux"),
+            kernel: kernel.vmlinux,
+            acpi: kernel.acpi,
             initrd,
             rootfs,
             fstype,
