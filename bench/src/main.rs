@@ -8,6 +8,9 @@
 //!   flags, wait for the tether's hello, send the spec.
 //! - `cold`: a cold start through a running vmletd: create, attach
 //!   (replaying from the first byte), start.
+//! - `alt`: the same cold start through a second vmletd (`--alt-socket`),
+//!   for an A/B comparison of two agent configurations in one run, e.g.
+//!   two guest kernels (`scripts/bench-kernels.sh`).
 //!
 //! Both run `echo ready`. "Ready" is the tether's hello, the guest's own
 //! signal; "first output" is the first byte of `ready` reaching the caller.
@@ -47,6 +50,9 @@ struct Args {
     /// baseline boots it); the same default as vmletd's.
     #[arg(long, env = "VMLET_GUEST_DIR")]
     guest_dir: Option<PathBuf>,
+    /// A second vmletd's API socket, which mode `alt` starts through.
+    #[arg(long)]
+    alt_socket: Option<PathBuf>,
     /// The image disk for the baseline; found under the state directory if
     /// not given.
     #[arg(long)]
@@ -98,6 +104,8 @@ enum Mode {
     Baseline,
     /// A cold start through vmletd.
     Cold,
+    /// A cold start through the second vmletd (`--alt-socket`).
+    Alt,
 }
 
 impl Mode {
@@ -105,6 +113,7 @@ impl Mode {
         match self {
             Mode::Baseline => "baseline",
             Mode::Cold => "cold",
+            Mode::Alt => "alt",
         }
     }
 
@@ -112,6 +121,7 @@ impl Mode {
         match self {
             Mode::Baseline => "baseline (by hand)",
             Mode::Cold => "cold (vmletd)",
+            Mode::Alt => "cold (alt vmletd)",
         }
     }
 }
@@ -124,6 +134,9 @@ struct Sample {
     /// Each phase; for cold starts, as the agent recorded them (since it
     /// accepted the start request).
     phases_ms: BTreeMap<&'static str, f64>,
+    /// The guest's own boot timings from its hello, on its own clock
+    /// (since kernel start): cold and alt starts only.
+    guest_ms: BTreeMap<&'static str, f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,9 +146,10 @@ struct ModeResult {
     ready: Summary,
     first_output: Summary,
     starts_per_s: f64,
-    /// vmletd's CPU time per start (cold mode only).
+    /// vmletd's CPU time per start (cold and alt modes).
     agent_cpu_ms_per_start: Option<f64>,
     phases: BTreeMap<&'static str, Summary>,
+    guest: BTreeMap<&'static str, Summary>,
     samples: Vec<Sample>,
 }
 
@@ -154,6 +168,8 @@ struct Report {
     accel: String,
     vmm: String,
     guest_kernel: String,
+    /// The second vmletd's guest kernel, when mode `alt` ran.
+    alt_guest_kernel: Option<String>,
     agent: String,
     image: String,
     command: &'static str,
@@ -171,30 +187,40 @@ const COMMAND: [&str; 2] = ["echo", "ready"];
 
 struct Bench {
     client: Client,
+    /// The second vmletd, for mode `alt`.
+    alt: Option<Client>,
     image: String,
     baseline: Option<Baseline>,
 }
 
 impl Bench {
-    /// A cold start through the agent. With `sample_after`, also returns the
-    /// PSS of the VM's processes and of the agent, sampled that long after
-    /// the first output.
+    /// The agent a mode starts through.
+    fn client(&self, mode: Mode) -> anyhow::Result<&Client> {
+        match mode {
+            Mode::Alt => self.alt.as_ref().context("mode alt needs --alt-socket"),
+            _ => Ok(&self.client),
+        }
+    }
+
+    /// A cold start through the agent of `mode`. With `sample_after`, also
+    /// returns the PSS of the VM's processes and of the agent, sampled that
+    /// long after the first output.
     async fn cold(
         &self,
+        mode: Mode,
         argv: &[&str],
         sample_after: Option<(Duration, u32)>,
     ) -> anyhow::Result<(Sample, Option<(u64, u64)>)> {
+        let client = self.client(mode)?;
         let t0 = Instant::now();
-        let id = self
-            .client
+        let id = client
             .create(CreateSpec {
                 image: self.image.clone(),
                 argv: argv.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             })
             .await?;
-        let mut s = self
-            .client
+        let mut s = client
             .stream(Request::Attach(AttachSpec {
                 vm: id.clone(),
                 stdin: false,
@@ -204,7 +230,7 @@ impl Bench {
             }))
             .await?;
         let before_start = t0.elapsed();
-        self.client.start(&id).await?;
+        client.start(&id).await?;
         let mut first = None;
         let mut pss = None;
         while let Some(r) = s.next().await {
@@ -213,7 +239,7 @@ impl Bench {
                     first = Some(t0.elapsed());
                     if let Some((after, agent_pid)) = sample_after {
                         tokio::time::sleep(after).await;
-                        pss = Some(self.sample_vm(&id, agent_pid).await?);
+                        pss = Some(self.sample_vm(client, &id, agent_pid).await?);
                     }
                 }
                 Response::StreamEnd { .. } => break,
@@ -222,9 +248,9 @@ impl Bench {
             }
         }
         let first = first.context("the container wrote nothing")?;
-        self.client.wait(&id).await?;
-        let info = self.client.inspect(&id).await?;
-        self.client.remove(&id, true).await?;
+        client.wait(&id).await?;
+        let info = client.inspect(&id).await?;
+        client.remove(&id, true).await?;
         let phases_ms: BTreeMap<_, _> = info
             .phases
             .iter()
@@ -234,6 +260,16 @@ impl Bench {
             .get(Phase::GuestBooted.name())
             .copied()
             .context("the agent recorded no guest-booted phase")?;
+        let guest_ms = info
+            .guest_boot
+            .map(|g| {
+                BTreeMap::from([
+                    ("kernel", g.kernel_us as f64 / 1000.0),
+                    ("modules", g.modules_us as f64 / 1000.0),
+                    ("hello", g.hello_us as f64 / 1000.0),
+                ])
+            })
+            .unwrap_or_default();
         Ok((
             Sample {
                 // The agent's clock starts at the start request; the client
@@ -241,13 +277,19 @@ impl Bench {
                 ready_ms: before_start.as_secs_f64() * 1000.0 + booted,
                 first_output_ms: first.as_secs_f64() * 1000.0,
                 phases_ms,
+                guest_ms,
             },
             pss,
         ))
     }
 
-    async fn sample_vm(&self, id: &str, agent_pid: u32) -> anyhow::Result<(u64, u64)> {
-        let info = self.client.inspect(id).await?;
+    async fn sample_vm(
+        &self,
+        client: &Client,
+        id: &str,
+        agent_pid: u32,
+    ) -> anyhow::Result<(u64, u64)> {
+        let info = client.inspect(id).await?;
         let qemu = info.vmm_pid.context("the VM has no VMM pid")?;
         let mut total = sys::pss_kib(qemu).context("QEMU's PSS")?;
         // The backend's command line names the VM's directory, which holds its id.
@@ -266,6 +308,7 @@ impl Bench {
             ready_ms: r.phases_ms["guest-booted"],
             first_output_ms: r.phases_ms["first-output"],
             phases_ms: r.phases_ms,
+            guest_ms: BTreeMap::new(),
         })
     }
 
@@ -283,7 +326,7 @@ impl Bench {
             hs.push(tokio::spawn(async move {
                 match mode {
                     Mode::Baseline => me.baseline(slot).await,
-                    Mode::Cold => me.cold(&COMMAND, None).await.map(|(s, _)| s),
+                    Mode::Cold | Mode::Alt => me.cold(mode, &COMMAND, None).await.map(|(s, _)| s),
                 }
             }));
         }
@@ -327,8 +370,25 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => p,
         None => sys::socket_peer_pid(&a.socket).context("reading vmletd's pid from its socket")?,
     };
+    let alt = match &a.alt_socket {
+        Some(p) => {
+            let c = Client::connect(p)
+                .await
+                .with_context(|| format!("connecting to the alt vmletd at {}", p.display()))?;
+            let v = c.agent_version().await?;
+            let pid = sys::socket_peer_pid(p).context("reading the alt vmletd's pid")?;
+            Some((c, v, pid))
+        }
+        None if a.modes.contains(&Mode::Alt) => bail!("mode alt needs --alt-socket"),
+        None => None,
+    };
+    let (alt, alt_info) = match alt {
+        Some((c, v, pid)) => (Some(c), Some((v.kernel, pid))),
+        None => (None, None),
+    };
     let mut bench = Bench {
         client,
+        alt,
         image: a.image.clone(),
         baseline: None,
     };
@@ -396,7 +456,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let bench = Arc::new(bench);
-    let r = run(&a, &bench, &v, agent_pid, &shape).await;
+    let r = run(&a, &bench, &v, agent_pid, alt_info, &shape).await;
     if let Some(b) = &bench.baseline {
         let _ = std::fs::remove_dir_all(&b.work_dir);
     }
@@ -422,8 +482,14 @@ async fn run(
     bench: &Arc<Bench>,
     v: &VersionInfo,
     agent_pid: u32,
+    alt: Option<(String, u32)>,
     shape: &vmlet_protocol::api::VmInfo,
 ) -> anyhow::Result<Report> {
+    let pid_of = |m: Mode| match m {
+        Mode::Cold => Some(agent_pid),
+        Mode::Alt => alt.as_ref().map(|a| a.1),
+        Mode::Baseline => None,
+    };
     let load_before = sys::load_average();
     let mut results = Vec::new();
     let mut modes = a.modes.clone();
@@ -441,7 +507,7 @@ async fn run(
         }
         let mut samples: BTreeMap<Mode, Vec<Sample>> = BTreeMap::new();
         let mut wall: BTreeMap<Mode, Duration> = BTreeMap::new();
-        let mut agent_cpu = 0.0;
+        let mut agent_cpu: BTreeMap<Mode, f64> = BTreeMap::new();
         let batches = a.runs.div_ceil(c);
         for b in 0..batches {
             let n = c.min(a.runs - b * c);
@@ -453,12 +519,12 @@ async fn run(
                 modes.iter().rev().copied().collect()
             };
             for m in order {
-                let cpu0 = sys::cpu_seconds(agent_pid).ok();
+                let cpu0 = pid_of(m).and_then(|p| sys::cpu_seconds(p).ok());
                 let (s, t) = bench.batch(m, n).await?;
-                if m == Mode::Cold {
-                    if let (Some(c0), Ok(c1)) = (cpu0, sys::cpu_seconds(agent_pid)) {
-                        agent_cpu += c1 - c0;
-                    }
+                if let (Some(c0), Some(c1)) =
+                    (cpu0, pid_of(m).and_then(|p| sys::cpu_seconds(p).ok()))
+                {
+                    *agent_cpu.entry(m).or_default() += c1 - c0;
                 }
                 eprintln!(
                     "vmlet-bench: C={c} batch {}/{batches} {}: first output {}",
@@ -492,15 +558,25 @@ async fn run(
                     (p, summarize(&xs))
                 })
                 .collect();
+            let guest = ["kernel", "modules", "hello"]
+                .into_iter()
+                .filter_map(|p| {
+                    let xs: Vec<f64> = s
+                        .iter()
+                        .filter_map(|x| x.guest_ms.get(p).copied())
+                        .collect();
+                    (!xs.is_empty()).then(|| (p, summarize(&xs)))
+                })
+                .collect();
             results.push(ModeResult {
                 mode: m,
                 concurrency: c,
                 ready: summarize(&s.iter().map(|x| x.ready_ms).collect::<Vec<_>>()),
                 first_output: summarize(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
                 starts_per_s: s.len() as f64 / wall[&m].as_secs_f64(),
-                agent_cpu_ms_per_start: (m == Mode::Cold)
-                    .then(|| agent_cpu * 1000.0 / s.len() as f64),
+                agent_cpu_ms_per_start: agent_cpu.get(&m).map(|c| c * 1000.0 / s.len() as f64),
                 phases,
+                guest,
                 samples: s,
             });
         }
@@ -522,10 +598,18 @@ async fn run(
         }
     }
     if a.modes.contains(&Mode::Cold) {
-        let (_, pss) = bench.cold(&argv, Some((after, agent_pid))).await?;
+        let (_, pss) = bench
+            .cold(Mode::Cold, &argv, Some((after, agent_pid)))
+            .await?;
         if let Some((vm, agent)) = pss {
             memory.vm_pss_kib.insert("cold", vm);
             memory.agent_pss_kib = Some(agent);
+        }
+    }
+    if let (true, Some(pid)) = (a.modes.contains(&Mode::Alt), pid_of(Mode::Alt)) {
+        let (_, pss) = bench.cold(Mode::Alt, &argv, Some((after, pid))).await?;
+        if let Some((vm, _)) = pss {
+            memory.vm_pss_kib.insert("alt", vm);
         }
     }
 
@@ -535,6 +619,7 @@ async fn run(
         accel: v.accel.clone(),
         vmm: v.vmm.clone(),
         guest_kernel: v.kernel.clone(),
+        alt_guest_kernel: alt.map(|a| a.0),
         agent: v.agent.clone(),
         image: a.image.clone(),
         command: "echo ready",
@@ -580,6 +665,9 @@ fn markdown(r: &Report) -> String {
         "- accel: {}; VMM: {}; guest kernel: {}; agent {}",
         r.accel, r.vmm, r.guest_kernel, r.agent
     );
+    if let Some(k) = &r.alt_guest_kernel {
+        let _ = writeln!(o, "- alt vmletd's guest kernel: {k}");
+    }
     let _ = writeln!(
         o,
         "- each VM: {} MiB, {} vCPU; image `{}`; command `{}`",
@@ -637,6 +725,17 @@ fn markdown(r: &Report) -> String {
                 k.starts_per_s / b.starts_per_s,
             );
         }
+        if let (Some(k), Some(x)) = (get(Mode::Cold), get(Mode::Alt)) {
+            let _ = writeln!(
+                o,
+                "- C={c}: alt/cold ratio, ready p50 {:.2}, p90 {:.2}; first output p50 {:.2}, p90 {:.2}; starts/s {:.2}",
+                x.ready.p50 / k.ready.p50,
+                x.ready.p90 / k.ready.p90,
+                x.first_output.p50 / k.first_output.p50,
+                x.first_output.p90 / k.first_output.p90,
+                x.starts_per_s / k.starts_per_s,
+            );
+        }
     }
     let _ = writeln!(o, "\n## Phases (p50 / p90, ms)\n");
     let _ = writeln!(
@@ -647,7 +746,7 @@ fn markdown(r: &Report) -> String {
         let _ = writeln!(o, "**{} at C={}**: ", x.mode.title(), x.concurrency);
         let order: Vec<&'static str> = match x.mode {
             Mode::Baseline => baseline::PHASES.to_vec(),
-            Mode::Cold => Phase::ALL.iter().map(|p| p.name()).collect(),
+            Mode::Cold | Mode::Alt => Phase::ALL.iter().map(|p| p.name()).collect(),
         };
         let parts: Vec<String> = order
             .iter()
@@ -658,6 +757,20 @@ fn markdown(r: &Report) -> String {
             })
             .collect();
         let _ = writeln!(o, "{}\n", parts.join(" → "));
+        if !x.guest.is_empty() {
+            let g = |k: &str| {
+                x.guest
+                    .get(k)
+                    .map_or("–".into(), |s| format!("{} / {}", ms(s.p50), ms(s.p90)))
+            };
+            let _ = writeln!(
+                o,
+                "guest's own clock: kernel start → tether {}; loading modules {}; kernel start → hello {}\n",
+                g("kernel"),
+                g("modules"),
+                g("hello")
+            );
+        }
     }
     let _ = writeln!(o, "## Memory per VM (PSS, KiB)\n");
     let _ = writeln!(o, "| mode | QEMU + vhost-device-vsock |");
