@@ -14,6 +14,7 @@ fn template() -> VmTemplate {
         kernel: "/var/lib/vmlet/guest/vmlinux".into(),
         initrd: "/var/lib/vmlet/state/guest/initrd.cpio".into(),
         cmdline: "vmlet.port=1024".into(),
+        acpi: true,
         memory_mib: 256,
         vcpus: 1,
         cid: 0,
@@ -51,7 +52,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("config clone + QEMU argv", |b| {
         b.iter(|| {
             let cfg = t.clone_for("0123456789abcdef", dir, 7, 256, 1, disks());
-            vmm_shim::qemu::argv(&cfg, &VmPaths::new(dir), true, Some(102))
+            vmm_shim::qemu::argv(&cfg, &VmPaths::new(dir), Some(102))
         })
     });
 }

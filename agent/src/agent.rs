@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::ids;
 use crate::image::{ImageError, ImageStore};
 use crate::initrd::{self, InitrdError};
+use crate::kernel::{GuestKernel, KernelError};
 use crate::logstore::Log;
 use crate::state::write_atomic_mode;
 use crate::vm::{now_ms, Vm, VmRecord};
@@ -32,9 +33,9 @@ pub enum SetupError {
         #[source]
         source: std::io::Error,
     },
-    /// The guest kernel is missing.
-    #[error("no guest kernel at {0}: run scripts/setup-guest.sh")]
-    NoKernel(PathBuf),
+    /// The guest kernel is missing or cannot run guests.
+    #[error("cannot use the guest kernel")]
+    Kernel(#[from] KernelError),
     /// The tether is missing.
     #[error("no tether binary at {0}: build it with scripts/build.sh")]
     NoTether(PathBuf),
@@ -103,8 +104,8 @@ pub struct Agent {
     pub images: ImageStore,
     /// The compiled VM template.
     pub template: VmTemplate,
-    /// The guest kernel's release.
-    pub kernel_release: String,
+    /// The guest kernel every VM boots.
+    pub kernel: GuestKernel,
     /// Warm pools.
     pub pools: crate::pool::Pools,
     /// Guest templates.
@@ -128,21 +129,23 @@ impl Agent {
         mkdir(config.state_dir.clone())?;
         mkdir(config.vms_dir())?;
         mkdir(config.guest_state_dir())?;
-        let kernel = config.guest_dir.join("vmlinux");
-        if !kernel.is_file() {
-            return Err(SetupError::NoKernel(kernel));
-        }
+        let guest_kernel = GuestKernel::open(&config.guest_dir)?;
+        tracing::info!(
+            release = %guest_kernel.release,
+            dir = %guest_kernel.dir.display(),
+            acpi = guest_kernel.acpi,
+            modules = guest_kernel.modules.is_some(),
+            "guest kernel"
+        );
+        let kernel = guest_kernel.vmlinux.clone();
         if !config.tether.is_file() {
             return Err(SetupError::NoTether(config.tether.clone()));
         }
         let initrd = config.guest_state_dir().join("initrd.cpio");
-        let size = initrd::build_to(&config.tether, &config.guest_dir.join("modules"), &initrd)?;
+        let size = initrd::build_to(&config.tether, guest_kernel.modules.as_deref(), &initrd)?;
         tracing::info!(path = %initrd.display(), size, "built guest initrd");
         let images = ImageStore::open(config.images_dir())?;
         images.ensure_busybox()?;
-        let kernel_release = fs::read_to_string(config.guest_dir.join("kernel.release"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
         let mut cmdline = format!("vmlet.port={}", vmlet_protocol::guest::TETHER_PORT);
         if !config.extra_cmdline.is_empty() {
             cmdline.push(' ');
@@ -177,6 +180,7 @@ impl Agent {
             kernel,
             initrd,
             cmdline,
+            acpi: guest_kernel.acpi,
             memory_mib: config.memory_mib,
             vcpus: config.vcpus,
             cid: 0,
@@ -203,7 +207,7 @@ impl Agent {
             vmm,
             images,
             template,
-            kernel_release,
+            kernel: guest_kernel,
             pools,
             vms: RwLock::default(),
             cids: Default::default(),

@@ -14,7 +14,7 @@ pub struct Config {
     pub socket: PathBuf,
     /// Permission bits of the API socket.
     pub socket_mode: u32,
-    /// Where the guest kernel (`vmlinux`) and its `modules/` live.
+    /// The guest kernel's directory (see [`crate::kernel`]).
     pub guest_dir: PathBuf,
     /// The static tether binary packed as the guest's `/init`.
     pub tether: PathBuf,

@@ -1,6 +1,7 @@
 //! Builds the guest's initramfs: the tether as `/init` plus the kernel
-//! modules it loads, as an uncompressed newc cpio archive (the kernel
-//! unpacks it without a decompressor, which is fastest under TCG).
+//! modules it loads (none for a kernel with its drivers built in), as an
+//! uncompressed newc cpio archive (the kernel unpacks it without a
+//! decompressor, which is fastest under TCG).
 
 use std::fs;
 use std::io::{self, Write};
@@ -92,8 +93,9 @@ const FILE: u32 = 0o100644;
 
 /// Builds the archive in memory: `/init` is `tether`; every module listed
 /// in `modules_dir/modules.order` goes to `/lib/modules/`, with the order
-/// file itself.
-pub fn build(tether: &Path, modules_dir: &Path) -> Result<Vec<u8>, InitrdError> {
+/// file itself. Without `modules_dir` (a kernel with its drivers built in)
+/// `/lib/modules` stays empty, and the tether has nothing to load.
+pub fn build(tether: &Path, modules_dir: Option<&Path>) -> Result<Vec<u8>, InitrdError> {
     let read = |p: &Path| {
         fs::read(p).map_err(|source| InitrdError::Read {
             path: p.to_path_buf(),
@@ -104,9 +106,6 @@ pub fn build(tether: &Path, modules_dir: &Path) -> Result<Vec<u8>, InitrdError> 
     if !is_static_elf(&init) {
         return Err(InitrdError::NotStatic(tether.to_path_buf()));
     }
-    let order_path = modules_dir.join("modules.order");
-    let order = read(&order_path)?;
-    let order_text = String::from_utf8_lossy(&order);
     let mut c = Cpio {
         out: Vec::with_capacity(init.len() + (8 << 20)),
         ino: 0,
@@ -120,23 +119,42 @@ pub fn build(tether: &Path, modules_dir: &Path) -> Result<Vec<u8>, InitrdError> 
         c.entry(d, DIR, &[]).map_err(w)?;
     }
     c.entry("init", EXEC, &init).map_err(w)?;
+    if let Some(dir) = modules_dir {
+        add_modules(&mut c, dir, &read, &w)?;
+    }
+    c.finish().map_err(w)
+}
+
+/// `dir/modules.order` and every module it names, under `lib/modules/`.
+fn add_modules(
+    c: &mut Cpio<Vec<u8>>,
+    dir: &Path,
+    read: &dyn Fn(&Path) -> Result<Vec<u8>, InitrdError>,
+    w: &dyn Fn(io::Error) -> InitrdError,
+) -> Result<(), InitrdError> {
+    let order = read(&dir.join("modules.order"))?;
     c.entry("lib/modules/modules.order", FILE, &order)
         .map_err(w)?;
+    let order_text = String::from_utf8_lossy(&order);
     for name in order_text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         // Names come from our own setup step; still refuse anything that
         // is not a plain file name.
         if name.contains('/') || name.starts_with('.') {
             continue;
         }
-        let data = read(&modules_dir.join(name))?;
+        let data = read(&dir.join(name))?;
         c.entry(&format!("lib/modules/{name}"), FILE, &data)
             .map_err(w)?;
     }
-    c.finish().map_err(w)
+    Ok(())
 }
 
 /// Builds the archive and writes it atomically to `dest`.
-pub fn build_to(tether: &Path, modules_dir: &Path, dest: &Path) -> Result<u64, InitrdError> {
+pub fn build_to(
+    tether: &Path,
+    modules_dir: Option<&Path>,
+    dest: &Path,
+) -> Result<u64, InitrdError> {
     let data = build(tether, modules_dir)?;
     crate::state::write_atomic(dest, &data).map_err(|source| InitrdError::Write {
         path: dest.to_path_buf(),
@@ -179,7 +197,7 @@ mod tests {
         // A dynamically linked program (this test binary) is refused...
         let me = std::env::current_exe().unwrap();
         assert!(matches!(
-            build(&me, &dir.path().join("none")),
+            build(&me, Some(&dir.path().join("none"))),
             Err(InitrdError::NotStatic(_))
         ));
         // ...a static one is taken: an ELF header with no program headers.
@@ -191,7 +209,7 @@ mod tests {
         fs::write(mods.join("a.ko"), b"AAAA1").unwrap();
         fs::write(mods.join("modules.order"), b"a.ko\n../evil.ko\n").unwrap();
         let out = dir.path().join("initrd.cpio");
-        build_to(&tether, &mods, &out).unwrap();
+        build_to(&tether, Some(&mods), &out).unwrap();
         let data = fs::read(&out).unwrap();
         assert_eq!(&data[..6], b"070701");
         assert_eq!(data.len() % 4, 0);
@@ -206,5 +224,11 @@ mod tests {
             assert!(list.lines().any(|l| l == "lib/modules/a.ko"), "{list}");
             assert!(!list.contains("evil"), "{list}");
         }
+        // A kernel with its drivers built in: no modules, not even the order file.
+        let data = build(&tether, None).unwrap();
+        let text = String::from_utf8_lossy(&data);
+        assert!(text.contains("init"));
+        assert!(!text.contains("modules.order"));
+        assert!(!text.contains("a.ko"));
     }
 }

@@ -15,6 +15,7 @@ pub mod confinement;
 pub mod ids;
 pub mod image;
 pub mod initrd;
+pub mod kernel;
 pub mod logstore;
 pub mod pool;
 pub mod ratelimit;

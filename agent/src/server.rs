@@ -714,7 +714,7 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
             api_version: API_VERSION,
             vmm: format!("{} {}", agent.vmm.name(), agent.vmm.version()),
             accel: agent.config.accel.to_string(),
-            kernel: agent.kernel_release.clone(),
+            kernel: agent.kernel.describe(),
         })),
         Request::Create(spec) => agent
             .create(spec)

@@ -43,6 +43,9 @@ pub struct Baseline {
     pub backend: PathBuf,
     /// The PVH `vmlinux`.
     pub kernel: PathBuf,
+    /// Whether that kernel finds its devices through ACPI (as the agent
+    /// decides from its config).
+    pub acpi: bool,
     /// The initrd the agent generated.
     pub initrd: PathBuf,
     /// The image's root filesystem disk (copied per start).
@@ -177,6 +180,7 @@ impl Baseline {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: format!("vmlet.port={TETHER_PORT}"),
+            acpi: self.acpi,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             cid: 3,
@@ -193,7 +197,7 @@ impl Baseline {
             staged: None,
         };
         let qemu = Command::new(&self.qemu)
-            .args(vmm_shim::qemu::argv(&cfg, &paths, true, None))
+            .args(vmm_shim::qemu::argv(&cfg, &paths, None))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

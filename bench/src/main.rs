@@ -599,6 +599,10 @@ async fn run(
             qemu: find("qemu-system-x86_64")?,
             backend: find("vhost-device-vsock")?,
             kernel: kernel.clone(),
+            // As the agent decides it: from the kernel's config.
+            acpi: vmlet_agent::kernel::GuestKernel::open(&guest_dir)
+                .map(|k| k.acpi)
+                .unwrap_or(true),
             initrd,
             rootfs,
             fstype,

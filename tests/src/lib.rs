@@ -42,6 +42,36 @@ pub fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/vmlet/guest"))
 }
 
+/// Where `scripts/build-kernel.sh` installs vmlet's tailored guest kernel
+/// (`VMLET_TAILORED_KERNEL_DIR` overrides).
+pub fn tailored_kernel_dir() -> PathBuf {
+    std::env::var_os("VMLET_TAILORED_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vmlet/kernels/tailored"))
+}
+
+/// The tailored kernel's directory, if it is installed. The kernel is an
+/// optional setup step, so a test of it is skipped without it, except
+/// where `VMLET_REQUIRE_TAILORED_KERNEL=1` says it must be there
+/// (`scripts/test.sh` builds it and sets that): then its absence fails.
+pub fn tailored_kernel() -> Option<PathBuf> {
+    let dir = tailored_kernel_dir();
+    if dir.join("vmlinux").is_file() && dir.join("kernel.release").is_file() {
+        return Some(dir);
+    }
+    let required = std::env::var("VMLET_REQUIRE_TAILORED_KERNEL").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "VMLET_REQUIRE_TAILORED_KERNEL=1 but no tailored kernel in {}: run scripts/build-kernel.sh",
+        dir.display()
+    );
+    eprintln!(
+        "skipping: no tailored kernel in {} (scripts/build-kernel.sh builds it)",
+        dir.display()
+    );
+    None
+}
+
 /// The static tether from the musl build.
 pub fn tether() -> PathBuf {
     let p = bin_dir()
@@ -133,7 +163,11 @@ impl TestAgent {
 
     /// Starts vmletd and waits until its socket answers.
     pub fn start_with(opts: AgentOptions) -> TestAgent {
-        let kernel = guest_dir().join("vmlinux");
+        let kernel = opts
+            .guest_dir
+            .clone()
+            .unwrap_or_else(guest_dir)
+            .join("vmlinux");
         assert!(
             kernel.is_file(),
             "{} is missing: run scripts/setup-guest.sh",
@@ -443,6 +477,23 @@ impl TestAgent {
                 "logs of {id}: {got:?}, want {want:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (bounded) until `vmlet logs ID` holds `needle`, and returns
+    /// the log then: for output whose whole text the test cannot predict.
+    pub fn wait_logs_containing(&self, id: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let got = stdout(&self.run(&["logs", id]));
+            if got.contains(needle) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log of {id}: {got:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

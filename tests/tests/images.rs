@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use vmlet_tests::oci::{self, Entry, TestImage};
 use vmlet_tests::{stderr, stdout, TestAgent};
@@ -164,22 +163,6 @@ fn three_layers_merge_as_the_oci_spec_says_from_oci_layout_and_docker_save() {
     assert_eq!(left, 1, "only busybox's layer is left");
 }
 
-fn wait_for_log(a: &TestAgent, id: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let o = a.run(&["logs", id]);
-        let s = stdout(&o);
-        if s.contains(needle) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log of {id}: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The read-only `file=` paths in a QEMU command line.
 fn read_only_drives(pid: u64) -> Vec<PathBuf> {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
@@ -219,7 +202,7 @@ fn two_vms_share_layer_disks_and_keep_their_writes_apart() {
         })
         .collect();
     for (id, who) in ids.iter().zip(["A", "B"]) {
-        let log = wait_for_log(&a, id, "seen-");
+        let log = a.wait_logs_containing(id, "seen-");
         // keep.txt has no trailing newline: each VM's append follows it.
         assert_eq!(log, format!("seen-{who}-keep{who}\n"), "VM {who}");
     }

@@ -113,31 +113,45 @@ pub(crate) struct ModulesReport {
 
 /// Loads every module listed in `<dir>/modules.order`, in order, but those
 /// named in `skip` (file names, such as a transport this guest does not
-/// use). A missing list means a kernel with everything built in. A module
-/// that fails is logged and skipped: a later step (no vsock, no disk)
-/// reports what is really missing.
+/// use). No list means a kernel with its drivers built in (the agent packs
+/// none for it): nothing to do. A module that fails is logged and skipped:
+/// a later step (no vsock, no disk) reports what is really missing.
 pub(crate) fn load_modules(dir: &Path, skip: &[&str]) -> ModulesReport {
+    load_modules_with(dir, skip, load_module)
+}
+
+fn load_modules_with(
+    dir: &Path,
+    skip: &[&str],
+    mut load: impl FnMut(&Path) -> Result<(), Errno>,
+) -> ModulesReport {
     let mut report = ModulesReport::default();
     let order = dir.join("modules.order");
     let text = match fs::read_to_string(&order) {
         Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return report,
         Err(e) => {
-            log!(
-                "no {} ({e}); assuming a kernel with everything built in",
-                order.display()
-            );
+            log!("cannot read {}: {e}; loading no modules", order.display());
             return report;
         }
     };
     let start = Instant::now();
-    for name in parse_modules_order(&text) {
-        if skip.contains(&name) {
+    let names = parse_modules_order(&text);
+    for (i, name) in names.iter().enumerate() {
+        if skip.contains(name) {
             continue;
         }
         let path: PathBuf = dir.join(name);
-        match load_module(&path) {
+        match load(&path) {
             Ok(()) => report.loaded += 1,
             Err(Errno::EEXIST) => report.present += 1,
+            // A kernel built without module support has no finit_module: whatever
+            // it can do is built in, and trying the rest would only repeat this.
+            Err(Errno::ENOSYS) => {
+                log!("the kernel cannot load modules; taking its drivers as built in");
+                report.present += names.len() - i;
+                break;
+            }
             Err(e) => {
                 report.failed += 1;
                 log!("cannot load module {}: {e}", path.display());
@@ -194,5 +208,32 @@ mod tests {
     fn missing_order_file_loads_nothing() {
         let r = load_modules(Path::new("/nonexistent-vmlet-test"), &[]);
         assert_eq!(r, ModulesReport::default());
+    }
+
+    #[test]
+    fn built_in_and_unsupported_modules_are_not_failures() {
+        let dir = crate::testutil::TempDir::new();
+        fs::write(dir.path().join("modules.order"), "a.ko\nb.ko\nc.ko\nd.ko\n").unwrap();
+        let mut tried = Vec::new();
+        // a loads, b is built in already, then the kernel turns out to lack
+        // module support: c and d are not tried.
+        let r = load_modules_with(dir.path(), &[], |p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            tried.push(name.clone());
+            match name.as_str() {
+                "a.ko" => Ok(()),
+                "b.ko" => Err(Errno::EEXIST),
+                _ => Err(Errno::ENOSYS),
+            }
+        });
+        assert_eq!(tried, ["a.ko", "b.ko", "c.ko"]);
+        assert_eq!(
+            r,
+            ModulesReport {
+                loaded: 1,
+                present: 3,
+                failed: 0
+            }
+        );
     }
 }

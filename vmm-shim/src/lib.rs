@@ -77,6 +77,11 @@ pub struct VmConfig {
     pub staged: Option<(StagedFile, StagedFile)>,
     /// Extra kernel arguments, appended to the backend's base arguments.
     pub cmdline: String,
+    /// Whether the guest kernel finds its devices through ACPI. When it does not (a kernel
+    /// built without ACPI), the machine has none and the backend lists the virtio-mmio devices
+    /// on the kernel command line instead (`virtio_mmio.device=`), which the kernel must accept
+    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`). A property of the kernel, so it travels with it.
+    pub acpi: bool,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Virtual CPUs.

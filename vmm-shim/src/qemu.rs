@@ -110,12 +110,16 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 /// QEMU's arguments (without the program) for `cfg`. With `qmp_fd`, QEMU serves QMP on that
 /// inherited listening socket; without, it creates `paths.qmp` itself.
 ///
-/// `acpi` is whether the machine describes its devices with ACPI. Debian's cloud kernel finds
-/// virtio-mmio devices only through ACPI (it lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), so it
-/// needs ACPI on. A kernel built without ACPI needs `acpi=off` on the machine instead, which
-/// makes QEMU list the devices as `virtio_mmio.device=` kernel arguments. `acpi=off` on the
-/// kernel command line is never wanted: with the machine's ACPI on, Debian's kernel then hangs.
-pub fn argv(cfg: &VmConfig, paths: &VmPaths, acpi: bool, qmp_fd: Option<i32>) -> Vec<String> {
+/// [`VmConfig::acpi`] is whether the machine describes its devices with ACPI. Debian's cloud
+/// kernel finds virtio-mmio devices only through ACPI (it lacks
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), so it needs ACPI on. A kernel built without ACPI
+/// needs `acpi=off` on the machine instead, which makes QEMU 7.2's microvm append a
+/// `virtio_mmio.device=512@<base>:<irq>` kernel argument per device it attached (its
+/// `auto-kernel-cmdline`, on by default); vmlet's tailored kernel boots that way. `acpi=off` on
+/// the kernel command line is never wanted: with the machine's ACPI on, Debian's kernel then
+/// hangs.
+pub fn argv(cfg: &VmConfig, paths: &VmPaths, qmp_fd: Option<i32>) -> Vec<String> {
+    let acpi = cfg.acpi;
     let mut a: Vec<String> = Vec::with_capacity(48 + 4 * cfg.disks.len());
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     let mem = format!("{}M", cfg.memory_mib);
@@ -407,7 +411,6 @@ fn is_executable(p: &Path) -> bool {
 pub struct Qemu {
     binary: PathBuf,
     vsock_backend: PathBuf,
-    acpi: bool,
     qmp_timeout: Duration,
     backend_timeout: Duration,
     version: String,
@@ -461,18 +464,11 @@ impl Qemu {
         Qemu {
             binary,
             vsock_backend,
-            acpi: true,
             qmp_timeout: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(5),
             version,
             confinement: Confinement::default(),
         }
-    }
-
-    /// Whether the machine has ACPI (the default; see [`argv`] for when to turn it off).
-    pub fn with_acpi(mut self, acpi: bool) -> Self {
-        self.acpi = acpi;
-        self
     }
 
     /// How long QEMU may take from spawn to answering on QMP (default 10 s).
@@ -495,11 +491,6 @@ impl Qemu {
     /// The vsock backend program.
     pub fn vsock_backend(&self) -> &Path {
         &self.vsock_backend
-    }
-
-    /// Whether the machine has ACPI.
-    pub fn acpi(&self) -> bool {
-        self.acpi
     }
 }
 
@@ -711,7 +702,7 @@ impl Vmm for Qemu {
                 ));
             }
         };
-        let args = argv(cfg, &paths, self.acpi, Some(QMP_FD));
+        let args = argv(cfg, &paths, Some(QMP_FD));
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "spawning QEMU");
         let spawned = Process::spawn(
             "qemu",
@@ -1327,6 +1318,7 @@ mod tests {
             kernel: "/g/vmlinux".into(),
             initrd: "/g/initrd".into(),
             cmdline: " vmlet.port=1024 ".into(),
+            acpi: true,
             memory_mib: 256,
             vcpus: 2,
             cid: 5,
@@ -1362,7 +1354,7 @@ mod tests {
     #[test]
     fn argv_for_tcg() {
         let c = cfg(Accel::Tcg);
-        let a = argv(&c, &VmPaths::new(&c.dir), true, Some(102));
+        let a = argv(&c, &VmPaths::new(&c.dir), Some(102));
         assert_eq!(
             values(&a, "-M"),
             ["microvm,x-option-roms=off,rtc=on,pit=on,pic=on,memory-backend=mem"]
@@ -1424,7 +1416,8 @@ mod tests {
         let mut c = cfg(Accel::Kvm);
         c.cmdline.clear();
         c.disks.clear();
-        let a = argv(&c, &VmPaths::new(&c.dir), false, None);
+        c.acpi = false;
+        let a = argv(&c, &VmPaths::new(&c.dir), None);
         assert_eq!(values(&a, "-accel"), ["kvm"]);
         assert_eq!(values(&a, "-cpu"), ["host"]);
         assert!(values(&a, "-M")[0].ends_with(",acpi=off"));
@@ -1448,7 +1441,7 @@ mod tests {
     fn paths_escape_commas_where_qemu_parses_options() {
         let mut c = cfg(Accel::Tcg);
         c.dir = "/r/a,b".into();
-        let a = argv(&c, &VmPaths::new(&c.dir), true, None);
+        let a = argv(&c, &VmPaths::new(&c.dir), None);
         assert_eq!(
             values(&a, "-qmp"),
             ["unix:/r/a,,b/qmp.sock,server=on,wait=off"]

@@ -126,6 +126,8 @@ fn config(env: &Env, dir: &Path, initrd: &Path, cid: u32, cmdline: &str) -> VmCo
         kernel: env.guest.join("vmlinux"),
         initrd: initrd.to_owned(),
         cmdline: cmdline.to_owned(),
+        // Debian's cloud kernel finds its devices through ACPI.
+        acpi: true,
         memory_mib: 256,
         vcpus: 1,
         cid,

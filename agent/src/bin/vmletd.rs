@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use vmlet_agent::kernel::GuestKernel;
 use vmlet_agent::{server, Agent, Config};
 
 /// The per-host containerVM agent: starts containers in their own VMs and
@@ -22,10 +23,13 @@ struct Args {
     /// Permission bits of the API socket, in octal.
     #[arg(long, default_value = "600")]
     socket_mode: String,
-    /// Directory with the guest kernel (vmlinux) and modules/ (made by
-    /// scripts/setup-guest.sh).
-    #[arg(long, env = "VMLET_GUEST_DIR", default_value = "/var/lib/vmlet/guest")]
-    guest_dir: PathBuf,
+    /// The guest kernel's directory (vmlinux, kernel.release, config and,
+    /// for a kernel with modular drivers, modules/). Default: the tailored
+    /// kernel of scripts/build-kernel.sh when it is installed
+    /// (/var/lib/vmlet/kernels/tailored), else Debian's from
+    /// scripts/setup-guest.sh (/var/lib/vmlet/guest).
+    #[arg(long, visible_alias = "kernel-dir", env = "VMLET_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
     /// The static tether binary (the guest's init); defaults to the one
     /// beside this executable or in the workspace's musl build.
     #[arg(long, env = "VMLET_TETHER")]
@@ -163,7 +167,8 @@ impl TryFrom<Args> for Config {
 
     fn try_from(a: Args) -> Result<Config, ArgsError> {
         let tether = a.tether.unwrap_or_else(Config::default_tether);
-        let mut c = Config::new(a.state_dir, a.socket, a.guest_dir, tether);
+        let guest_dir = a.guest_dir.unwrap_or_else(GuestKernel::default_dir);
+        let mut c = Config::new(a.state_dir, a.socket, guest_dir, tether);
         c.socket_mode = u32::from_str_radix(&a.socket_mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)
@@ -268,7 +273,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(
         socket = %socket.display(),
         accel = %agent.config.accel,
-        kernel = %agent.kernel_release,
+        kernel = %agent.kernel.describe(),
         "vmletd ready"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
