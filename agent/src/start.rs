@@ -388,6 +388,22 @@ pub(crate) async fn launch(
             )
         })?
         .into();
+    let timeout = agent.config.boot_timeout;
+    let hello = until_hello(agent, vm, handle, link, timeout, layers, writable);
+    hello.instrument(tracing::info_span!("guest-boot")).await
+}
+
+/// vmm-spawned, then guest-booted: records the running VMM on the VM and
+/// waits for the tether's hello; shared by boots and restores.
+async fn until_hello(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    handle: Arc<dyn VmHandle>,
+    link: GuestLink,
+    timeout: Duration,
+    layers: Vec<DiskSpec>,
+    writable: DiskSpec,
+) -> Result<Launched, BootError> {
     vm.with(|i| {
         i.handle = Some(handle.clone());
         i.rec.vmm_pid = handle.pid();
@@ -396,13 +412,11 @@ pub(crate) async fn launch(
     });
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
-
-    let (frames, wr, boot) = await_hello(&handle, &link, agent.config.boot_timeout)
+    let (frames, wr, boot) = await_hello(&handle, &link, timeout)
         .await
         .map_err(|e| (e, Some(handle.clone())))?;
     vm.with(|i| i.rec.guest_boot = Some(boot));
     vm.phase(Phase::GuestBooted);
-
     Ok(Launched {
         handle,
         link,
@@ -460,27 +474,8 @@ pub(crate) async fn launch_clone(
             )
         })?
         .into();
-    vm.with(|i| {
-        i.handle = Some(handle.clone());
-        i.rec.vmm_pid = handle.pid();
-        i.rec.helper_pids = handle.helper_pids();
-    });
-    agent.persist(vm);
-    vm.phase(Phase::VmmSpawned);
-    let (frames, wr, boot) = await_hello(&handle, &link, RESTORE_TIMEOUT)
-        .instrument(tracing::info_span!("guest-wake"))
-        .await
-        .map_err(|e| (e, Some(handle.clone())))?;
-    vm.with(|i| i.rec.guest_boot = Some(boot));
-    vm.phase(Phase::GuestBooted);
-    Ok(Launched {
-        handle,
-        link,
-        frames,
-        wr,
-        layers,
-        writable: Some(writable),
-    })
+    let hello = until_hello(agent, vm, handle, link, RESTORE_TIMEOUT, layers, writable);
+    hello.instrument(tracing::info_span!("guest-wake")).await
 }
 
 /// How long a restored clone may take to say hello.
@@ -505,8 +500,7 @@ pub(crate) async fn await_hello(
         let boot = read_hello(&mut frames).await?;
         Ok((frames, wr, boot))
     };
-    let booted = async {
-        tokio::select! {
+    tokio::select! {
             r = tokio::time::timeout(timeout, accept) => match r {
                 Ok(r) => r,
                 Err(_) => Err(err(
@@ -518,11 +512,7 @@ pub(crate) async fn await_hello(
                 ErrorCode::Unavailable,
                 format!("the VMM exited during boot ({})", exit.description),
             )),
-        }
     }
-    .instrument(tracing::info_span!("guest-boot"))
-    .await;
-    booted
 }
 
 /// A warm-pool guest: booted, its root filesystem prepared, waiting for

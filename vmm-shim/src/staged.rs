@@ -47,18 +47,7 @@ impl StagedFile {
 
     /// Puts `data` into a new sealed memfd named `name`.
     pub fn from_bytes(data: &[u8], name: &str) -> io::Result<StagedFile> {
-        let cname = std::ffi::CString::new(format!("vmlet-{name}"))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a memfd name"))?;
-        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or
-        // -1; it touches no other memory of ours.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = new_memfd(name)?;
         file.set_len(data.len() as u64)?;
         if !data.is_empty() {
             // SAFETY: the memfd is private to this function until it is sealed below, so no
@@ -67,12 +56,7 @@ impl StagedFile {
             map.copy_from_slice(data);
             map.flush()?;
         }
-        let seals =
-            libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl(F_ADD_SEALS) on our own valid descriptor with an int argument.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        seal_all(file.as_raw_fd())?;
         Ok(StagedFile {
             fd: Arc::new(OwnedFd::from(file)),
             len: data.len() as u64,
@@ -135,17 +119,7 @@ impl MemoryFile {
     /// A new zero-filled memfd of `len` bytes (no memory is used until
     /// written).
     pub fn create(len: u64, name: &str) -> io::Result<MemoryFile> {
-        let cname = std::ffi::CString::new(format!("vmlet-{name}"))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a memfd name"))?;
-        // SAFETY: as in `StagedFile::from_bytes`.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = new_memfd(name)?;
         file.set_len(len)?;
         Ok(MemoryFile {
             fd: Arc::new(OwnedFd::from(file)),
@@ -156,13 +130,7 @@ impl MemoryFile {
     /// Forbids every further change. Fails while a shared writable
     /// mapping exists (a template VM still running).
     pub fn seal(&self) -> io::Result<()> {
-        let seals =
-            libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl(F_ADD_SEALS) on our own valid descriptor with an int argument.
-        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        seal_all(self.fd.as_raw_fd())
     }
 
     /// Its size in bytes.
@@ -200,6 +168,32 @@ impl StagedFile {
     pub fn reopen(&self) -> io::Result<File> {
         File::open(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
+}
+
+/// A new, empty memfd named `vmlet-<name>` that can be sealed.
+fn new_memfd(name: &str) -> io::Result<File> {
+    let cname = std::ffi::CString::new(format!("vmlet-{name}"))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a memfd name"))?;
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or
+    // -1; it touches no other memory of ours.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Forbids every change to the memfd `fd`: writes, growing, shrinking and
+/// further seals.
+fn seal_all(fd: RawFd) -> io::Result<()> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on a valid descriptor of ours with an int argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A descriptor a child process inherits at a fixed number.
