@@ -163,6 +163,15 @@ installed_hash() {
 main() {
     [ -f "$FRAGMENT" ] || die "no $FRAGMENT"
     install_packages
+    # One build at a time: two runs (two checkouts testing on one host) would
+    # otherwise configure and build in the same tree at once. The second waits,
+    # then finds the kernel built or builds its own inputs.
+    mkdir -p "$BUILD_DIR"
+    exec 9>"$BUILD_DIR/.lock"
+    if ! flock -n 9; then
+        log "another build holds $BUILD_DIR/.lock; waiting"
+        flock 9
+    fi
     local hash
     hash=$(inputs_hash)
     if [ "$(installed_hash || true)" = "$hash" ] && [ "${VMLET_KERNEL_REBUILD:-0}" != 1 ]; then
