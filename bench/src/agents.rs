@@ -70,6 +70,11 @@ impl AgentSpec {
         if let Some(t) = &self.tether {
             cmd.arg("--tether").arg(t);
         }
+        // An agent owns its cgroup parent (it removes what it did not make
+        // there at startup): every agent of the run gets its own.
+        if !self.args.iter().any(|a| a.starts_with("--cgroup-parent")) {
+            cmd.arg("--cgroup-parent").arg(cgroup_parent(&self.dir));
+        }
         let mut child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
@@ -158,6 +163,24 @@ pub fn kill_naming(dir: &Path) {
 
 /// Copies the directory tree `from` to `to` (regular files and
 /// directories; anything else is skipped).
+/// A cgroup parent of this agent's own, named after its directory: below
+/// the agent's cgroup on v1, from the root on v2 (only leaves hold
+/// processes there).
+fn cgroup_parent(dir: &Path) -> String {
+    let name = format!(
+        "vmlet-bench-{}-{}",
+        std::process::id(),
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+    if v2_memory {
+        format!("/{name}")
+    } else {
+        name
+    }
+}
+
 pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
     std::fs::create_dir_all(to)?;
     let mut bytes = 0;
