@@ -38,6 +38,10 @@ cleanup() {
         fi
     done
     rm -rf "$tmp"
+    # The agents' cgroup parents (one per agent, named after $tmp), empty by
+    # now: rmdir refuses any that still holds a process.
+    find /sys/fs/cgroup -mindepth 1 -maxdepth 6 -type d \
+        -name "vmlet-bench-${tmp##*/}-*" -depth -exec rmdir {} + 2>/dev/null || true
 }
 trap cleanup EXIT
 

@@ -167,10 +167,20 @@ pub fn kill_naming(dir: &Path) {
 /// the agent's cgroup on v1, from the root on v2 (only leaves hold
 /// processes there).
 fn cgroup_parent(dir: &Path) -> String {
+    // Named after the run's work directory, so scripts/bench.sh can remove
+    // the run's (then empty) parents when it ends.
+    let part = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let run = dir.parent();
     let name = format!(
-        "vmlet-bench-{}-{}",
-        std::process::id(),
-        dir.file_name().unwrap_or_default().to_string_lossy()
+        "vmlet-bench-{}-{}-{}",
+        part(run.and_then(Path::parent)),
+        part(run),
+        part(Some(dir))
     );
     let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
         .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
