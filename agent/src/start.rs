@@ -57,9 +57,7 @@ pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
         Err((e, handle)) => {
             tracing::error!(parent: &span, vm = %vm.id, error = %e, "start failed");
             if let Some(h) = handle {
-                let _ = h.kill().await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
-                h.cleanup().await;
+                end_vmm(&*h).await;
             }
             finish(
                 agent,
@@ -147,9 +145,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                     Ok(l) => Some(l),
                     Err((e, h)) => {
                         if let Some(h) = h {
-                            let _ = h.kill().await;
-                            let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
-                            h.cleanup().await;
+                            end_vmm(&*h).await;
                         }
                         agent.templates.failed(&t, &e.message);
                         tracing::warn!(vm = %vm.id, error = %e, "restoring from the template failed; booting cold");
@@ -165,31 +161,32 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                 },
                 None => None,
             };
-            let (l, opening) = match cloned {
+            let queue = vm.to_guest_rx.clone();
+            match cloned {
                 Some(l) => {
+                    // The clone's fix-ups first, then its spec.
+                    let seed = crate::templates::fresh_seed().map_err(|e| {
+                        let m = format!("no random seed for the clone: {e}");
+                        (err(ErrorCode::Internal, m), Some(l.handle.clone()))
+                    })?;
                     let renew = HostMessage::Renew {
-                        seed: crate::templates::fresh_seed(),
+                        seed,
                         realtime_ns: crate::templates::realtime_ns(),
                     };
-                    (l, renew)
+                    let (gate, gate_rx) = oneshot::channel();
+                    let _ = gate.send(HostMessage::Spec(process_spec(
+                        vm, &rec, l.layers, l.writable,
+                    )));
+                    let writer = spawn_writer(l.wr, renew, Some(gate_rx), queue);
+                    (l.handle, l.link, l.frames, writer)
                 }
                 None => {
                     let l = launch(agent, vm, &rec).await?;
-                    let spec = process_spec(vm, &rec, l.layers.clone(), l.writable.clone());
-                    (l, HostMessage::Spec(spec))
+                    let spec = HostMessage::Spec(process_spec(vm, &rec, l.layers, l.writable));
+                    let writer = spawn_writer(l.wr, spec, None, queue);
+                    (l.handle, l.link, l.frames, writer)
                 }
-            };
-            let writer = match opening {
-                HostMessage::Spec(_) => spawn_writer(l.wr, opening, None, vm.to_guest_rx.clone()),
-                _ => {
-                    // The clone's fix-ups first, then its spec.
-                    let (gate, gate_rx) = oneshot::channel();
-                    let spec = process_spec(vm, &rec, l.layers, l.writable);
-                    let _ = gate.send(HostMessage::Spec(spec));
-                    spawn_writer(l.wr, opening, Some(gate_rx), vm.to_guest_rx.clone())
-                }
-            };
-            (l.handle, l.link, l.frames, writer)
+            }
         }
     };
     let fail = |e: ApiError| (e, Some(handle.clone()));
@@ -527,6 +524,14 @@ pub struct Prebooted {
     gate: oneshot::Sender<HostMessage>,
 }
 
+/// Kills a VM's VMM, waits (bounded) for it to go and releases what the
+/// backend holds for it.
+pub(crate) async fn end_vmm(h: &dyn VmHandle) {
+    let _ = h.kill().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
+    h.cleanup().await;
+}
+
 /// How long a pooled guest may take to mount its root filesystem.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -539,8 +544,7 @@ pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiE
         Ok(l) => l,
         Err((e, h)) => {
             if let Some(h) = h {
-                let _ = h.kill().await;
-                h.cleanup().await;
+                end_vmm(&*h).await;
             }
             return Err(e);
         }
@@ -585,9 +589,7 @@ impl Prebooted {
     /// Kills the guest and releases its processes and sockets.
     pub async fn discard(self) {
         self.writer.abort();
-        let _ = self.handle.kill().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.handle.wait()).await;
-        self.handle.cleanup().await;
+        end_vmm(&*self.handle).await;
         self.link.close();
     }
 }

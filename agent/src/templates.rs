@@ -207,38 +207,14 @@ impl Templates {
             })
             .collect()
     }
-
-    /// Whether any template is configured.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
 }
 
-/// Fresh random bytes for a clone's [`Renew`](vmlet_protocol::guest::HostMessage::Renew).
-pub fn fresh_seed() -> Vec<u8> {
+/// Fresh random bytes for a clone's [`Renew`](vmlet_protocol::guest::HostMessage::Renew),
+/// from the host's generator.
+pub fn fresh_seed() -> std::io::Result<Vec<u8>> {
     let mut seed = vec![0u8; 32];
-    getrandom(&mut seed);
-    seed
-}
-
-fn getrandom(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: getrandom writes at most the given length into our buffer.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // The host's generator never fails once seeded; if it did, the
-            // seed must still differ per clone.
-            let t = realtime_ns().to_le_bytes();
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b ^= t[i % 8] ^ (i as u8);
-            }
-            return;
-        }
-    }
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    Ok(seed)
 }
 
 /// The host's wall clock, ns since the epoch.
