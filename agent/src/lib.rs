@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod start;
 pub mod state;
+pub mod stdin;
 pub mod templates;
 pub mod vm;
 

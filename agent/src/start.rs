@@ -44,6 +44,7 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 /// failed, in which case the VM is exited and its resources released).
 pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
     vm.transition(&[VmState::Created], VmState::Starting)?;
+    *vm.stdin_replay.lock() = crate::stdin::StdinReplay::fresh();
     vm.stdin_acked.send_replace(Some(0));
     vm.phase(Phase::Accepted);
     agent.emit(vm);
@@ -161,7 +162,6 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                 },
                 None => None,
             };
-            let queue = vm.to_guest_rx.clone();
             match cloned {
                 Some(l) => {
                     // The clone's fix-ups first, then its spec.
@@ -177,13 +177,13 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
                     let _ = gate.send(HostMessage::Spec(process_spec(
                         vm, &rec, l.layers, l.writable,
                     )));
-                    let writer = spawn_writer(l.wr, renew, Some(gate_rx), queue);
+                    let writer = spawn_writer(l.wr, renew, Some(gate_rx), None, vm.clone());
                     (l.handle, l.link, l.frames, writer)
                 }
                 None => {
                     let l = launch(agent, vm, &rec).await?;
                     let spec = HostMessage::Spec(process_spec(vm, &rec, l.layers, l.writable));
-                    let writer = spawn_writer(l.wr, spec, None, queue);
+                    let writer = spawn_writer(l.wr, spec, None, None, vm.clone());
                     (l.handle, l.link, l.frames, writer)
                 }
             }
@@ -199,9 +199,7 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     let next_not_stdin_ack = async {
         loop {
             match frames.recv().await {
-                Some(Ok(GuestMessage::StdinAck { received })) => {
-                    vm.stdin_acked.send_replace(Some(received));
-                }
+                Some(Ok(GuestMessage::StdinAck { received })) => vm.stdin_taken(received),
                 other => return other,
             }
         }
@@ -557,7 +555,8 @@ pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiE
             writable: l.writable,
         },
         Some(gate_rx),
-        vm.to_guest_rx.clone(),
+        None,
+        vm.clone(),
     );
     let mut p = Prebooted {
         handle: l.handle,
@@ -719,9 +718,11 @@ fn spawn_writer(
     mut wr: OwnedWriteHalf,
     opening: HostMessage,
     gate: Option<oneshot::Receiver<HostMessage>>,
-    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
+    resume: Option<oneshot::Receiver<u64>>,
+    vm: Arc<Vm>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let queue = vm.to_guest_rx.clone();
         let mut rx = queue.lock().await;
         if write_frame(&mut wr, &opening).await.is_err() {
             return;
@@ -732,7 +733,44 @@ fn spawn_writer(
                 return;
             }
         }
+        if let Some(resume) = resume {
+            let Ok(from) = resume.await else { return };
+            let (again, close) = vm.stdin_replay.lock().resume_from(from);
+            if !again.is_empty() || close {
+                let bytes: usize = again.iter().map(Vec::len).sum();
+                tracing::info!(vm = %vm.id, from, bytes, close, "writing the stdin the tether did not take again");
+            }
+            for data in again {
+                if write_frame(&mut wr, &HostMessage::Stdin(data))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if close
+                && write_frame(&mut wr, &HostMessage::CloseStdin)
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let mut taken = vm.stdin_acked.subscribe();
         while let Some(m) = rx.recv().await {
+            match &m {
+                HostMessage::Stdin(data) => {
+                    // Bounded: wait for the tether to take some first.
+                    while vm.stdin_replay.lock().held() >= crate::stdin::REPLAY_CAP {
+                        if taken.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                    vm.stdin_replay.lock().wrote(data);
+                }
+                HostMessage::CloseStdin => vm.stdin_replay.lock().wrote_close(),
+                _ => {}
+            }
             let ack = matches!(m, HostMessage::ExitAck);
             if write_frame(&mut wr, &m).await.is_err() || ack {
                 return;
@@ -909,8 +947,13 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     // rate-limited, so it cannot flood the agent's log.
     let noisy = crate::ratelimit::RateLimit::new(5, Duration::from_secs(10));
     // Acks also go out unchanged once a second as a heartbeat: the tether
-    // takes a connection whose host stays silent for seconds for dead.
-    let mut last_ack = std::time::Instant::now();
+    // takes a connection whose host stays silent for seconds for dead,
+    // once it heard the first, which goes out at once (the first tick).
+    let now = std::time::Instant::now();
+    let mut last_ack = now.checked_sub(ACK_HEARTBEAT).unwrap_or(now);
+    // Until the first StdinAck on a resumed connection: where its writer
+    // resumes stdin.
+    let mut first_stdin_ack: Option<oneshot::Sender<u64>> = None;
     let mut ack = |log: &LogWriter, acked: &mut (u64, u64)| {
         let now = log.stream_bytes();
         if (now != *acked || last_ack.elapsed() >= ACK_HEARTBEAT)
@@ -953,7 +996,10 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     exit = Some(ExitInfo { code, signal: None, reason: message, at_ms: now_ms() });
                 }
                 Some(Ok(GuestMessage::StdinAck { received })) => {
-                    vm.stdin_acked.send_replace(Some(received));
+                    vm.stdin_taken(received);
+                    if let Some(first) = first_stdin_ack.take() {
+                        let _ = first.send(received);
+                    }
                 }
                 Some(Ok(other)) => {
                     if let Some(suppressed) = noisy.admit() {
@@ -988,7 +1034,11 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                         let (stdout, stderr) = log.stream_bytes();
                         acked = (stdout, stderr);
                         tracing::info!(vm = %vm.id, stdout, stderr, "the tether is back; resuming its output");
-                        let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, None, vm.to_guest_rx.clone());
+                        // The tether tells its stdin count first: the
+                        // writer carries again what it did not take.
+                        let (first, resume) = oneshot::channel();
+                        first_stdin_ack = Some(first);
+                        let writer = spawn_writer(wr, HostMessage::Resume { stdout, stderr }, None, Some(resume), vm.clone());
                         conn = Some(GuestConn { frames, writer });
                     }
                     Ok(Err(e)) => if let Some(suppressed) = noisy.admit() {

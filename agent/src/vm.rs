@@ -147,6 +147,9 @@ pub struct Vm {
     /// while unknown (a VM adopted after an agent restart, until its
     /// tether reconnects and says).
     pub stdin_acked: watch::Sender<Option<u64>>,
+    /// Stdin written towards the guest and not yet taken, for a new
+    /// connection to carry again.
+    pub stdin_replay: Mutex<crate::stdin::StdinReplay>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<VmState>,
 }
@@ -163,6 +166,7 @@ impl Vm {
             to_guest,
             to_guest_rx: Arc::new(tokio::sync::Mutex::new(rx)),
             stdin_acked: watch::channel(None).0,
+            stdin_replay: Mutex::default(),
             state_tx,
             inner: Mutex::new(Inner {
                 rec,
@@ -173,6 +177,12 @@ impl Vm {
                 prebooted: None,
             }),
         })
+    }
+
+    /// The tether took `received` stdin bytes in all.
+    pub fn stdin_taken(&self, received: u64) {
+        self.stdin_replay.lock().taken(received);
+        self.stdin_acked.send_replace(Some(received));
     }
 
     /// Runs `f` with the state locked.

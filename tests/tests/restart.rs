@@ -158,6 +158,13 @@ fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
         }
         id
     });
+    // The agent stops reading first, so the guest's acknowledgements of
+    // what it takes meanwhile are left unread when it dies: the vsock
+    // backend then never tells the guest the connection is gone, and the
+    // tether must find out by itself (the host's heartbeat stops).
+    let pid = nix::unistd::Pid::from_raw(a.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     a.kill9();
     a.restart();
     // A new client learns where the guest is and sends the rest from
@@ -179,6 +186,91 @@ fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
     assert_eq!(stdout(&w).trim(), "0", "{}", stderr(&w));
     let logs = stdout(&a.run(&["logs", &id]));
     assert_eq!(logs, format!("{want}  -\ndone\n"));
+    let o = a.run(&["rm", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// The tether hangs up on a host that stops acknowledging (here: the agent
+/// is frozen with SIGSTOP while the container writes and does not read its
+/// stdin), with stdin the agent wrote still unread in the old connection.
+/// The agent, alive all along, writes exactly what the tether did not
+/// take again on the new connection, and the stdin close after it.
+#[test]
+fn stdin_in_a_connection_the_tether_drops_is_written_again() {
+    use sha2::{Digest, Sha256};
+    use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
+    const MIB: usize = 1 << 20;
+    let data: Vec<u8> = (0..3 * MIB as u64)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    let want: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let a = TestAgent::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Output that keeps needing acks, and stdin read only after it.
+    let script = "i=0; while [ $i -lt 40 ]; do echo tick; sleep 0.25; i=$((i+1)); done; sha256sum";
+    let id = rt.block_on(async {
+        let c = a.client().await;
+        let id = c
+            .create(CreateSpec {
+                image: "busybox".into(),
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                stdin_open: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        c.start(&id).await.unwrap();
+        let mut s = c
+            .stream(Request::Attach(AttachSpec {
+                vm: id.clone(),
+                stdin: true,
+                stdout: false,
+                stderr: false,
+                replay: false,
+            }))
+            .await
+            .unwrap();
+        for chunk in data.chunks(64 << 10) {
+            c.stdin(s.id, chunk.to_vec()).await.unwrap();
+        }
+        c.close_stdin(s.id).await.unwrap();
+        // The tether's queue and the pipe are full, more is in flight.
+        stdin_ack(&mut s, 512 << 10).await;
+        id
+    });
+    let pid = nix::unistd::Pid::from_raw(a.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The tether's stall patience is 4 s.
+    std::thread::sleep(Duration::from_secs(7));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let w = a.run(&["wait", &id]);
+    assert_eq!(stdout(&w).trim(), "0", "{}", stderr(&w));
+    let logs = stdout(&a.run(&["logs", &id]));
+    assert_eq!(logs, format!("{}{want}  -\n", "tick\n".repeat(40)));
+    if a.inspect(&id)["StartMode"] == "template" {
+        // A template clone links over a serial port, which reports a closed host;
+        // the link never hangs up on a live one, so nothing was in a
+        // dropped connection: the bytes above are all the test shows.
+        let o = a.run(&["rm", &id]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        return;
+    }
+    let console = std::fs::read_to_string(a.vm_dir(&id).join("console.log")).unwrap_or_default();
+    assert!(
+        console.contains("taking the connection for dead"),
+        "the tether never hung up, so nothing was shown:\n{console}"
+    );
+    assert!(
+        a.daemon_log()
+            .contains("writing the stdin the tether did not take again"),
+        "no stdin was left in the dropped connection, so nothing was shown"
+    );
     let o = a.run(&["rm", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }

@@ -73,6 +73,12 @@ pub(crate) struct Policy {
     /// that crashed). Hanging up on a live but slow host costs only a
     /// resumption.
     pub(crate) stall_patience: Duration,
+    /// How long a host that has been sending its heartbeat on this
+    /// connection (the agent's session acks once a second) may go silent
+    /// before the link takes the connection for dead, though nothing is
+    /// outstanding: a process that only reads stdin must not wait forever
+    /// on a connection the transport never said was gone.
+    pub(crate) silence_patience: Duration,
 }
 
 impl Default for Policy {
@@ -87,6 +93,7 @@ impl Default for Policy {
             resume_patience: Duration::from_secs(30),
             // The agent acks every 100 ms while output flows.
             stall_patience: Duration::from_secs(4),
+            silence_patience: Duration::from_secs(10),
         }
     }
 }
@@ -229,6 +236,9 @@ pub(crate) fn start<C: Connector>(
         stdin,
         stdin_told: None,
         heard: 0,
+        beats: 0,
+        beating: false,
+        backpressured: false,
         next_seq: 0,
         once: VecDeque::new(),
         once_bytes: 0,
@@ -259,10 +269,18 @@ struct FromHost {
 struct Acks {
     /// The highest stdout and stderr offsets the host said it stored.
     stored: [u64; 2],
-    /// How many `Ack`s arrived: the agent also sends them as a heartbeat
-    /// (unchanged offsets) while it lives, so a host that is alive but
-    /// slow to drain a congested connection is not taken for dead.
+    /// How many messages arrived: the agent also sends `Ack`s as a
+    /// heartbeat (unchanged offsets) while it lives, so a host that is
+    /// alive but slow to drain a congested connection is not taken for
+    /// dead.
     heard: u64,
+    /// How many of them were `Ack`s: the agent sends them from its session
+    /// only, so once one came on a connection, silence means trouble.
+    beats: u64,
+    /// The reader waits for the session to take stdin: the host is not
+    /// heard from then because the guest does not read, not because the
+    /// host is gone.
+    backpressured: bool,
     /// The host sent `ExitAck`.
     exit_acked: bool,
 }
@@ -437,8 +455,13 @@ struct Link<C: Connector> {
     /// Stdin bytes taken, and what the current connection was told of it.
     stdin: watch::Receiver<u64>,
     stdin_told: Option<u64>,
-    /// `Acks::heard` when last looked at.
+    /// `Acks::heard` and `Acks::beats` when last looked at.
     heard: u64,
+    beats: u64,
+    /// The host's heartbeat was heard on the current connection.
+    beating: bool,
+    /// The reader waits on the session (see `Acks::backpressured`).
+    backpressured: bool,
     /// The seq the next item taken from the outbox gets.
     next_seq: u64,
     /// One-time frames not yet written.
@@ -469,6 +492,10 @@ impl<C: Connector> Link<C> {
                 .serve(&mut wr, &mut reader, resuming.then_some(first_rx))
                 .await;
             reader.abort();
+            self.beating = false;
+            // A reader cut off while it waited on the session leaves the
+            // flag set.
+            self.host.acks.send_modify(|a| a.backpressured = false);
             // Close this connection before dialling the next: a serial
             // port admits one opener at a time.
             // (A finished reader has dropped its half already, and may
@@ -524,7 +551,13 @@ impl<C: Connector> Link<C> {
         // When the host last showed it was alive, for the stall check.
         let mut progress = Instant::now();
         loop {
-            if self.apply_acks() || !self.outstanding() {
+            let heard = self.apply_acks();
+            let outstanding = self.outstanding();
+            // Silence matters while output waits for its ack, and, once the
+            // host's heartbeat was heard, whenever the reader is free to
+            // hear it.
+            let watched = outstanding || (self.beating && !self.backpressured);
+            if heard || !watched {
                 progress = Instant::now();
             }
             let taken = *self.stdin.borrow_and_update();
@@ -542,10 +575,15 @@ impl<C: Connector> Link<C> {
                 self.stdin_told = Some(taken);
                 continue;
             }
-            let stalled = progress + self.policy.stall_patience;
-            let patience = self.policy.stall_patience;
-            let stall =
-                || format!("no acknowledgement for {patience:?}; taking the connection for dead");
+            let patience = if outstanding {
+                self.policy.stall_patience
+            } else {
+                self.policy.silence_patience
+            };
+            let stalled = progress + patience;
+            let stall = || {
+                format!("nothing from the host for {patience:?}; taking the connection for dead")
+            };
             if let Some(next) = self.next() {
                 // A write blocked on a host that went away must not wait
                 // forever for the kernel to fail it: the reader's end of
@@ -563,10 +601,9 @@ impl<C: Connector> Link<C> {
                 continue;
             }
             let room = self.held() < self.policy.retain_cap;
-            let outstanding = self.outstanding();
             tokio::select! {
                 why = &mut *reader => return ended(why),
-                () = sleep_until(stalled), if outstanding => return stall(),
+                () = sleep_until(stalled), if watched => return stall(),
                 // Cannot fail: `self.host` holds the senders.
                 _ = self.acks.changed() => {}
                 _ = self.stdin.changed() => {}
@@ -652,8 +689,11 @@ impl<C: Connector> Link<C> {
     /// anything new. Cheap when nothing changed.
     fn apply_acks(&mut self) -> bool {
         let a = *self.acks.borrow_and_update();
-        // Any Ack, even one that moves nothing, shows the host is alive.
+        // Any message, even an Ack that moves nothing, shows the host is
+        // alive.
         let mut moved = std::mem::replace(&mut self.heard, a.heard) != a.heard;
+        self.beating |= std::mem::replace(&mut self.beats, a.beats) != a.beats;
+        self.backpressured = a.backpressured;
         for which in Output::BOTH {
             moved |= self.streams[which.index()].ack(a.stored[which.index()]);
         }
@@ -780,6 +820,7 @@ async fn read_loop<S: AsyncRead>(
             Err(FrameError::Io(e)) => return format!("read failed: {e}"),
             Err(e) => return e.to_string(),
         };
+        host.acks.send_modify(|a| a.heard += 1);
         if let Some(tx) = first.take() {
             if let HostMessage::Resume { stdout, stderr } = m {
                 let _ = tx.send(Some([stdout, stderr]));
@@ -796,7 +837,7 @@ async fn read_loop<S: AsyncRead>(
             HostMessage::Ack { stdout, stderr } => {
                 host.acks.send_modify(|a| {
                     a.stored = [a.stored[0].max(stdout), a.stored[1].max(stderr)];
-                    a.heard += 1;
+                    a.beats += 1;
                 });
                 None
             }
@@ -822,19 +863,33 @@ async fn read_loop<S: AsyncRead>(
             }
             m => Some(m),
         };
-        if let Some(m) = forward {
-            let stdin = match &m {
-                HostMessage::Stdin(b) => b.len() as u64,
-                _ => 0,
-            };
-            if inbound.send(m).await.is_err() {
+        let Some(m) = forward else { continue };
+        let stdin = match &m {
+            HostMessage::Stdin(b) => b.len() as u64,
+            _ => 0,
+        };
+        match inbound.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
                 return "nobody listens to the host any more".to_owned();
             }
-            // Counted once handed over, never before: a chunk lost with a
-            // reader cut off mid-send is not counted, so it is resent.
-            if stdin > 0 {
-                host.stdin.send_modify(|n| *n += stdin);
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                // Reset by the link if this reader is cut off here.
+                host.acks.send_modify(|a| a.backpressured = true);
+                let sent = inbound.send(m).await;
+                host.acks.send_modify(|a| {
+                    a.backpressured = false;
+                    a.heard += 1;
+                });
+                if sent.is_err() {
+                    return "nobody listens to the host any more".to_owned();
+                }
             }
+        }
+        // Counted once handed over, never before: a chunk lost with a
+        // reader cut off mid-send is not counted, so it is resent.
+        if stdin > 0 {
+            host.stdin.send_modify(|n| *n += stdin);
         }
     }
 }
@@ -856,6 +911,7 @@ mod tests {
             retain_cap: 1 << 20,
             resume_patience: Duration::from_secs(5),
             stall_patience: Duration::from_secs(10),
+            silence_patience: Duration::from_secs(10),
         }
     }
 
@@ -1466,6 +1522,87 @@ mod tests {
         out.output(Output::Stdout, b"d".to_vec()).await.unwrap();
         assert_eq!(recv_output(&mut host2, Output::Stdout, 1).await, b"d");
         drop(host1);
+        task.abort();
+    }
+
+    /// With nothing outstanding, a host is taken for dead when it goes
+    /// silent after its heartbeat was heard on the connection: the agent
+    /// that crashed with guest bytes unread is never reported by
+    /// vhost-device-vsock, and a process that only reads stdin (no output
+    /// to wait for an ack on) would wait on that connection forever.
+    #[tokio::test]
+    async fn silence_after_the_heartbeat_is_redialled() {
+        let policy = Policy {
+            silence_patience: Duration::from_millis(300),
+            ..fast()
+        };
+        let (pairs, mut host1, _out, _in_rx, task) = started(policy, 2).await;
+        let host2 = pairs.next();
+        // No heartbeat yet (a start still under way): silence is fine.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            pairs.0.lock().unwrap().len(),
+            1,
+            "redialled before any heartbeat"
+        );
+        let heartbeat = HostMessage::Ack {
+            stdout: 0,
+            stderr: 0,
+        };
+        // Heartbeats keep the connection.
+        for _ in 0..5 {
+            send(&mut host1, heartbeat.clone()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(pairs.0.lock().unwrap().len(), 1, "redialled a live host");
+        // Silence after them does not.
+        let mut host2 = host2;
+        let r = timeout(Duration::from_secs(5), recv(&mut host2)).await;
+        assert_eq!(r.expect("a redial within 5 s"), Some(hello()));
+        drop(host1);
+        task.abort();
+    }
+
+    /// A host is not taken for dead while the guest is the one not
+    /// reading: the reader waits for the session to take stdin.
+    #[tokio::test]
+    async fn silence_while_stdin_backs_up_is_not_death() {
+        let policy = Policy {
+            silence_patience: Duration::from_millis(300),
+            ..fast()
+        };
+        let (pairs, mut host1, _out, mut in_rx, task) = started(policy, 2).await;
+        let _host2 = pairs.next();
+        send(
+            &mut host1,
+            HostMessage::Ack {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        // More than the session's queue (16) holds, nobody taking it.
+        for i in 0..20u8 {
+            send(&mut host1, HostMessage::Stdin(vec![i; 10])).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            pairs.0.lock().unwrap().len(),
+            1,
+            "redialled while backed up"
+        );
+        for i in 0..20u8 {
+            assert_eq!(in_rx.recv().await, Some(HostMessage::Stdin(vec![i; 10])));
+        }
+        // Free again, then silent: taken for dead.
+        let t = Instant::now();
+        while !pairs.0.lock().unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "no redial after the backlog drained"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         task.abort();
     }
 

@@ -97,6 +97,7 @@ pub(crate) async fn run(
                 // template's tether waits here, for as long as it takes,
                 // for the agent of the clone it becomes.
                 stall_patience: Duration::from_secs(365 * 24 * 3600),
+                silence_patience: Duration::from_secs(365 * 24 * 3600),
                 ..Policy::default()
             };
             run_on(
@@ -343,9 +344,9 @@ async fn dispatch(
 ) {
     while let Some(m) = inbound.recv().await {
         match m {
-            // Stdin and signals are not replayed after a broken connection
-            // (only output is): what the host wrote into a dead connection
-            // is lost, and it is the host's business to know what it sent.
+            // Stdin arrives here once: the link counts what it hands over
+            // and the host writes again, from that count, what a broken
+            // connection lost (signals are not written again).
             //
             // Waits while the stdin queue is full: the host is then slowed
             // down, as a writer to a pipe would be.

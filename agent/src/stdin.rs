@@ -1,0 +1,159 @@
+//! Stdin the agent wrote towards a guest but the tether has not yet said
+//! it took.
+//!
+//! The tether counts the stdin bytes it hands to its process and reports
+//! the count (`StdinAck`) as it grows and first thing on every resumed
+//! connection. Bytes written into a connection that then breaks (a stall,
+//! a transport that dropped it) may never have reached the tether: the
+//! agent keeps every byte past the last count and writes them again, from
+//! the tether's count, on the next connection, followed by the stdin close
+//! if one was written. So a connection lost while the agent lives loses
+//! no stdin and repeats none. (Across an agent restart the client resends
+//! from the count it is told: the agent's memory is gone then.)
+
+use std::collections::VecDeque;
+
+/// Most stdin the agent holds unacknowledged for one VM; the writer waits
+/// for the tether's count before writing more, which slows the clients
+/// through the VM's queue.
+pub const REPLAY_CAP: usize = 8 << 20;
+
+/// The bytes past the tether's count, in order.
+#[derive(Debug, Default)]
+pub struct StdinReplay {
+    /// The tether's count at the front of `chunks`; `None` while unknown
+    /// (a VM adopted from an earlier agent, until its tether says).
+    base: Option<u64>,
+    /// Bytes of the front chunk already taken.
+    skip: usize,
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes held (not counting `skip`).
+    held: usize,
+    /// A stdin close was written.
+    closed: bool,
+}
+
+impl StdinReplay {
+    /// For a process that has not started: nothing taken yet.
+    pub fn fresh() -> StdinReplay {
+        StdinReplay {
+            base: Some(0),
+            ..StdinReplay::default()
+        }
+    }
+
+    /// Bytes held for a replay.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// `data` is being written to the guest.
+    pub fn wrote(&mut self, data: &[u8]) {
+        if !data.is_empty() {
+            self.chunks.push_back(data.to_vec());
+            self.held += data.len();
+        }
+    }
+
+    /// A stdin close is being written.
+    pub fn wrote_close(&mut self) {
+        self.closed = true;
+    }
+
+    /// The tether took `received` bytes in all: forget what it has.
+    pub fn taken(&mut self, received: u64) {
+        let Some(base) = self.base else {
+            // An earlier agent wrote what the tether counts; this one has
+            // written nothing yet.
+            self.base = Some(received);
+            return;
+        };
+        if received <= base {
+            return;
+        }
+        let mut n = received - base;
+        if n >= self.held as u64 {
+            // All of it (more only if a client resent past the count,
+            // which the tether counted: nothing to keep either way).
+            self.chunks.clear();
+            self.skip = 0;
+            self.held = 0;
+            self.base = Some(received);
+            return;
+        }
+        self.base = Some(received);
+        self.held -= n as usize;
+        while n > 0 {
+            let front = self.chunks.front().expect("held covers n").len() - self.skip;
+            if (front as u64) <= n {
+                self.chunks.pop_front();
+                self.skip = 0;
+                n -= front as u64;
+            } else {
+                self.skip += n as usize;
+                n = 0;
+            }
+        }
+    }
+
+    /// A new connection's tether took `received` bytes: what to write on it
+    /// before anything else, in order, and whether the close follows.
+    pub fn resume_from(&mut self, received: u64) -> (Vec<Vec<u8>>, bool) {
+        self.taken(received);
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for (i, c) in self.chunks.iter().enumerate() {
+            let from = if i == 0 { self.skip } else { 0 };
+            out.push(c[from..].to_vec());
+        }
+        (out, self.closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(v: Vec<Vec<u8>>) -> Vec<u8> {
+        v.concat()
+    }
+
+    #[test]
+    fn keeps_exactly_what_the_tether_has_not_taken() {
+        let mut r = StdinReplay::fresh();
+        r.wrote(b"abc");
+        r.wrote(b"");
+        r.wrote(b"defg");
+        assert_eq!(r.held(), 7);
+        r.taken(2);
+        assert_eq!(r.held(), 5);
+        let (again, close) = r.resume_from(2);
+        assert_eq!(flat(again), b"cdefg");
+        assert!(!close);
+        // A count inside the second chunk, then a stale one.
+        r.taken(5);
+        r.taken(4);
+        assert_eq!(flat(r.resume_from(5).0), b"fg");
+        r.wrote(b"h");
+        r.wrote_close();
+        let (again, close) = r.resume_from(6);
+        assert_eq!(flat(again), b"gh");
+        assert!(close);
+        r.taken(8);
+        assert_eq!(r.held(), 0);
+        assert_eq!(r.resume_from(8), (vec![], true));
+    }
+
+    #[test]
+    fn an_adopted_vm_starts_at_the_tethers_count() {
+        let mut r = StdinReplay::default();
+        assert_eq!(r.resume_from(1000), (vec![], false));
+        r.wrote(b"xyz");
+        r.taken(1001);
+        assert_eq!(flat(r.resume_from(1001).0), b"yz");
+        // Past everything written (a count the agent never saw grow).
+        r.taken(5000);
+        assert_eq!(r.held(), 0);
+        r.wrote(b"q");
+        assert_eq!(flat(r.resume_from(5000).0), b"q");
+    }
+}
