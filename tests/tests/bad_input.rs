@@ -179,6 +179,26 @@ fn unknown_ids_bad_names_and_missing_images() {
     still_serving(&a);
 }
 
+/// `vmlet … | head` closes vmlet's stdout early: vmlet ends quietly with
+/// what SIGPIPE would give (141), never a panic.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let a = TestAgent::start();
+    for args in [&["version"][..], &["image", "ls"], &["pool"]] {
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        drop(rd);
+        let o = a
+            .vmlet()
+            .args(args)
+            .stdout(std::process::Stdio::from(wr))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+    still_serving(&a);
+}
+
 #[test]
 fn a_guest_that_never_says_hello_fails_the_start_and_is_cleaned_up() {
     // A boot timeout far below this machine's boot time: the guest cannot

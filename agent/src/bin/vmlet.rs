@@ -222,6 +222,28 @@ enum CliError {
     Io(#[from] std::io::Error),
 }
 
+/// What vmlet exits with when its stdout was closed early (`vmlet ps |
+/// head`): what a shell reports for a tool that SIGPIPE ended.
+const CLOSED_STDOUT: u8 = 128 + libc::SIGPIPE as u8;
+
+/// Like std's `println!`, except that a closed stdout ends vmlet quietly
+/// instead of panicking.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        eprintln!("vmlet: cannot write to stdout: {e}");
+        std::process::exit(125);
+    }
+    std::process::exit(CLOSED_STDOUT.into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -230,6 +252,9 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
+        Err(CliError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::from(CLOSED_STDOUT)
+        }
         Err(e) => {
             let mut s = format!("vmlet: {e}");
             let mut cur = std::error::Error::source(&e);
