@@ -108,18 +108,25 @@ async fn stdin_ack(s: &mut vmlet_protocol::client::ResponseStream, at_least: u64
         .expect("a stdin acknowledgement within 120 s")
 }
 
-#[test]
-fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
+/// 3 MiB of stdin (a different pattern per `seed`) and its sha256 as
+/// `sha256sum` prints it.
+fn stdin_payload(seed: u64) -> (Vec<u8>, String) {
     use sha2::{Digest, Sha256};
-    use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
-    const MIB: usize = 1 << 20;
-    let data: Vec<u8> = (0..3 * MIB as u64)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+    let data: Vec<u8> = (0..3u64 << 20)
+        .map(|i| (i.wrapping_mul(seed) >> 13) as u8)
         .collect();
-    let want: String = Sha256::digest(&data)
+    let sum = Sha256::digest(&data)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    (data, sum)
+}
+
+#[test]
+fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
+    use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
+    const MIB: usize = 1 << 20;
+    let (data, want) = stdin_payload(2_654_435_761);
     let mut a = TestAgent::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,16 +204,8 @@ fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
 /// take again on the new connection, and the stdin close after it.
 #[test]
 fn stdin_in_a_connection_the_tether_drops_is_written_again() {
-    use sha2::{Digest, Sha256};
     use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
-    const MIB: usize = 1 << 20;
-    let data: Vec<u8> = (0..3 * MIB as u64)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
-        .collect();
-    let want: String = Sha256::digest(&data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let (data, want) = stdin_payload(2_246_822_519);
     let a = TestAgent::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
