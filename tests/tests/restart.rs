@@ -273,3 +273,47 @@ fn stdin_in_a_connection_the_tether_drops_is_written_again() {
     let o = a.run(&["rm", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// `vmlet logs -f` outlives the agent it follows: the connection breaks
+/// when vmletd is killed, the CLI reconnects to the new one and goes on,
+/// and every line is printed exactly once.
+#[test]
+fn logs_follow_reconnects_across_a_restart_and_prints_every_byte_once() {
+    let mut a = TestAgent::start();
+    let id = a.detach(&[
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "i=1; while [ $i -le 60 ]; do echo line $i; echo err $i >&2; sleep 0.1; i=$((i+1)); done",
+    ]);
+    let follower = a
+        .vmlet()
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.wait_logs_containing(&id, "line 10\n");
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    a.restart();
+    let o = vmlet_tests::wait_output(follower, Duration::from_secs(120), "vmlet logs -f");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout(&o), want);
+    let err = stderr(&o);
+    assert!(
+        err.contains("reconnecting"),
+        "the CLI never lost its connection: {err}"
+    );
+    let want_err: String = (1..=60).map(|i| format!("err {i}\n")).collect();
+    assert_eq!(
+        err.lines()
+            .filter(|l| !l.starts_with("vmlet:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        want_err
+    );
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}

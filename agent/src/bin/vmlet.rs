@@ -352,37 +352,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             follow,
             timestamps,
             vm,
-        } => {
-            let mut s = client.stream(Request::Logs { vm, follow }).await?;
-            let mut out = std::io::stdout().lock();
-            let mut err = std::io::stderr().lock();
-            while let Some(r) = s.next().await {
-                match r {
-                    Response::Output {
-                        stream,
-                        timestamp_ns,
-                        data,
-                    } => {
-                        let w: &mut dyn Write = match stream {
-                            Stream::Stdout => &mut out,
-                            Stream::Stderr => &mut err,
-                        };
-                        if timestamps {
-                            write!(w, "{} ", format_ts(timestamp_ns))?;
-                        }
-                        w.write_all(&data)?;
-                        w.flush()?;
-                    }
-                    Response::Dropped { stdout, stderr } => {
-                        dropped_notice(&mut err, stdout, stderr)?
-                    }
-                    Response::StreamEnd { .. } => break,
-                    Response::Error(e) => return Err(ClientError::Api(e).into()),
-                    _ => {}
-                }
-            }
-            Ok(0)
-        }
+        } => logs(&cli.socket, client, vm, follow, timestamps).await,
         Cmd::Wait { vms } => {
             let mut last = 0;
             for vm in vms {
@@ -733,6 +703,96 @@ async fn attach(
     tokio::select! {
         r = output => r,
         r = stdin_task => r.map(|_| 0),
+    }
+}
+
+/// How long `vmlet logs` keeps trying to reach a vmletd that went away
+/// (a restart or an upgrade takes about a second).
+const RECONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Prints a VM's log (and with `follow` what it gets next), across
+/// restarts of vmletd: a connection that breaks before the log's end is
+/// made again and the log read again, skipping what was already printed,
+/// so every byte is printed once.
+async fn logs(
+    socket: &std::path::Path,
+    mut client: Client,
+    vm: String,
+    follow: bool,
+    timestamps: bool,
+) -> Result<u8, CliError> {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    // Per stream (stdout, stderr): the log offset printed up to, and where
+    // the current connection's stream is.
+    let mut printed = [0u64; 2];
+    loop {
+        let request = Request::Logs {
+            vm: vm.clone(),
+            follow,
+        };
+        let mut s = client.stream(request).await?;
+        let mut at = [0u64; 2];
+        while let Some(r) = s.next().await {
+            match r {
+                Response::Output {
+                    stream,
+                    timestamp_ns,
+                    data,
+                } => {
+                    let (i, w): (usize, &mut dyn Write) = match stream {
+                        Stream::Stdout => (0, &mut out),
+                        Stream::Stderr => (1, &mut err),
+                    };
+                    let from = at[i];
+                    at[i] += data.len() as u64;
+                    if at[i] <= printed[i] {
+                        continue;
+                    }
+                    let skip = printed[i].saturating_sub(from) as usize;
+                    if timestamps {
+                        write!(w, "{} ", format_ts(timestamp_ns))?;
+                    }
+                    w.write_all(&data[skip..])?;
+                    w.flush()?;
+                    printed[i] = at[i];
+                }
+                Response::Dropped { stdout, stderr } => {
+                    // Rotation deleted these before this stream read them.
+                    let mut missed = [0u64; 2];
+                    for (i, n) in [stdout, stderr].into_iter().enumerate() {
+                        let end = at[i] + n;
+                        missed[i] = end.saturating_sub(printed[i].max(at[i]));
+                        at[i] = end;
+                        printed[i] = printed[i].max(end);
+                    }
+                    if missed != [0, 0] {
+                        dropped_notice(&mut err, missed[0], missed[1])?;
+                    }
+                }
+                Response::StreamEnd { .. } => return Ok(0),
+                Response::Error(e) => return Err(ClientError::Api(e).into()),
+                _ => {}
+            }
+        }
+        // The connection broke before the log's end.
+        writeln!(
+            err,
+            "vmlet: the connection to vmletd broke; reconnecting to read the log on"
+        )?;
+        client = reconnect(socket).await?;
+    }
+}
+
+/// Connects to vmletd again, retrying for [`RECONNECT_PATIENCE`].
+async fn reconnect(socket: &std::path::Path) -> Result<Client, CliError> {
+    let deadline = tokio::time::Instant::now() + RECONNECT_PATIENCE;
+    loop {
+        match Client::connect(socket).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
     }
 }
 
