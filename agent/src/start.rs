@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -758,21 +759,26 @@ fn spawn_writer(
         }
         let mut taken = vm.stdin_acked.subscribe();
         while let Some(m) = rx.recv().await {
-            match &m {
-                HostMessage::Stdin(data) => {
-                    // Bounded: wait for the tether to take some first.
-                    while vm.stdin_replay.lock().held() >= crate::stdin::REPLAY_CAP {
-                        if taken.changed().await.is_err() {
-                            return;
-                        }
+            if matches!(m, HostMessage::Stdin(_)) {
+                // Bounded: wait for the tether to take some first.
+                while vm.stdin_replay.lock().held() >= crate::stdin::REPLAY_CAP {
+                    if taken.changed().await.is_err() {
+                        return;
                     }
-                    vm.stdin_replay.lock().wrote(data);
                 }
+            }
+            let Ok(frame) = vmlet_protocol::frame::encode(&m) else {
+                return;
+            };
+            let ack = matches!(m, HostMessage::ExitAck);
+            // Kept before the write: a write cut off half way is written
+            // again on the next connection. The chunk moves, uncopied.
+            match m {
+                HostMessage::Stdin(data) => vm.stdin_replay.lock().wrote(data),
                 HostMessage::CloseStdin => vm.stdin_replay.lock().wrote_close(),
                 _ => {}
             }
-            let ack = matches!(m, HostMessage::ExitAck);
-            if write_frame(&mut wr, &m).await.is_err() || ack {
+            if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() || ack {
                 return;
             }
         }

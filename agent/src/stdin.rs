@@ -48,10 +48,10 @@ impl StdinReplay {
     }
 
     /// `data` is being written to the guest.
-    pub fn wrote(&mut self, data: &[u8]) {
+    pub fn wrote(&mut self, data: Vec<u8>) {
         if !data.is_empty() {
-            self.chunks.push_back(data.to_vec());
             self.held += data.len();
+            self.chunks.push_back(data);
         }
     }
 
@@ -120,9 +120,9 @@ mod tests {
     #[test]
     fn keeps_exactly_what_the_tether_has_not_taken() {
         let mut r = StdinReplay::fresh();
-        r.wrote(b"abc");
-        r.wrote(b"");
-        r.wrote(b"defg");
+        r.wrote(b"abc".to_vec());
+        r.wrote(b"".to_vec());
+        r.wrote(b"defg".to_vec());
         assert_eq!(r.held(), 7);
         r.taken(2);
         assert_eq!(r.held(), 5);
@@ -133,7 +133,7 @@ mod tests {
         r.taken(5);
         r.taken(4);
         assert_eq!(flat(r.resume_from(5).0), b"fg");
-        r.wrote(b"h");
+        r.wrote(b"h".to_vec());
         r.wrote_close();
         let (again, close) = r.resume_from(6);
         assert_eq!(flat(again), b"gh");
@@ -147,13 +147,13 @@ mod tests {
     fn an_adopted_vm_starts_at_the_tethers_count() {
         let mut r = StdinReplay::default();
         assert_eq!(r.resume_from(1000), (vec![], false));
-        r.wrote(b"xyz");
+        r.wrote(b"xyz".to_vec());
         r.taken(1001);
         assert_eq!(flat(r.resume_from(1001).0), b"yz");
         // Past everything written (a count the agent never saw grow).
         r.taken(5000);
         assert_eq!(r.held(), 0);
-        r.wrote(b"q");
+        r.wrote(b"q".to_vec());
         assert_eq!(flat(r.resume_from(5000).0), b"q");
     }
 }
