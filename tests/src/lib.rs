@@ -451,6 +451,39 @@ impl TestAgent {
         wait_output(child, Duration::from_secs(240), &format!("vmlet {args:?}"))
     }
 
+    /// `vmlet run --rm busybox`: echo reaches stdout, stdout and stderr
+    /// stay apart, and the container's exit code is vmlet's.
+    pub fn assert_echo_and_exit_codes(&self) {
+        let o = self.run(&["run", "--rm", "busybox", "--", "echo", "hello"]);
+        assert_eq!(stdout(&o), "hello\n", "stderr: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0));
+        let script = "echo out; echo err >&2; exit 7";
+        let o = self.run(&["run", "--rm", "busybox", "--", "sh", "-c", script]);
+        assert_eq!(stdout(&o), "out\n");
+        assert_eq!(stderr(&o), "err\n");
+        assert_eq!(o.status.code(), Some(7));
+    }
+
+    /// `vmlet run -i --rm busybox`: `input` reaches the container's stdin
+    /// to its end (then "done" is printed), and it exits 0.
+    pub fn assert_stdin_reaches_the_container(&self, input: &[u8]) {
+        let args = [
+            "run",
+            "-i",
+            "--rm",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo done",
+        ];
+        let o = self.run_with_input(&args, Some(input));
+        let mut want = input.to_vec();
+        want.extend_from_slice(b"done\n");
+        assert!(o.stdout == want, "stdout differs; stderr: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0));
+    }
+
     /// `vmlet run -d ARGS…`: starts a detached containerVM, checks that
     /// worked, and returns its id.
     pub fn detach(&self, args: &[&str]) -> String {

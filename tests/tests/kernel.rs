@@ -139,38 +139,10 @@ fn tailored_kernel_boots_containers_without_acpi_or_modules() {
     a.assert_no_processes(&id);
 
     // stdout, stderr and exit codes.
-    let o = a.run(&["run", "--rm", "busybox", "--", "echo", "hello"]);
-    assert_eq!(stdout(&o), "hello\n", "stderr: {}", stderr(&o));
-    assert_eq!(o.status.code(), Some(0));
-    let o = a.run(&[
-        "run",
-        "--rm",
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "echo out; echo err >&2; exit 7",
-    ]);
-    assert_eq!(stdout(&o), "out\n");
-    assert_eq!(stderr(&o), "err\n");
-    assert_eq!(o.status.code(), Some(7));
+    a.assert_echo_and_exit_codes();
 
     // stdin through attach, to its end.
-    let o = a.run_with_input(
-        &[
-            "run",
-            "-i",
-            "--rm",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "cat; echo done",
-        ],
-        Some(b"abc\n"),
-    );
-    assert_eq!(stdout(&o), "abc\ndone\n", "stderr: {}", stderr(&o));
-    assert_eq!(o.status.code(), Some(0));
+    a.assert_stdin_reaches_the_container(b"abc\n");
 
     image_layers_and_writable_disk(&a);
     a.assert_no_container_processes();

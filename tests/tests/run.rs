@@ -6,22 +6,7 @@ use vmlet_tests::{stderr, stdout, TestAgent};
 #[test]
 fn echo_and_exit_codes_and_rm_leaves_nothing() {
     let a = TestAgent::start();
-    let o = a.run(&["run", "--rm", "busybox", "--", "echo", "hello"]);
-    assert_eq!(stdout(&o), "hello\n", "stderr: {}", stderr(&o));
-    assert_eq!(o.status.code(), Some(0));
-
-    let o = a.run(&[
-        "run",
-        "--rm",
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "echo out; echo err >&2; exit 7",
-    ]);
-    assert_eq!(stdout(&o), "out\n");
-    assert_eq!(stderr(&o), "err\n");
-    assert_eq!(o.status.code(), Some(7));
+    a.assert_echo_and_exit_codes();
 
     // --rm removed both: nothing listed, no VM directory, no process.
     let ps = a.run(&["ps", "-a", "-q"]);
