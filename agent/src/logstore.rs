@@ -868,26 +868,37 @@ mod tests {
         max_files: 4,
     };
 
-    #[tokio::test]
-    async fn follow_sees_every_record_in_order_then_ends() {
-        let d = tempfile::tempdir().unwrap();
-        let (log, mut w) = Log::open(&d.path().join("log"), LogLimits::DEFAULT).unwrap();
-        let mut r1 = log.reader(true);
-        let mut r2 = log.reader(true);
-        let writer = tokio::spawn(async move {
-            for i in 0..2000u32 {
-                let s = if i % 3 == 0 {
+    /// Appends `line(0..n)`, every `stderr_every`-th to stderr, yielding
+    /// to readers every `yield_every` lines, then seals the log.
+    fn spawn_lines(
+        mut w: LogWriter,
+        n: u32,
+        stderr_every: u32,
+        yield_every: u32,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for i in 0..n {
+                let s = if i % stderr_every == 0 {
                     Stream::Stderr
                 } else {
                     Stream::Stdout
                 };
                 w.append(s, &line(i)).unwrap();
-                if i % 100 == 0 {
+                if i % yield_every == 0 {
                     tokio::task::yield_now().await;
                 }
             }
             w.seal();
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn follow_sees_every_record_in_order_then_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, w) = Log::open(&d.path().join("log"), LogLimits::DEFAULT).unwrap();
+        let mut r1 = log.reader(true);
+        let mut r2 = log.reader(true);
+        let writer = spawn_lines(w, 2000, 3, 100);
         let mut got = Vec::new();
         while let Some(it) = r1.next(true).await.unwrap() {
             match it {
@@ -1030,23 +1041,10 @@ mod tests {
     #[tokio::test]
     async fn a_follower_that_keeps_up_loses_nothing_while_segments_rotate() {
         let d = tempfile::tempdir().unwrap();
-        let (log, mut w) = Log::open(&d.path().join("log"), SMALL).unwrap();
+        let (log, w) = Log::open(&d.path().join("log"), SMALL).unwrap();
         let mut r = log.reader(true);
-        let writer = tokio::spawn(async move {
-            for i in 0..5000u32 {
-                let s = if i % 2 == 0 {
-                    Stream::Stderr
-                } else {
-                    Stream::Stdout
-                };
-                w.append(s, &line(i)).unwrap();
-                // Within a segment of the follower.
-                if i % 10 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            w.seal();
-        });
+        // Yielding often keeps the follower within a segment of it.
+        let writer = spawn_lines(w, 5000, 2, 10);
         let mut n = 0;
         while let Some(it) = r.next(true).await.unwrap() {
             match it {

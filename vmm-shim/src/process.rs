@@ -361,6 +361,19 @@ mod tests {
         (dir, f)
     }
 
+    /// `sleep 30`, unconfined, its output to `log`.
+    fn sleeper(log: &File) -> Process {
+        Process::spawn(
+            "sleep",
+            "/bin/sleep".as_ref(),
+            &["30".into()],
+            log,
+            &[],
+            &Jail::default(),
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn reaps_and_reports_the_status_to_every_waiter() {
         let (_d, log) = log();
@@ -387,18 +400,7 @@ mod tests {
     #[tokio::test]
     async fn undo_kills_unless_disarmed() {
         let (_d, log) = log();
-        let sleep = || {
-            Process::spawn(
-                "sleep",
-                "/bin/sleep".as_ref(),
-                &["30".into()],
-                &log,
-                &[],
-                &Jail::default(),
-            )
-            .unwrap()
-        };
-        let (a, b) = (sleep(), sleep());
+        let (a, b) = (sleeper(&log), sleeper(&log));
         let mut undo = Undo::default();
         undo.process(&a);
         drop(undo);
@@ -447,15 +449,7 @@ mod tests {
     #[tokio::test]
     async fn kills_and_runs_in_its_own_session() {
         let (_d, log) = log();
-        let p = Process::spawn(
-            "sleep",
-            "/bin/sleep".as_ref(),
-            &["30".into()],
-            &log,
-            &[],
-            &Jail::default(),
-        )
-        .unwrap();
+        let p = sleeper(&log);
         let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(p.pid() as i32))).unwrap();
         assert_eq!(
             sid.as_raw(),
