@@ -44,7 +44,11 @@ fn starts_are_hand_offs_and_the_pool_refills() {
                 "--",
                 "sh",
                 "-c",
-                &format!("echo pooled {i}; sleep 1000"),
+                // No process of the rehearsal is left (see below).
+                &format!(
+                    "echo pooled {i}; grep -l VMLET_TETHER_REHEARSAL /proc/[0-9]*/environ; \
+                     echo end; sleep 1000"
+                ),
             ]);
             assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
             stdout(&o).trim().to_string()
@@ -57,7 +61,11 @@ fn starts_are_hand_offs_and_the_pool_refills() {
         let phases = &info["PhasesMs"];
         assert!(phases["guest-booted"].as_f64().unwrap() < 50.0, "{phases}");
         assert!(phases["process-started"].as_f64().is_some(), "{phases}");
-        a.wait_logs(&ids[i], &format!("pooled {i}\n"));
+        a.wait_logs(&ids[i], &format!("pooled {i}\nend\n"));
+        // The member rehearsed a start before it was handed out (and the
+        // container above found none of its processes left).
+        let console = std::fs::read_to_string(a.vm_dir(&ids[i]).join("console.log")).unwrap();
+        assert!(console.contains("rehearsed a start in"), "{console}");
     }
     assert_ne!(infos[0]["Cid"], infos[1]["Cid"]);
     assert_ne!(infos[0]["VmmPid"], infos[1]["VmmPid"]);

@@ -150,6 +150,7 @@ async fn run_on<C: Connector>(
                     return fail(&out, inbound, chain(&e), 125).await;
                 }
                 log!("root filesystem prepared in {} us", boottime_us() - start);
+                crate::rehearsal::rehearse(Path::new(rootfs::ROOT)).await;
                 out.send(&GuestMessage::Prepared).await?;
                 prepared = true;
             }
