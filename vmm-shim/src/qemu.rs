@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -25,10 +26,75 @@ use crate::{Accel, Capabilities, Error, Link, Memory, VmConfig, VmExit, VmHandle
 /// a panicking or rebooting guest triple-faults, and `-no-reboot` turns that into QEMU's exit.
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet";
 
-/// Timer hints for TCG: without them the kernel spends seconds (or hangs) calibrating clocks
-/// against emulated hardware. Under KVM the host's real TSC frequency comes from kvmclock,
-/// and forcing 2 GHz there would mis-state it, so they are left out.
+/// Timer hints for TCG when the host's TSC rate is unknown: without them the kernel spends
+/// seconds (or hangs) calibrating clocks against emulated hardware. Under KVM the host's real
+/// TSC frequency comes from kvmclock, so no hints are given there.
 pub const TCG_TIMER_HINTS: &str = "tsc_early_khz=2000000 lpj=4000000 no_timer_check";
+
+/// The timer hints a TCG guest gets on this host (see [`tsc_hints`]); worked out once.
+pub fn tcg_timer_hints() -> &'static str {
+    static HINTS: OnceLock<String> = OnceLock::new();
+    HINTS.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        tsc_hints(host_tsc_khz(), &cpuinfo)
+    })
+}
+
+/// Under TCG a guest's `rdtsc` reads the host's own TSC, so the guest is told the host's
+/// rate. A wrong rate (the old fixed 2 GHz on a 2.3 GHz host) makes the guest's clock
+/// watchdog find the TSC skewed and mark it unstable, and the guest falls back to jiffies:
+/// a clock and timers with 4 ms steps. When the host's TSC is constant and does not stop
+/// (`constant_tsc`, `nonstop_tsc`), the guest's is too: `tsc=reliable` spares the watchdog,
+/// whose jiffies reference lags under TCG when the host is busy. `lpj` is the same rate
+/// per jiffy at the guest kernels' HZ of 250. Without a measured rate: the fixed hints.
+fn tsc_hints(khz: Option<u64>, cpuinfo: &str) -> String {
+    let Some(khz) = khz else {
+        return TCG_TIMER_HINTS.to_string();
+    };
+    let mut s = format!(
+        "tsc_early_khz={khz} lpj={} no_timer_check",
+        khz * 1000 / 250
+    );
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect())
+        .unwrap_or_default();
+    if ["constant_tsc", "nonstop_tsc"]
+        .iter()
+        .all(|f| flags.contains(f))
+    {
+        s.push_str(" tsc=reliable");
+    }
+    s
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock over 3 × 10 ms (the
+/// median), or `None` off x86-64 or for an implausible result.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut rates: Vec<u64> = (0..3)
+            .filter_map(|_| {
+                let t0 = Instant::now();
+                // SAFETY: rdtsc has no preconditions on x86-64.
+                let c0 = unsafe { std::arch::x86_64::_rdtsc() };
+                std::thread::sleep(Duration::from_millis(10));
+                // SAFETY: as above.
+                let c1 = unsafe { std::arch::x86_64::_rdtsc() };
+                let t1 = Instant::now();
+                let ns = u64::try_from((t1 - t0).as_nanos()).ok()?;
+                (ns > 0).then(|| (c1.wrapping_sub(c0) as u128 * 1_000_000 / ns as u128) as u64)
+            })
+            .collect();
+        rates.sort_unstable();
+        let khz = *rates.get(1)?;
+        (100_000..=10_000_000).contains(&khz).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
 
 /// The size of TCG's translation cache, MiB. QEMU's default is 1 GiB, filled as the guest
 /// runs new code and never given back: a long-lived guest would grow its VMM towards it and
@@ -92,7 +158,7 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     let mut s = String::from("console=ttyS0");
     if cfg.accel == Accel::Tcg {
         s.push(' ');
-        s.push_str(TCG_TIMER_HINTS);
+        s.push_str(tcg_timer_hints());
     }
     s.push(' ');
     s.push_str(BASE_CMDLINE.trim_start_matches("console=ttyS0 "));
@@ -1352,6 +1418,31 @@ mod tests {
     }
 
     #[test]
+    fn tcg_guests_are_told_the_hosts_tsc_rate() {
+        let steady = "processor\t: 0\nflags\t\t: fpu tsc constant_tsc nonstop_tsc rdtscp\n";
+        assert_eq!(
+            tsc_hints(Some(2_300_000), steady),
+            "tsc_early_khz=2300000 lpj=9200000 no_timer_check tsc=reliable"
+        );
+        // A TSC that may change rate or stop is told but left to the watchdog.
+        let drifting = "flags\t\t: fpu tsc constant_tsc\n";
+        assert_eq!(
+            tsc_hints(Some(2_300_000), drifting),
+            "tsc_early_khz=2300000 lpj=9200000 no_timer_check"
+        );
+        assert_eq!(tsc_hints(None, steady), TCG_TIMER_HINTS);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_hosts_tsc_rate_is_measured() {
+        // Two measurements agree well within what the guest's clock watchdog tolerates.
+        let a = host_tsc_khz().expect("a plausible TSC rate") as f64;
+        let b = host_tsc_khz().expect("a plausible TSC rate") as f64;
+        assert!((a - b).abs() / a < 1e-3, "{a} kHz, then {b} kHz");
+    }
+
+    #[test]
     fn argv_for_tcg() {
         let c = cfg(Accel::Tcg);
         let a = argv(&c, &VmPaths::new(&c.dir), Some(102));
@@ -1377,7 +1468,10 @@ mod tests {
         assert_eq!(values(&a, "-initrd"), ["/g/initrd"]);
         assert_eq!(
             values(&a, "-append"),
-            ["console=ttyS0 tsc_early_khz=2000000 lpj=4000000 no_timer_check panic=-1 reboot=t quiet vmlet.port=1024"]
+            [format!(
+                "console=ttyS0 {} panic=-1 reboot=t quiet vmlet.port=1024",
+                tcg_timer_hints()
+            )]
         );
         assert_eq!(values(&a, "-serial"), ["file:/run/vmlet/vm1/console.log"]);
         assert_eq!(
