@@ -71,6 +71,8 @@ pub struct Run {
     pub phases_ms: BTreeMap<&'static str, f64>,
     /// PSS of QEMU and the backend, KiB, when sampled.
     pub pss_kib: Option<u64>,
+    /// The guest's boot timings from its hello.
+    pub guest: Option<vmlet_protocol::api::GuestBoot>,
 }
 
 /// The phases of a baseline start, in order.
@@ -219,7 +221,9 @@ impl Baseline {
             })??;
         let (mut rd, mut wr) = stream.into_split();
         match read_frame::<_, GuestMessage>(&mut rd, MAX_GUEST_FRAME).await? {
-            Some(GuestMessage::Hello { version, .. }) if version == GUEST_PROTOCOL_VERSION => {}
+            Some(GuestMessage::Hello { version, boot }) if version == GUEST_PROTOCOL_VERSION => {
+                run.guest = Some(boot);
+            }
             other => bail!("expected the tether's hello, got {other:?}"),
         }
         mark(&mut run, "guest-booted");

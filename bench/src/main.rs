@@ -200,6 +200,15 @@ impl Runner {
             ready_ms: before_start.as_secs_f64() * 1000.0 + booted,
             first_output_ms: first.as_secs_f64() * 1000.0,
             phases_ms,
+            // A pool member or a template booted before the start.
+            guest_ms: match mode {
+                Mode::Pool | Mode::Template => BTreeMap::new(),
+                _ => info
+                    .guest_boot
+                    .as_ref()
+                    .map(report::guest_ms)
+                    .unwrap_or_default(),
+            },
         })
     }
 
@@ -210,6 +219,7 @@ impl Runner {
             ready_ms: r.phases_ms["guest-booted"],
             first_output_ms: r.phases_ms["first-output"],
             phases_ms: r.phases_ms,
+            guest_ms: r.guest.as_ref().map(report::guest_ms).unwrap_or_default(),
         })
     }
 
@@ -822,9 +832,28 @@ fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
             (p, summarize(&xs))
         })
         .collect();
+    let mut guest_names: Vec<&'static str> = Vec::new();
+    for x in &s {
+        for k in x.guest_ms.keys() {
+            if !guest_names.contains(k) {
+                guest_names.push(k);
+            }
+        }
+    }
+    let guest = guest_names
+        .into_iter()
+        .map(|k| {
+            let xs: Vec<f64> = s
+                .iter()
+                .filter_map(|x| x.guest_ms.get(k).copied())
+                .collect();
+            (k, summarize(&xs))
+        })
+        .collect();
     ModeResult {
         mode,
         concurrency: c,
+        guest,
         ready: summarize(&s.iter().map(|x| x.ready_ms).collect::<Vec<_>>()),
         first_output: summarize(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
         starts_per_s: n / wall.as_secs_f64(),
