@@ -526,11 +526,21 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     body,
                     Request::Attach(_) | Request::Logs { .. } | Request::Events
                 );
+                // An event stream subscribes here, before the next request
+                // on this connection is read: a client that asks for events
+                // and then creates a VM sees that VM's every event.
+                let subscribed = matches!(body, Request::Events).then(|| agent.events());
                 let agent = agent.clone();
                 let tx = tx.clone();
                 let busy = activity.start();
                 let h = tokio::spawn(async move {
-                    handle(agent, id, body, &tx).await;
+                    if is_stream {
+                        stream_delay().await;
+                    }
+                    match subscribed {
+                        Some(rx) => events(rx, id, &tx).await,
+                        None => handle(agent, id, body, &tx).await,
+                    }
                     drop((permit, busy));
                 });
                 if is_stream {
@@ -707,6 +717,62 @@ fn frame_error(e: &FrameError) -> ApiError {
 }
 
 /// Handles one request to completion.
+/// Test builds' fault injection, inert unless set: with
+/// `VMLET_TEST_STREAM_DELAY_MS=N` in its environment the agent starts
+/// serving every stream request N ms late, so a test can show that what a
+/// stream must see from the moment it was asked (events) does not depend
+/// on when its task first runs.
+async fn stream_delay() {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("VMLET_TEST_STREAM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        tokio::time::sleep(*d).await;
+    }
+}
+
+/// Streams every state change from `rx` to the client until it goes away
+/// or falls too far behind.
+async fn events(
+    mut rx: tokio::sync::broadcast::Receiver<vmlet_protocol::api::Event>,
+    id: RequestId,
+    tx: &Tx,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(ev) => {
+                if tx
+                    .send(ServerMessage {
+                        id,
+                        body: Response::Event(ev),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                reply(
+                    tx,
+                    id,
+                    error_body(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("the client fell {n} events behind; the stream was ended"),
+                    )),
+                )
+                .await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
     let r = match body {
         Request::Version => Ok(Response::Version(VersionInfo {
@@ -784,38 +850,7 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
                 Err(e) => reply(tx, id, error_body(e)).await,
             }
         }
-        Request::Events => {
-            let mut rx = agent.events();
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        if tx
-                            .send(ServerMessage {
-                                id,
-                                body: Response::Event(ev),
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        reply(
-                            tx,
-                            id,
-                            error_body(ApiError::new(
-                                ErrorCode::Unavailable,
-                                format!("the client fell {n} events behind; the stream was ended"),
-                            )),
-                        )
-                        .await;
-                        return;
-                    }
-                    Err(_) => return,
-                }
-            }
-        }
+        Request::Events => return events(agent.events(), id, tx).await,
         Request::ImageList => Ok(Response::Images(
             agent
                 .images

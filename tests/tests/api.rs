@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use vmlet_protocol::api::{AttachSpec, CreateSpec, Request, Response, Stream, VmState};
-use vmlet_tests::TestAgent;
+use vmlet_tests::{AgentOptions, TestAgent};
 
 #[test]
 fn socket_is_private_by_default() {
@@ -113,4 +113,36 @@ async fn events_and_many_attached_clients_on_one_connection() {
             VmState::Removed
         ]
     );
+}
+
+/// An engine that asks for events and then creates a VM on the same
+/// connection must see that VM's `Created`: the subscription takes effect
+/// before the next request is read (it once lost the race now and then).
+/// The agent serves streams 300 ms late here, which lost it every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_asked_for_before_a_create_include_it() {
+    let a = TestAgent::start_with(AgentOptions {
+        env: vec![("VMLET_TEST_STREAM_DELAY_MS".into(), "300".into())],
+        ..Default::default()
+    });
+    for _ in 0..5 {
+        let c = a.client().await;
+        let mut events = c.stream(Request::Events).await.unwrap();
+        let id = c
+            .create(CreateSpec {
+                image: "busybox".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event in time");
+        match first {
+            Some(Response::Event(e)) if e.vm == id && e.state == VmState::Created => {}
+            other => panic!("the first event after the create: {other:?}"),
+        }
+        c.remove(&id, true).await.unwrap();
+    }
 }
