@@ -803,6 +803,23 @@ async fn start_agent(
     })
 }
 
+/// The distribution of each named timing that `get` finds in the samples.
+fn distributions(
+    s: &[Sample],
+    get: fn(&Sample) -> &BTreeMap<&'static str, f64>,
+) -> BTreeMap<&'static str, vmlet_bench::stats::Summary> {
+    let mut by_name: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for x in s {
+        for (k, v) in get(x) {
+            by_name.entry(k).or_default().push(*v);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(k, xs)| (k, summarize(&xs)))
+        .collect()
+}
+
 fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
     let wall: Duration = bs.iter().map(|b| b.wall).sum();
     let refill: Option<Duration> = bs
@@ -814,42 +831,8 @@ fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
     let evicted = bs.last().and_then(|b| b.evicted);
     let s: Vec<Sample> = bs.into_iter().flat_map(|b| b.samples).collect();
     let n = s.len() as f64;
-    let mut phase_names: Vec<&'static str> = Vec::new();
-    for x in &s {
-        for k in x.phases_ms.keys() {
-            if !phase_names.contains(k) {
-                phase_names.push(k);
-            }
-        }
-    }
-    let phases = phase_names
-        .into_iter()
-        .map(|p| {
-            let xs: Vec<f64> = s
-                .iter()
-                .filter_map(|x| x.phases_ms.get(p).copied())
-                .collect();
-            (p, summarize(&xs))
-        })
-        .collect();
-    let mut guest_names: Vec<&'static str> = Vec::new();
-    for x in &s {
-        for k in x.guest_ms.keys() {
-            if !guest_names.contains(k) {
-                guest_names.push(k);
-            }
-        }
-    }
-    let guest = guest_names
-        .into_iter()
-        .map(|k| {
-            let xs: Vec<f64> = s
-                .iter()
-                .filter_map(|x| x.guest_ms.get(k).copied())
-                .collect();
-            (k, summarize(&xs))
-        })
-        .collect();
+    let phases = distributions(&s, |x| &x.phases_ms);
+    let guest = distributions(&s, |x| &x.guest_ms);
     ModeResult {
         mode,
         concurrency: c,
