@@ -13,7 +13,7 @@
 //! handed out. Members count against the host's guest-memory budget.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +74,8 @@ pub struct Pools {
     refill: Arc<Semaphore>,
     memory_mib: u32,
     vcpus: u32,
+    /// Set by [`drain`]: no member is booted or handed out any more.
+    closed: AtomicBool,
 }
 
 impl Pools {
@@ -99,6 +101,7 @@ impl Pools {
             refill: Arc::new(Semaphore::new(refill.max(1))),
             memory_mib,
             vcpus,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -200,6 +203,9 @@ async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
     }
     let mut backoff = Duration::from_secs(1);
     loop {
+        if agent.pools.closed.load(Ordering::SeqCst) {
+            return;
+        }
         // The image may have been re-tagged or removed: members of another
         // image are discarded, never handed out.
         let current = agent.images.resolve(&pool.spec.image).ok().map(|i| i.id);
@@ -267,10 +273,15 @@ async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
         Ok(pre) => {
             let image_ok =
                 pool.image_id.lock().as_deref() == vm.with(|i| i.rec.image_id.clone()).as_deref();
-            if image_ok {
+            // Checked under the ready lock, which drain takes after
+            // closing: a member is either in the queue drain empties or
+            // discarded here.
+            let mut ready = pool.ready.lock();
+            if image_ok && !agent.pools.closed.load(Ordering::SeqCst) {
                 tracing::debug!(vm = %vm.id, image = %pool.spec.image, "pool member ready");
-                pool.ready.lock().push_back((vm, pre));
+                ready.push_back((vm, pre));
             } else {
+                drop(ready);
                 discard(agent, vm, pre).await;
             }
             true
@@ -291,13 +302,42 @@ async fn discard(agent: &Arc<Agent>, vm: Arc<Vm>, pre: Prebooted) {
 
 /// Ends every member, ready or still booting (the agent is shutting down:
 /// pool members are not containers and nobody will adopt them).
+///
+/// Refills stop first. A member still booting is killed through its record
+/// and its refill then ends by itself (a boot that outruns the kill is
+/// discarded when it is prepared); drain waits for them, at most
+/// [`DRAIN_PATIENCE`], so no member outlives the agent.
 pub async fn drain(agent: &Arc<Agent>) {
+    agent.pools.closed.store(true, Ordering::SeqCst);
     for p in &agent.pools.pools {
+        p.wake.notify_waiters();
         let members: Vec<_> = p.ready.lock().drain(..).collect();
         for (vm, pre) in members {
             discard(agent, vm, pre).await;
         }
     }
-    // Members still booting are found by their records.
-    agent.end_pool_members();
+    let deadline = tokio::time::Instant::now() + DRAIN_PATIENCE;
+    loop {
+        // Members still booting are found by their records.
+        agent.end_pool_members();
+        let filling: u64 = agent
+            .pools
+            .pools
+            .iter()
+            .map(|p| p.filling.load(Ordering::SeqCst))
+            .sum();
+        if filling == 0 || tokio::time::Instant::now() >= deadline {
+            if filling > 0 {
+                tracing::warn!(
+                    filling,
+                    "pool members were still booting when the agent stopped"
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
+
+/// How long a stopping agent waits for pool members still booting.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(30);
