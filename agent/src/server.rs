@@ -716,7 +716,6 @@ fn frame_error(e: &FrameError) -> ApiError {
     ApiError::new(ErrorCode::InvalidArgument, format!("bad frame: {e}"))
 }
 
-/// Handles one request to completion.
 /// Test builds' fault injection, inert unless set: with
 /// `VMLET_TEST_STREAM_DELAY_MS=N` in its environment the agent starts
 /// serving every stream request N ms late, so a test can show that what a
@@ -773,6 +772,7 @@ async fn events(
     }
 }
 
+/// Handles one request to completion.
 async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
     let r = match body {
         Request::Version => Ok(Response::Version(VersionInfo {
