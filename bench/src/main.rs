@@ -605,6 +605,9 @@ async fn run(
         );
         let dir = work.join("baseline");
         std::fs::create_dir_all(&dir)?;
+        // The script's QEMU flags include the host's measured TSC rate, as
+        // the agent's do: measure it now, not inside the first start.
+        vmm_shim::qemu::tcg_timer_hints();
         baseline = Some(Baseline {
             qemu: find("qemu-system-x86_64")?,
             backend: find("vhost-device-vsock")?,
