@@ -493,6 +493,10 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&rw, std::fs::Permissions::from_mode(0o444))
             .map_err(|e| internal("cannot freeze the template's disk", &e))?;
+        let (agent2, rw2) = (agent.clone(), rw.clone());
+        tokio::task::spawn_blocking(move || agent2.images.prepare_writable_over(&rw2))
+            .await
+            .map_err(|e| internal("writable disk task", &e))??;
         Ok(Ready {
             image_id: img.id.clone(),
             name: id.clone(),

@@ -18,6 +18,7 @@
 
 pub mod archive;
 pub mod convert;
+mod overlay;
 pub mod pull;
 pub mod unpack;
 
@@ -234,6 +235,8 @@ pub struct ImageStore {
     gc_lock: RwLock<()>,
     /// Cap on one upload or blob.
     pub max_upload: u64,
+    /// Blank writable overlays, one per backing, cloned for each VM.
+    blank_overlays: overlay::BlankOverlays,
 }
 
 impl ImageStore {
@@ -267,8 +270,18 @@ impl ImageStore {
             records: Mutex::new(()),
             gc_lock: RwLock::new(()),
             max_upload: DEFAULT_MAX_UPLOAD,
+            blank_overlays: overlay::BlankOverlays::default(),
         };
         store.ensure_rw_template()?;
+        // Every VM's writable disk is cloned from this; if it cannot be
+        // made now, the first start says why.
+        if let Err(e) =
+            store
+                .blank_overlays
+                .blank_for(&store.rw_template(), "raw", &store.tmp_dir())
+        {
+            tracing::warn!(error = %e, "cannot make the blank writable overlay yet");
+        }
         Ok(store)
     }
 
@@ -740,12 +753,23 @@ impl ImageStore {
 
     /// Creates a VM's writable disk at `<vm_dir>/rw.qcow2`: a qcow2
     /// overlay on the shared blank template, so it costs the same however
-    /// large the image is, and nothing is copied.
+    /// large the image is. The overlay is cloned from one made once and
+    /// kept in memory (`overlay.rs`), not made by `qemu-img` per VM.
     pub fn create_writable(&self, vm_dir: &Path) -> Result<PathBuf, ApiError> {
         let dest = vm_dir.join("rw.qcow2");
-        create_qcow2_overlay(&self.rw_template(), &dest)
+        self.blank_overlays
+            .create(&self.rw_template(), "raw", &dest, &self.tmp_dir())
             .map_err(|e| internal("cannot create the writable disk", e))?;
         Ok(dest)
+    }
+
+    /// Makes, ahead of the first clone, the blank overlay every clone's
+    /// writable disk over `backing` (a frozen qcow2) is cloned from.
+    pub fn prepare_writable_over(&self, backing: &Path) -> Result<(), ApiError> {
+        self.blank_overlays
+            .blank_for(backing, "qcow2", &self.tmp_dir())
+            .map(drop)
+            .map_err(|e| internal("cannot make the clones' blank writable overlay", e))
     }
 
     /// A VM's writable disk over a template's frozen writable disk (a
@@ -753,7 +777,8 @@ impl ImageStore {
     /// whose memory the clone continues, had written.
     pub fn create_writable_over(&self, backing: &Path, vm_dir: &Path) -> Result<PathBuf, ApiError> {
         let dest = vm_dir.join("rw.qcow2");
-        create_overlay(backing, "qcow2", &dest)
+        self.blank_overlays
+            .create(backing, "qcow2", &dest, &self.tmp_dir())
             .map_err(|e| internal("cannot create the writable disk", e))?;
         Ok(dest)
     }
@@ -929,34 +954,11 @@ pub fn apply_config(
     Ok(())
 }
 
-/// `qemu-img create -f qcow2 -F raw -b <backing> <dest>`.
+/// `qemu-img create -f qcow2 -F raw -b <backing> <dest>`: what a writable
+/// disk costs made by hand, one process per disk (the agent clones a blank
+/// overlay instead; see `overlay.rs`).
 pub fn create_qcow2_overlay(backing: &Path, dest: &Path) -> io::Result<()> {
-    create_overlay(backing, "raw", dest)
-}
-
-/// A qcow2 `dest` whose reads fall through to `backing` (of format
-/// `backing_format`) until written.
-fn create_overlay(backing: &Path, backing_format: &str, dest: &Path) -> io::Result<()> {
-    let backing = fs::canonicalize(backing)?;
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
-        .arg(&backing)
-        .arg(dest)
-        .output()
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot run qemu-img (install qemu-utils): {e}"),
-            )
-        })?;
-    if !out.status.success() {
-        let _ = fs::remove_file(dest);
-        return Err(io::Error::other(format!(
-            "qemu-img create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    overlay::create_with_qemu_img(backing, "raw", dest)
 }
 
 #[cfg(test)]
