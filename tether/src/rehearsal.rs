@@ -1,9 +1,9 @@
 //! A prepared guest's dress rehearsal: before a pooled guest (or a
 //! template) says it is prepared, the tether starts one process through
-//! the very path a container will take — `process::spawn`'s fork, chroot,
-//! setsid and exec, the stdio pipes, the output read to end of file, the
-//! exit reaped — with its own binary as the program, and reads the image's
-//! executables into the guest's page cache.
+//! the very path a container will take — `process::spawn`'s search of
+//! PATH, fork, chroot, setsid and exec, the stdio pipes, the output read to
+//! end of file, the exit reaped — with its own binary as the program, and
+//! reads the image's executables into the guest's page cache.
 //!
 //! Under TCG the first run of any code costs its translation: measured in
 //! pool guests, the first container process reached its first output
@@ -75,9 +75,20 @@ pub(crate) async fn rehearse(root: &Path) {
 /// output read to end of file and its exit reaped.
 async fn run_once() -> io::Result<()> {
     let exe = std::fs::read_link("/proc/self/exe")?;
+    let (Some(dir), Some(name)) = (exe.parent(), exe.file_name()) else {
+        return Err(io::Error::other(format!(
+            "{} has no file name",
+            exe.display()
+        )));
+    };
+    // Found by a search of PATH, as a container's `echo` is: the usual
+    // directories first (probed and missed here), the tether's last.
     let spec = ProcessSpec {
-        argv: vec![exe.to_string_lossy().into_owned()],
-        env: vec![format!("{ENV}=1")],
+        argv: vec![name.to_string_lossy().into_owned()],
+        env: vec![
+            format!("{ENV}=1"),
+            format!("PATH={}:{}", process::DEFAULT_PATH, dir.display()),
+        ],
         stdin: true,
         ..Default::default()
     };

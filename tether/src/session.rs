@@ -168,7 +168,9 @@ async fn run_on<C: Connector>(
             None => return Err(Error::NoSpec),
         }
     };
-    log!("spec: argv {:?}", spec.argv);
+    // The console is an emulated UART: every byte written costs the guest
+    // a trap into the VMM. So the start's line waits until the process runs
+    // and its output is being pumped.
     // Test builds only: misbehave as the spec asks (see hostile.rs).
     #[cfg(feature = "hostile")]
     crate::hostile::act(&spec).await;
@@ -183,14 +185,16 @@ async fn run_on<C: Connector>(
         rootfs::assemble(&spec)
     };
     if let Err(e) = root {
+        log!("spec: argv {:?}", spec.argv);
         return fail(&out, inbound, chain(&e), 125).await;
     }
-    log!("root filesystem ready in {} us", boottime_us() - start);
+    let root_us = boottime_us() - start;
     // Watch SIGCHLD before the child exists, so no exit can be missed.
     let mut sigchld = signal(SignalKind::child()).map_err(Error::Sigchld)?;
     let child = match process::spawn(&spec, Path::new(rootfs::ROOT)) {
         Ok(c) => c,
         Err(e) => {
+            log!("spec: argv {:?}", spec.argv);
             let code = e.code();
             return fail(&out, inbound, chain(&e), code).await;
         }
@@ -198,7 +202,6 @@ async fn run_on<C: Connector>(
     let pid = child.pid;
     out.send(&GuestMessage::Started { pid: pid.as_raw() })
         .await?;
-    log!("process {pid} started");
 
     let stdout = pipe::Receiver::from_owned_fd(child.stdout).map_err(Error::Pipes)?;
     let stderr = pipe::Receiver::from_owned_fd(child.stderr).map_err(Error::Pipes)?;
@@ -229,6 +232,10 @@ async fn run_on<C: Connector>(
     let exited = Arc::new(AtomicBool::new(false));
     let (ack_tx, mut ack_rx) = mpsc::channel(1);
     tokio::spawn(dispatch(inbound, stdin_tx, pid, exited.clone(), ack_tx));
+    log!(
+        "process {pid} started: argv {:?}, root filesystem ready in {root_us} us",
+        spec.argv
+    );
 
     let (code, sig) = loop {
         if let Some(status) = reap(pid) {
