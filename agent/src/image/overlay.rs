@@ -98,8 +98,10 @@ impl BlankOverlays {
         }
         let b: Arc<[u8]> = make_blank(&key.path, format, scratch)?.into();
         let mut made = self.made.lock();
-        // A backing rewritten in place leaves its old entries stale.
-        made.retain(|k, _| k.path != key.path);
+        // A backing rewritten in place leaves its old entries stale, and a
+        // removed one (a template's disk, dropped with the template) leaves
+        // entries nothing can use: neither is kept.
+        made.retain(|k, _| k.path != key.path && k.path.exists());
         made.insert(key, b.clone());
         Ok(b)
     }
@@ -240,6 +242,12 @@ mod tests {
         overlays.create(&b, "raw", &d, t.path()).unwrap();
         assert_eq!(info(&d)["virtual-size"], 48 << 20);
         assert_eq!(overlays.len(), 1, "the stale entry is dropped");
+        // A backing that is gone (a dropped template's disk) is forgotten
+        // when the next one is made.
+        fs::remove_file(&b).unwrap();
+        let other = backing(t.path(), "other.raw", 16 << 20);
+        overlays.create(&other, "raw", &d, t.path()).unwrap();
+        assert_eq!(overlays.len(), 1, "the removed backing's entry is dropped");
     }
 
     #[test]
