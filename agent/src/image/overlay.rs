@@ -48,8 +48,9 @@ struct Key {
 
 impl Key {
     fn of(backing: &Path, format: &str) -> io::Result<Key> {
-        let path = fs::canonicalize(backing)?;
-        let m = fs::metadata(&path)?;
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", backing.display()));
+        let path = fs::canonicalize(backing).map_err(named)?;
+        let m = fs::metadata(&path).map_err(named)?;
         Ok(Key {
             path,
             format: format.to_owned(),
@@ -259,6 +260,7 @@ mod tests {
             .create(&t.path().join("gone.raw"), "raw", &d, t.path())
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("gone.raw"), "{e}");
         assert!(!d.exists());
     }
 }
