@@ -82,7 +82,10 @@ async fn run_once() -> io::Result<()> {
         )));
     };
     // Found by a search of PATH, as a container's `echo` is: the usual
-    // directories first (probed and missed here), the tether's last.
+    // directories first (probed and missed here), the tether's last. The
+    // search must stay in the guest's own root: in the container's, it
+    // would find and run the image's files (an experiment that searched an
+    // overlay of the image's layers ran its busybox `init`).
     let spec = ProcessSpec {
         argv: vec![name.to_string_lossy().into_owned()],
         env: vec![

@@ -1,7 +1,7 @@
 //! Per-VM disk preparation time for a small and a large image: what a
 //! start pays before the VMM spawns (looking up the image's layer disks
 //! and creating the VM's writable qcow2 overlay). It must not grow with the
-//! image: nothing is copied per VM. Beside it, in the same run, the
+//! image: nothing of the image is copied per VM. Beside it, in the same run, the
 //! by-hand way: one `qemu-img create` of the same overlay per VM.
 //!
 //! `cargo run --release -p vmlet-bench --bin disk_create -- [--runs N] [--big-mb M]`
