@@ -258,6 +258,11 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let confinement = vmlet_agent::confinement::resolve(&config)?;
     let vmm = Arc::new(vmm_shim::Qemu::confined(confinement.clone())?);
+    if config.accel == vmm_shim::Accel::Tcg {
+        // The host's TSC rate, measured once now rather than inside the
+        // first start (KVM guests are given no timer hints).
+        vmm_shim::qemu::tcg_timer_hints();
+    }
     let socket = config.socket.clone();
     let mode = config.socket_mode;
     let agent = tokio::task::block_in_place(|| Agent::new(config, vmm))?;
