@@ -1,7 +1,7 @@
 //! Diagnostics on the guest console.
 //!
 //! PID 1's stderr is `/dev/console` (the serial port QEMU writes to a log
-//! file), so a plain `eprintln!` with a boot-time stamp is all the logging
+//! file), so a line on stderr with a boot-time stamp is all the logging
 //! the tether needs. Lines are rare: one per boot phase, plus errors.
 
 use std::fmt;
@@ -18,14 +18,25 @@ pub(crate) fn boottime_us() -> u64 {
 }
 
 /// Writes one line to the console. Use [`log!`](crate::log).
+///
+/// The line is formatted first and written in one call: `eprintln!` on the
+/// unbuffered stderr makes a `write` per piece of the format (18 for the
+/// start's line, counted with strace), each a trip through the tty layer
+/// to the emulated UART, and lets other writers cut into the line.
 pub(crate) fn write(args: fmt::Arguments<'_>) {
-    let t = boottime_us();
-    eprintln!(
-        "tether[{:>4}.{:06}]: {}",
+    use std::io::Write;
+    let line = line(boottime_us(), args);
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// One console line: the boot-time stamp `t` (µs), the message, a newline.
+fn line(t: u64, args: fmt::Arguments<'_>) -> String {
+    format!(
+        "tether[{:>4}.{:06}]: {}\n",
         t / 1_000_000,
         t % 1_000_000,
         args
-    );
+    )
 }
 
 /// Formats an error with its whole `source()` chain, outermost first.
@@ -60,6 +71,22 @@ mod tests {
     fn chain_lists_every_source() {
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn a_line_is_stamped_and_ends_in_a_newline() {
+        let argv = ["echo", "ready"];
+        assert_eq!(
+            line(
+                1_234_567,
+                format_args!("process {} started: argv {argv:?}", 26)
+            ),
+            "tether[   1.234567]: process 26 started: argv [\"echo\", \"ready\"]\n"
+        );
+        assert_eq!(
+            line(12_000_000_001, format_args!("x")),
+            "tether[12000.000001]: x\n"
+        );
     }
 
     #[test]
