@@ -263,8 +263,9 @@ mod tests {
 
     #[test]
     fn the_whole_of_a_file_is_read_ahead_not_one_window() {
-        // Larger than one WILLNEED call reads here (the host's disk reads
-        // 8 MiB ahead at most; a guest's virtio disk 1.25 MiB).
+        // Larger than one WILLNEED call reads here: this host's disk has
+        // read_ahead_kb 8192, so one call for the whole file read 2023 of
+        // its 3840 pages.
         let t = crate::testutil::TempDir::new();
         let exe = t.path().join("tool");
         let len = 15 << 20;
