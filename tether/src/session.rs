@@ -168,9 +168,6 @@ async fn run_on<C: Connector>(
             None => return Err(Error::NoSpec),
         }
     };
-    // The console is an emulated UART: every byte written costs the guest
-    // a trap into the VMM. So the start's line waits until the process runs
-    // and its output is being pumped.
     // Test builds only: misbehave as the spec asks (see hostile.rs).
     #[cfg(feature = "hostile")]
     crate::hostile::act(&spec).await;
@@ -232,6 +229,9 @@ async fn run_on<C: Connector>(
     let exited = Arc::new(AtomicBool::new(false));
     let (ack_tx, mut ack_rx) = mpsc::channel(1);
     tokio::spawn(dispatch(inbound, stdin_tx, pid, exited.clone(), ack_tx));
+    // The console is an emulated UART: every byte written costs the guest
+    // a trap into the VMM. So the start's one line waits until the process
+    // runs and its output is being pumped (failures above log the argv).
     log!(
         "process {pid} started: argv {:?}, root filesystem ready in {root_us} us",
         spec.argv

@@ -221,6 +221,10 @@ pub fn normalize_name(n: &str) -> String {
     }
 }
 
+/// The shared blank writable template (`rw-template.ext4`) is a raw file;
+/// every writable disk's qcow2 names it with this format.
+const RW_TEMPLATE_FORMAT: &str = "raw";
+
 /// The image store under the agent's state directory.
 #[derive(Debug)]
 pub struct ImageStore {
@@ -275,11 +279,11 @@ impl ImageStore {
         store.ensure_rw_template()?;
         // Every VM's writable disk is cloned from this; if it cannot be
         // made now, the first start says why.
-        if let Err(e) =
-            store
-                .blank_overlays
-                .blank_for(&store.rw_template(), "raw", &store.tmp_dir())
-        {
+        if let Err(e) = store.blank_overlays.blank_for(
+            &store.rw_template(),
+            RW_TEMPLATE_FORMAT,
+            &store.tmp_dir(),
+        ) {
             tracing::warn!(error = %e, "cannot make the blank writable overlay yet");
         }
         Ok(store)
@@ -758,7 +762,12 @@ impl ImageStore {
     pub fn create_writable(&self, vm_dir: &Path) -> Result<PathBuf, ApiError> {
         let dest = vm_dir.join("rw.qcow2");
         self.blank_overlays
-            .create(&self.rw_template(), "raw", &dest, &self.tmp_dir())
+            .create(
+                &self.rw_template(),
+                RW_TEMPLATE_FORMAT,
+                &dest,
+                &self.tmp_dir(),
+            )
             .map_err(|e| internal("cannot create the writable disk", e))?;
         Ok(dest)
     }
