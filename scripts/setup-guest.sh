@@ -24,10 +24,11 @@ VMM_USER=${VMLET_VMM_USER:-vmlet-vmm}
 # Modules the guest needs. A name that is built in (modules.builtin) is skipped; the ones
 # marked optional are only there to be loaded if this kernel builds them as modules.
 # virtio_console carries the host link of template clones (QEMU 7.2 cannot snapshot
-# vhost-user-vsock); the tether loads it only in those guests.
+# vhost-user-vsock); the tether loads it only in those guests. vsock_loopback carries the
+# pool's rehearsal of a start inside the guest (tether/src/rehearsal.rs), which loads it.
 REQUIRED_MODULES=(virtio virtio_ring virtio_mmio virtio_blk vsock
     vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport overlay erofs ext4
-    virtio_console)
+    virtio_console vsock_loopback)
 OPTIONAL_MODULES=(jbd2 mbcache crc16 crc32c_generic libcrc32c)
 
 log() { printf 'setup-guest: %s\n' "$*" >&2; }

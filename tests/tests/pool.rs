@@ -62,10 +62,15 @@ fn starts_are_hand_offs_and_the_pool_refills() {
         assert!(phases["guest-booted"].as_f64().unwrap() < 50.0, "{phases}");
         assert!(phases["process-started"].as_f64().is_some(), "{phases}");
         a.wait_logs(&ids[i], &format!("pooled {i}\nend\n"));
-        // The member rehearsed a start before it was handed out (and the
+        // The member rehearsed a whole start, a session with a host on the
+        // guest's vsock loopback, before it was handed out (and the
         // container above found none of its processes left).
         let console = std::fs::read_to_string(a.vm_dir(&ids[i]).join("console.log")).unwrap();
         assert!(console.contains("rehearsed a start in"), "{console}");
+        assert!(
+            console.contains("rehearsal: exit acknowledged"),
+            "{console}"
+        );
     }
     assert_ne!(infos[0]["Cid"], infos[1]["Cid"]);
     assert_ne!(infos[0]["VmmPid"], infos[1]["VmmPid"]);

@@ -15,6 +15,10 @@ use crate::log;
 
 /// Where the agent packs the modules, with `modules.order` beside them.
 pub(crate) const MODULES_DIR: &str = "/lib/modules";
+/// The vsock loopback transport, when the kernel has it as a module: only
+/// the pool's rehearsal (rehearsal.rs) uses it, so it is loaded there, not
+/// in every boot.
+pub(crate) const LOOPBACK_MODULE: &str = "vsock_loopback.ko";
 
 /// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself
 /// (Linux 5.17+, `CONFIG_MODULE_DECOMPRESS`). nix does not name it yet.
@@ -168,7 +172,7 @@ fn load_modules_with(
     report
 }
 
-fn load_module(path: &Path) -> Result<(), Errno> {
+pub(crate) fn load_module(path: &Path) -> Result<(), Errno> {
     let file = File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
     let compressed = [".ko.xz", ".ko.zst", ".ko.gz"]
         .iter()

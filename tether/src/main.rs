@@ -61,8 +61,8 @@ fn run(kernel_us: u64) -> Result<(), Error> {
     // (template clones, see serial.rs).
     let link = serial::LinkKind::current();
     let skip: &[&str] = match link {
-        serial::LinkKind::Vsock => &["virtio_console.ko"],
-        serial::LinkKind::Serial => &[],
+        serial::LinkKind::Vsock => &["virtio_console.ko", boot::LOOPBACK_MODULE],
+        serial::LinkKind::Serial => &[boot::LOOPBACK_MODULE],
     };
     boot::load_modules(Path::new(boot::MODULES_DIR), skip);
     let modules_us = console::boottime_us().saturating_sub(start);

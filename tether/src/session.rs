@@ -64,14 +64,40 @@ pub(crate) enum Error {
     Closed(#[from] link::Closed),
 }
 
-/// Connects to the host over AF_VSOCK (CID 2, the host).
+/// Connects over AF_VSOCK: to the host (CID 2), or, for the rehearsal, to
+/// a port of the guest's own (one type for both, so the rehearsal runs the
+/// very machine code a start runs; see [`Role::Rehearsal`]).
 #[derive(Debug)]
-struct Vsock;
+pub(crate) struct Vsock(pub(crate) VsockAddr);
 
 impl Connector for Vsock {
     type Stream = VsockStream;
     fn connect(&mut self) -> impl Future<Output = io::Result<VsockStream>> + Send {
-        VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, TETHER_PORT))
+        VsockStream::connect(self.0)
+    }
+}
+
+/// Whose session [`run_on`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The guest's one session with its host: the container's.
+    Guest,
+    /// A pool member's dress rehearsal of a start (rehearsal.rs): the host
+    /// is the tether itself on a loopback connection, the spec comes
+    /// without a Prepare and runs a process in the guest's own root (the
+    /// container's is prepared but is not the rehearsal's to touch), and
+    /// nothing is done for the whole guest: no kill of every process at
+    /// the end, no reaper left behind to take the container's exit.
+    Rehearsal,
+}
+
+/// What the role's console lines start with.
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Guest => Ok(()),
+            Role::Rehearsal => f.write_str("rehearsal: "),
+        }
     }
 }
 
@@ -84,7 +110,8 @@ pub(crate) async fn run(
 ) -> Result<(), Error> {
     match link {
         crate::serial::LinkKind::Vsock => {
-            run_on(Vsock, Policy::default(), kernel_us, modules_us).await
+            let host = Vsock(VsockAddr::new(VMADDR_CID_HOST, TETHER_PORT));
+            run_on(host, Policy::default(), Role::Guest, kernel_us, modules_us).await
         }
         crate::serial::LinkKind::Serial => {
             let policy = Policy {
@@ -103,6 +130,7 @@ pub(crate) async fn run(
             run_on(
                 crate::serial::Serial::default(),
                 policy,
+                Role::Guest,
                 kernel_us,
                 modules_us,
             )
@@ -111,9 +139,12 @@ pub(crate) async fn run(
     }
 }
 
-async fn run_on<C: Connector>(
+/// Runs one session over `connector` (see [`Role`] for how a rehearsal's
+/// differs).
+pub(crate) async fn run_on<C: Connector>(
     mut connector: C,
     policy: Policy,
+    role: Role,
     kernel_us: u64,
     modules_us: u64,
 ) -> Result<(), Error> {
@@ -121,7 +152,9 @@ async fn run_on<C: Connector>(
         .await
         .map_err(Error::Connect)?;
     let hello_us = boottime_us();
-    log!("connected; hello after kernel {kernel_us} us, modules {modules_us} us, hello {hello_us} us");
+    if role == Role::Guest {
+        log!("connected; hello after kernel {kernel_us} us, modules {modules_us} us, hello {hello_us} us");
+    }
     let hello = GuestMessage::Hello {
         version: GUEST_PROTOCOL_VERSION,
         boot: GuestBoot {
@@ -131,11 +164,19 @@ async fn run_on<C: Connector>(
         },
     };
     let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
-    let (out, _link) = link::start(connector, first, &hello, in_tx, policy, OUTBOX_QUEUE);
+    let (out, link) = link::start(connector, first, &hello, in_tx, policy, OUTBOX_QUEUE);
+    // Ends the link with the session: nobody is left to talk to (and a
+    // rehearsal's host is gone).
+    let _link = AbortOnDrop(link);
 
     // A pooled VM is told to prepare its root filesystem first, then waits
-    // here, as long as it takes, until it is handed a container.
-    let mut prepared = false;
+    // here, as long as it takes, until it is handed a container. A
+    // rehearsal's root is the guest's own, there already.
+    let mut prepared = role == Role::Rehearsal;
+    let root_dir = match role {
+        Role::Guest => Path::new(rootfs::ROOT),
+        Role::Rehearsal => Path::new("/"),
+    };
     let spec = loop {
         match inbound.recv().await {
             Some(HostMessage::Spec(s)) => break s,
@@ -147,10 +188,10 @@ async fn run_on<C: Connector>(
                 };
                 let start = boottime_us();
                 if let Err(e) = rootfs::assemble(&root) {
-                    return fail(&out, inbound, chain(&e), 125).await;
+                    return fail(role, &out, inbound, chain(&e), 125).await;
                 }
                 log!("root filesystem prepared in {} us", boottime_us() - start);
-                crate::rehearsal::rehearse(Path::new(rootfs::ROOT)).await;
+                crate::rehearsal::rehearse(Path::new(rootfs::ROOT), &root).await;
                 out.send(&GuestMessage::Prepared).await?;
                 prepared = true;
             }
@@ -160,7 +201,7 @@ async fn run_on<C: Connector>(
                     // Running with its siblings' random state is worse
                     // than not running.
                     let msg = format!("cannot renew the clone's random seed and clock: {e}");
-                    return fail(&out, inbound, msg, 125).await;
+                    return fail(role, &out, inbound, msg, 125).await;
                 }
                 log!("renewed: random pool reseeded, clock set");
             }
@@ -183,20 +224,26 @@ async fn run_on<C: Connector>(
     };
     if let Err(e) = root {
         log!("spec: argv {:?}", spec.argv);
-        return fail(&out, inbound, chain(&e), 125).await;
+        return fail(role, &out, inbound, chain(&e), 125).await;
     }
     let root_us = boottime_us() - start;
     // Watch SIGCHLD before the child exists, so no exit can be missed.
     let mut sigchld = signal(SignalKind::child()).map_err(Error::Sigchld)?;
-    let child = match process::spawn(&spec, Path::new(rootfs::ROOT)) {
+    let child = match process::spawn(&spec, root_dir) {
         Ok(c) => c,
         Err(e) => {
             log!("spec: argv {:?}", spec.argv);
             let code = e.code();
-            return fail(&out, inbound, chain(&e), code).await;
+            return fail(role, &out, inbound, chain(&e), code).await;
         }
     };
     let pid = child.pid;
+    // A rehearsal abandoned (dropped) must not leave its process behind
+    // for the container to find; a guest's session ends with the guest.
+    let mut abandon = match role {
+        Role::Rehearsal => Some(KillOnDrop(pid)),
+        Role::Guest => None,
+    };
     out.send(&GuestMessage::Started { pid: pid.as_raw() })
         .await?;
 
@@ -233,7 +280,7 @@ async fn run_on<C: Connector>(
     // a trap into the VMM. So the start's one line waits until the process
     // runs and its output is being pumped (failures above log the argv).
     log!(
-        "process {pid} started: argv {:?}, root filesystem ready in {root_us} us",
+        "{role}process {pid} started: argv {:?}, root filesystem ready in {root_us} us",
         spec.argv
     );
 
@@ -246,23 +293,29 @@ async fn run_on<C: Connector>(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    exited.store(true, Ordering::Relaxed);
-    log!("process exited: code {code:?}, signal {sig:?}");
-
-    // End whatever the container left behind, as the end of its PID
-    // namespace would, so the output pipes reach end of file.
-    match kill(Pid::from_raw(-1), Signal::SIGKILL) {
-        Ok(()) | Err(Errno::ESRCH) => {}
-        Err(e) => log!("cannot kill the remaining processes: {e}"),
+    if let Some(k) = abandon.take() {
+        // Reaped: the pid is no longer the child's to kill.
+        std::mem::forget(k);
     }
-    tokio::spawn(async move {
-        loop {
-            reap(Pid::from_raw(0));
-            if sigchld.recv().await.is_none() {
-                return;
-            }
+    exited.store(true, Ordering::Relaxed);
+    log!("{role}process exited: code {code:?}, signal {sig:?}");
+
+    if role == Role::Guest {
+        // End whatever the container left behind, as the end of its PID
+        // namespace would, so the output pipes reach end of file.
+        match kill(Pid::from_raw(-1), Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => log!("cannot kill the remaining processes: {e}"),
         }
-    });
+        tokio::spawn(async move {
+            loop {
+                reap(Pid::from_raw(0));
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+    }
     // The pumps give up on a silent pipe by themselves; what they may still
     // wait for is a host to take their output (it may be restarting), as
     // long as the exit report would wait for one. Both end before the exit
@@ -280,7 +333,7 @@ async fn run_on<C: Connector>(
     let delivery = out
         .report(&GuestMessage::Exited { code, signal: sig })
         .await?;
-    finish(delivery, async move {
+    finish(role, delivery, async move {
         ack_rx.recv().await;
     })
     .await;
@@ -290,14 +343,15 @@ async fn run_on<C: Connector>(
 /// Reports a process that could not start, then waits for the host's
 /// acknowledgement like a normal exit.
 async fn fail(
+    role: Role,
     out: &Outbox,
     mut inbound: mpsc::Receiver<HostMessage>,
     message: String,
     code: i32,
 ) -> Result<(), Error> {
-    log!("cannot start the process (exit code {code}): {message}");
+    log!("{role}cannot start the process (exit code {code}): {message}");
     let delivery = out.report(&GuestMessage::Failed { message, code }).await?;
-    finish(delivery, async move {
+    finish(role, delivery, async move {
         while let Some(m) = inbound.recv().await {
             if m == HostMessage::ExitAck {
                 return;
@@ -314,7 +368,7 @@ async fn fail(
 /// to come back for it; once the report is written on a connection, the
 /// host has [`ACK_PATIENCE`] to acknowledge it, unless that connection
 /// breaks first.
-async fn finish(mut delivery: link::Delivery, ack: impl Future<Output = ()>) {
+async fn finish(role: Role, mut delivery: link::Delivery, ack: impl Future<Output = ()>) {
     let deadline = Instant::now() + DELIVERY_PATIENCE;
     tokio::pin!(ack);
     loop {
@@ -322,18 +376,18 @@ async fn finish(mut delivery: link::Delivery, ack: impl Future<Output = ()>) {
         let wake = written.map_or(deadline, |at| at + ACK_PATIENCE);
         tokio::select! {
             () = &mut ack => {
-                log!("exit acknowledged");
+                log!("{role}exit acknowledged");
                 return;
             }
             changed = delivery.changed() => if changed.is_err() {
-                log!("the host link ended before the exit was acknowledged");
+                log!("{role}the host link ended before the exit was acknowledged");
                 return;
             },
             () = sleep_until(wake) => {
                 match written {
-                    Some(_) => log!("no exit acknowledgement within {ACK_PATIENCE:?}"),
+                    Some(_) => log!("{role}no exit acknowledgement within {ACK_PATIENCE:?}"),
                     None => log!(
-                        "the exit report could not be delivered within {DELIVERY_PATIENCE:?}"
+                        "{role}the exit report could not be delivered within {DELIVERY_PATIENCE:?}"
                     ),
                 }
                 return;
@@ -381,6 +435,25 @@ async fn dispatch(
             HostMessage::Renew { .. } => log!("ignoring Renew: the process already runs"),
             HostMessage::Resume { .. } | HostMessage::Ack { .. } => {}
         }
+    }
+}
+
+/// Kills a child when dropped (and reaps it: it is this process's child).
+struct KillOnDrop(Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+        let _ = waitpid(self.0, None);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
