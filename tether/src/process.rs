@@ -51,7 +51,7 @@ pub(crate) enum SpawnError {
     /// The new root could not be opened.
     #[error("cannot open the root filesystem {0}")]
     Root(String, #[source] io::Error),
-    /// fork, chroot, chdir or exec failed.
+    /// The clone, the child's setup (chroot, chdir, ids) or the exec failed.
     #[error("cannot execute {0}")]
     Exec(String, #[source] io::Error),
     /// The user or group is not known in the container.
@@ -266,10 +266,11 @@ const CHILD_STACK: usize = 32 << 10;
 /// Starts the child with `clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn`
 /// does, rather than fork: the child borrows the tether's memory until its
 /// exec, so no page table is copied and neither side takes copy-on-write
-/// faults. Under TCG that is most of a spawn's cost: two pool agents side by
-/// side, 14 starts each, process started median 14.6 → 9.3 ms and first
-/// output 42.0 → 36.8 ms. The calling thread is suspended until the child
-/// has exec'd or exited, which keeps `plan` alive and unchanged for it.
+/// faults. Two pool agents side by side under TCG (59 starts each, the
+/// fork against this): process started median 14.6 → 12.1 ms, first output
+/// 39.9 → 38.9 ms (docs/pools.md). The calling thread is suspended until
+/// the child has exec'd or exited, which keeps `plan` alive and unchanged
+/// for it.
 fn clone_and_exec(plan: &Plan<'_>) -> io::Result<Pid> {
     let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); CHILD_STACK];
     // The stack grows down from its end, 16-byte aligned.

@@ -3,7 +3,7 @@
 //! the code a container's start runs. A session ([`session::run_on`], in
 //! [`Role::Rehearsal`]) dials a vsock port of the guest's own (loopback,
 //! CID 1) where [`host`] plays the agent: the hello, the spec decoded, the
-//! hostname set (to what it is), `process::spawn`'s search of PATH, fork,
+//! hostname set (to what it is), `process::spawn`'s search of PATH, clone,
 //! chroot, setsid and exec, the stdio pumps, the output framed and
 //! acknowledged, the exit reaped, reported and acknowledged. The program
 //! is the tether's own binary. The rehearsal also reads the image's
