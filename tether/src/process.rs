@@ -9,7 +9,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -125,8 +125,14 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
     let root_c = CString::new(root.as_os_str().as_bytes())
         .map_err(|_| SpawnError::Nul(root.display().to_string()))?;
     let workdir_c = nul(&workdir)?;
-    for s in spec.argv.iter().chain(spec.env.iter()) {
-        nul(s)?;
+    let argv_c = spec
+        .argv
+        .iter()
+        .map(|a| nul(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Every entry, those `parse_env` skips too.
+    if let Some(e) = spec.env.iter().find(|e| e.contains('\0')) {
+        return Err(SpawnError::Nul(e.clone()));
     }
 
     let ids = match spec.user.as_deref() {
@@ -149,11 +155,6 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
     // Everything the child needs, built here: between the clone and the
     // exec it only makes system calls on this memory.
     let program_c = nul(&program)?;
-    let argv_c = spec
-        .argv
-        .iter()
-        .map(|a| nul(a))
-        .collect::<Result<Vec<_>, _>>()?;
     // As `Command::env` did: sorted by name, a later entry replacing an
     // earlier one of the same name.
     let mut vars: std::collections::BTreeMap<&str, &str> = env.iter().copied().collect();
@@ -204,9 +205,9 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
     // The child has exec'd or exited (CLONE_VFORK): the parent's copies of
     // its ends go, so the report pipe reads end of file on success.
     drop((stdin_child, stdout_child, stderr_child, report_w));
-    let mut errno = [0u8; 4];
-    let n = read_full(report_r.as_fd(), &mut errno);
-    if n == errno.len() {
+    let mut report = Vec::new();
+    let _ = File::from(report_r).read_to_end(&mut report);
+    if let Ok(errno) = <[u8; 4]>::try_from(report.as_slice()) {
         // It exited before the exec: reap it here, nobody else knows it.
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(exec_err(io::Error::from_raw_os_error(i32::from_ne_bytes(
@@ -228,20 +229,6 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
         .map(|s| s.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect()
-}
-
-/// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => break,
-        }
-    }
-    n
 }
 
 /// What the child does between the clone and the exec, prepared by the
@@ -678,6 +665,31 @@ mod tests {
         symlink("/bin/tool", p.join("usr/bin/vmlet-test-link")).unwrap();
         symlink("/bin/missing", p.join("usr/bin/dangling")).unwrap();
         t
+    }
+
+    /// A NUL byte in an argument or in any environment entry (one without
+    /// `=`, which the environment skips, too) is refused before any child
+    /// exists, with code 125.
+    #[test]
+    fn nul_bytes_are_refused_before_the_clone() {
+        let t = fake_root();
+        let spec = |argv: &[&str], env: &[&str]| ProcessSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|s| s.to_string()).collect(),
+            ..ProcessSpec::default()
+        };
+        for (s, bad) in [
+            (spec(&["tool", "a\0b"], &["PATH=/bin"]), "a\0b"),
+            (spec(&["tool"], &["PATH=/bin", "K=v\0"]), "K=v\0"),
+            (
+                spec(&["tool"], &["PATH=/bin", "no-equals\0"]),
+                "no-equals\0",
+            ),
+        ] {
+            let e = spawn(&s, t.path()).unwrap_err();
+            assert!(matches!(&e, SpawnError::Nul(x) if x == bad), "{e:?}");
+            assert_eq!(e.code(), 125);
+        }
     }
 
     fn resolve(t: &TempDir, argv0: &str, path: &str, workdir: &str) -> Result<String, SpawnError> {

@@ -240,7 +240,7 @@ pub(crate) async fn run_on<C: Connector>(
     let pid = child.pid;
     // A rehearsal abandoned (dropped) must not leave its process behind
     // for the container to find; a guest's session ends with the guest.
-    let mut abandon = match role {
+    let abandon = match role {
         Role::Rehearsal => Some(KillOnDrop(pid)),
         Role::Guest => None,
     };
@@ -293,10 +293,8 @@ pub(crate) async fn run_on<C: Connector>(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    if let Some(k) = abandon.take() {
-        // Reaped: the pid is no longer the child's to kill.
-        std::mem::forget(k);
-    }
+    // Reaped: the pid is no longer the child's to kill.
+    std::mem::forget(abandon);
     exited.store(true, Ordering::Relaxed);
     log!("{role}process exited: code {code:?}, signal {sig:?}");
 
