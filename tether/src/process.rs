@@ -810,7 +810,10 @@ mod tests {
         }
         let t = TempDir::new();
         fs::create_dir_all(t.path().join("bin")).unwrap();
-        fs::copy("/bin/busybox", t.path().join("bin/busybox")).unwrap();
+        crate::testutil::install_program(
+            &t.path().join("bin/busybox"),
+            &fs::read("/bin/busybox").unwrap(),
+        );
         symlink("busybox", t.path().join("bin/sh")).unwrap();
         let spec = ProcessSpec {
             argv: vec![
@@ -849,7 +852,10 @@ mod tests {
         }
         let t = TempDir::new();
         fs::create_dir_all(t.path().join("bin")).unwrap();
-        fs::copy("/bin/busybox", t.path().join("bin/busybox")).unwrap();
+        crate::testutil::install_program(
+            &t.path().join("bin/busybox"),
+            &fs::read("/bin/busybox").unwrap(),
+        );
         symlink("busybox", t.path().join("bin/sh")).unwrap();
         Some(t)
     }
@@ -953,8 +959,7 @@ mod tests {
     fn a_failed_exec_is_reported_and_reaped() {
         let Some(t) = busybox_root() else { return };
         let bogus = t.path().join("bin/bogus");
-        fs::write(&bogus, b"\x7fELF not really").unwrap();
-        fs::set_permissions(&bogus, fs::Permissions::from_mode(0o755)).unwrap();
+        crate::testutil::install_program(&bogus, b"\x7fELF not really");
         let spec = ProcessSpec {
             argv: vec!["/bin/bogus".into()],
             ..ProcessSpec::default()

@@ -22,6 +22,8 @@ mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod staged;
+#[cfg(test)]
+mod testutil;
 pub mod vsock_backend;
 
 pub use accel::{detect_accel, Accel, ParseAccelError};

@@ -1655,9 +1655,7 @@ mod tests {
     fn probes_the_version_in_bounded_time() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake");
-        std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.9.9'\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        crate::testutil::install_script(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.9.9'\n");
         assert_eq!(probe_version(&fake).as_deref(), Some("9.9.9"));
         assert_eq!(probe_version(Path::new("/nonexistent")), None);
         if let Some(qemu) = find_program("qemu-system-x86_64") {
@@ -1680,13 +1678,10 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake-qemu");
-        std::fs::write(
+        crate::testutil::install_script(
             &fake,
             "#!/bin/sh\necho 'qemu: -M microvm: unsupported machine' >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let f = dir.path().join("vmlinux");
         std::fs::write(&f, b"").unwrap();
         let c = VmConfig {
@@ -1731,16 +1726,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake-qemu");
         // Never opens a QMP socket; leaves its pid behind to be checked.
-        std::fs::write(
-            &fake,
-            format!(
+        crate::testutil::install_script(&fake, &format!(
                 "#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho $$ > {}/qemu.pid\nexec sleep 30\n",
                 dir.path().display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+            ));
         let f = dir.path().join("vmlinux");
         std::fs::write(&f, b"").unwrap();
         let c = VmConfig {

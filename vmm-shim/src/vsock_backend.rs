@@ -258,9 +258,7 @@ mod tests {
     async fn reports_an_early_exit_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake-backend");
-        std::fs::write(&fake, "#!/bin/sh\necho 'no such option' >&2\nexit 2\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        crate::testutil::install_script(&fake, "#!/bin/sh\necho 'no such option' >&2\nexit 2\n");
         let r = VsockBackend::spawn(
             &fake,
             3,
@@ -283,9 +281,7 @@ mod tests {
     async fn times_out_and_kills_a_silent_backend() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake-backend");
-        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        crate::testutil::install_script(&fake, "#!/bin/sh\nexec sleep 30\n");
         let r = VsockBackend::spawn(
             &fake,
             3,
