@@ -27,6 +27,11 @@ cargo test --workspace --no-fail-fast -- --test-threads="${VMLET_TEST_THREADS:-2
 # pool starts are held to exactly the behaviour of cold ones.
 VMLET_TEST_POOL=2 cargo test -p vmlet-tests --no-fail-fast \
     --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"
+# And with pool members that ran a warm-up from the image first (whatever
+# it did must not reach the container).
+VMLET_TEST_POOL=2 VMLET_TEST_WARMUP='sh -c "echo warm > /warm; sleep 600 &"' \
+    cargo test -p vmlet-tests --no-fail-fast \
+    --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"
 # And again with every busybox start restored from a template snapshot.
 VMLET_TEST_TEMPLATE=1 cargo test -p vmlet-tests --no-fail-fast \
     --test run --test lifecycle --test api -- --test-threads="${VMLET_TEST_THREADS:-2}"

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
 use vmlet_protocol::api::{CreateSpec, Event, ExitInfo, VmState, VmSummary};
+use vmlet_protocol::guest::ProcessSpec;
 use vmlet_protocol::{ApiError, ErrorCode};
 use vmm_shim::{Disk, StagedFile, VmConfig, Vmm};
 
@@ -618,7 +619,16 @@ impl Agent {
 
     /// Creates a warm-pool member of `image` (not in the registry: it
     /// becomes a VM only when a create takes it).
-    pub fn create_pool_member(&self, image: &str) -> Result<Arc<Vm>, ApiError> {
+    ///
+    /// With `warmup`, also returns the process the member runs once before
+    /// it is ready: that command as given (the image's entrypoint is not
+    /// put before it), with the image's environment, user and working
+    /// directory.
+    pub fn create_pool_member(
+        &self,
+        image: &str,
+        warmup: Option<&[String]>,
+    ) -> Result<(Arc<Vm>, Option<ProcessSpec>), ApiError> {
         let _gc = self.images.gc_guard();
         let img = self.images.resolve(image)?;
         let mut spec = CreateSpec {
@@ -626,8 +636,22 @@ impl Agent {
             ..Default::default()
         };
         crate::image::apply_config(&mut spec, &img.config)?;
+        let warmup = match warmup {
+            Some(argv) => {
+                let mut w = CreateSpec {
+                    image: image.to_string(),
+                    argv: argv.to_vec(),
+                    entrypoint: Some(Vec::new()),
+                    ..Default::default()
+                };
+                crate::image::apply_config(&mut w, &img.config)?;
+                Some(crate::start::warmup_spec(w))
+            }
+            None => None,
+        };
         let (memory, vcpus) = (self.config.memory_mib, self.config.vcpus);
-        self.new_vm(spec, img.id, img.layers, memory, vcpus, true)
+        let vm = self.new_vm(spec, img.id, img.layers, memory, vcpus, true)?;
+        Ok((vm, warmup))
     }
 
     /// Forgets a pool member that was discarded or failed: its directory

@@ -32,6 +32,9 @@ pub struct PoolSpec {
     pub image: String,
     /// How many guests to keep ready.
     pub size: u32,
+    /// A command each member runs once, from the image, before it is
+    /// ready (see `tether/src/warmup.rs`); `None` runs nothing.
+    pub warmup: Option<Vec<String>>,
 }
 
 impl std::str::FromStr for PoolSpec {
@@ -50,8 +53,58 @@ impl std::str::FromStr for PoolSpec {
         Ok(PoolSpec {
             image: image.to_string(),
             size,
+            warmup: None,
         })
     }
+}
+
+/// `IMAGE=COMMAND`: the warm-up of IMAGE's pool (`vmletd --pool-warmup`).
+/// COMMAND is split into words as a POSIX shell would, without running
+/// one: quotes and backslashes group, nothing is expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolWarmup {
+    /// The image name, as its `--pool` names it.
+    pub image: String,
+    /// The command and its arguments.
+    pub argv: Vec<String>,
+}
+
+impl std::str::FromStr for PoolWarmup {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (image, command) = s
+            .split_once('=')
+            .ok_or_else(|| format!("pool warm-up {s:?} is not IMAGE=COMMAND"))?;
+        crate::ids::validate_image(image).map_err(|e| e.message)?;
+        let argv = shell_words::split(command)
+            .map_err(|e| format!("pool warm-up command {command:?}: {e}"))?;
+        if argv.is_empty() {
+            return Err(format!("pool warm-up {s:?} has no command"));
+        }
+        Ok(PoolWarmup {
+            image: image.to_string(),
+            argv,
+        })
+    }
+}
+
+/// Gives each warm-up to the pool of its image. Refuses a warm-up for an
+/// image without a pool, and two for one pool.
+pub fn attach_warmups(pools: &mut [PoolSpec], warmups: Vec<PoolWarmup>) -> Result<(), String> {
+    for w in warmups {
+        let Some(pool) = pools.iter_mut().find(|p| p.image == w.image) else {
+            return Err(format!(
+                "--pool-warmup names {:?}, which has no --pool",
+                w.image
+            ));
+        };
+        if pool.warmup.is_some() {
+            return Err(format!("--pool-warmup names {:?} twice", w.image));
+        }
+        pool.warmup = Some(w.argv);
+    }
+    Ok(())
 }
 
 /// One pool's members and counters.
@@ -180,6 +233,7 @@ impl Pools {
                     hits: p.hits.load(Ordering::Relaxed),
                     misses: p.misses.load(Ordering::Relaxed),
                     failures: p.failures.load(Ordering::Relaxed),
+                    warmup: p.spec.warmup.clone(),
                 }
             })
             .collect()
@@ -261,15 +315,16 @@ async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
 }
 
 async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
-    let vm = match agent.create_pool_member(&pool.spec.image) {
-        Ok(vm) => vm,
+    let (vm, warmup) = match agent.create_pool_member(&pool.spec.image, pool.spec.warmup.as_deref())
+    {
+        Ok(m) => m,
         Err(e) => {
             pool.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(image = %pool.spec.image, error = %e, "cannot create a pool member");
             return false;
         }
     };
-    match crate::start::preboot(agent, &vm).await {
+    match crate::start::preboot(agent, &vm, warmup).await {
         Ok(pre) => {
             let image_ok =
                 pool.image_id.lock().as_deref() == vm.with(|i| i.rec.image_id.clone()).as_deref();
@@ -341,3 +396,39 @@ pub async fn drain(agent: &Arc<Agent>) {
 
 /// How long a stopping agent waits for pool members still booting.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_ups_are_split_as_a_shell_would_and_find_their_pool() {
+        let w: PoolWarmup = "busybox=sh -c 'A=1 echo \"a b\"' x\\ y".parse().unwrap();
+        assert_eq!(w.image, "busybox");
+        assert_eq!(w.argv, ["sh", "-c", "A=1 echo \"a b\"", "x y"]);
+        // Nothing is expanded.
+        let w: PoolWarmup = "busybox=echo $HOME *".parse().unwrap();
+        assert_eq!(w.argv, ["echo", "$HOME", "*"]);
+        for bad in [
+            "busybox",
+            "busybox=",
+            "busybox=  ",
+            "busybox='x",
+            "=true",
+            "../x=true",
+        ] {
+            assert!(bad.parse::<PoolWarmup>().is_err(), "{bad}");
+        }
+
+        let mut pools: Vec<PoolSpec> =
+            vec!["busybox=1".parse().unwrap(), "other=2".parse().unwrap()];
+        let w = |s: &str| s.parse::<PoolWarmup>().unwrap();
+        attach_warmups(&mut pools, vec![w("other=true")]).unwrap();
+        assert_eq!(pools[0].warmup, None);
+        assert_eq!(pools[1].warmup.as_deref(), Some(&["true".to_string()][..]));
+        let e = attach_warmups(&mut pools, vec![w("other=false")]).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = attach_warmups(&mut pools, vec![w("nopool=true")]).unwrap_err();
+        assert!(e.contains("has no --pool"), "{e}");
+    }
+}

@@ -536,7 +536,11 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Boots `vm` (a pool member, not in the registry) and has its tether
 /// prepare the root filesystem, so a later start only sends the spec.
-pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiError> {
+pub async fn preboot(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    warmup: Option<ProcessSpec>,
+) -> Result<Prebooted, ApiError> {
     let rec = vm.record();
     vm.phase(Phase::Accepted);
     let l = match launch(agent, vm, &rec).await {
@@ -554,6 +558,7 @@ pub async fn preboot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Prebooted, ApiE
         HostMessage::Prepare {
             layers: l.layers,
             writable: l.writable,
+            warmup,
         },
         Some(gate_rx),
         None,
@@ -594,6 +599,30 @@ impl Prebooted {
     }
 }
 
+/// A pool's warm-up process from its create spec (the image's config
+/// applied): argv, environment (the default PATH, overridden by the
+/// image's), user, working directory; no stdin.
+pub fn warmup_spec(spec: vmlet_protocol::api::CreateSpec) -> ProcessSpec {
+    ProcessSpec {
+        argv: spec.argv,
+        env: with_defaults(vec![DEFAULT_PATH.to_string()], &spec.env),
+        workdir: spec.workdir,
+        user: spec.user,
+        ..ProcessSpec::default()
+    }
+}
+
+/// `defaults`, each overridden by an entry of `env` with its key, then the
+/// rest of `env`.
+fn with_defaults(mut defaults: Vec<String>, env: &[String]) -> Vec<String> {
+    for e in env {
+        let key = e.split('=').next().unwrap_or_default();
+        defaults.retain(|x| x.split('=').next() != Some(key));
+        defaults.push(e.clone());
+    }
+    defaults
+}
+
 /// The process part of the spec: argv, environment (the default PATH and
 /// HOSTNAME, overridden by the VM's), user, working directory.
 fn process_spec(
@@ -602,15 +631,13 @@ fn process_spec(
     layers: Vec<DiskSpec>,
     writable: Option<DiskSpec>,
 ) -> ProcessSpec {
-    let mut env = vec![
-        DEFAULT_PATH.to_string(),
-        format!("HOSTNAME={}", &vm.id[..12]),
-    ];
-    for e in &rec.spec.env {
-        let key = e.split('=').next().unwrap_or_default();
-        env.retain(|x| x.split('=').next() != Some(key));
-        env.push(e.clone());
-    }
+    let env = with_defaults(
+        vec![
+            DEFAULT_PATH.to_string(),
+            format!("HOSTNAME={}", &vm.id[..12]),
+        ],
+        &rec.spec.env,
+    );
     ProcessSpec {
         layers,
         writable,

@@ -442,6 +442,8 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
                     serial: "rw".into(),
                     fstype: "ext4".into(),
                 }),
+                // A clone is a new QEMU: translations do not carry over.
+                warmup: None,
             };
             write_frame(&mut wr, &prepare)
                 .await

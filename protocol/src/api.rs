@@ -386,6 +386,9 @@ pub struct PoolInfo {
     pub misses: u64,
     /// Members that failed to boot or prepare.
     pub failures: u64,
+    /// The command each member runs once from the image before it is
+    /// ready (`vmletd --pool-warmup`), if any.
+    pub warmup: Option<Vec<String>>,
 }
 
 /// A stored image.

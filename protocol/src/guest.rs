@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::api::GuestBoot;
 
 /// The guest protocol version, sent in the hello.
-pub const GUEST_PROTOCOL_VERSION: u32 = 1;
+pub const GUEST_PROTOCOL_VERSION: u32 = 2;
+/// How long a [`HostMessage::Prepare`]'s warm-up may run before the
+/// tether kills it.
+pub const WARMUP_PATIENCE_MS: u64 = 10_000;
 /// The vsock port the host listens on for tethers.
 pub const TETHER_PORT: u32 = 1024;
 /// The largest frame the agent accepts from a guest: one stdio chunk plus
@@ -121,6 +124,14 @@ pub enum HostMessage {
         layers: Vec<DiskSpec>,
         /// The writable upper layer; a tmpfs when `None`.
         writable: Option<DiskSpec>,
+        /// A process to run once, before answering, in a scratch copy of
+        /// the root (the same layers over a throwaway tmpfs), so that the
+        /// guest has run the image's code once before its container does
+        /// (under emulation, a first run pays for its translation). Its
+        /// `layers`, `writable`, `stdin` and `hostname` are ignored; its
+        /// output is discarded; it and every process it left are killed
+        /// before the answer, at the latest after [`WARMUP_PATIENCE_MS`].
+        warmup: Option<ProcessSpec>,
     },
     /// Sent first to a guest restored from a template snapshot, before
     /// its spec or `Prepare`: every clone of one snapshot wakes with the

@@ -134,13 +134,20 @@ impl Default for AgentOptions {
     /// With `VMLET_TEST_POOL=N` in the environment, every agent keeps a
     /// warm pool of N busybox guests, so the same tests run against pool
     /// starts; with `VMLET_TEST_TEMPLATE=1`, every agent starts busybox VMs
-    /// from a template snapshot (and the harness waits for it to be ready).
-    /// `scripts/test.sh` runs the lifecycle suites in all three modes.
+    /// from a template snapshot (and the harness waits for it to be ready);
+    /// with `VMLET_TEST_WARMUP=COMMAND` as well as a pool, every member runs
+    /// that warm-up first. `scripts/test.sh` runs the lifecycle suites in
+    /// all four modes.
     fn default() -> Self {
         let mut extra: Vec<String> = match std::env::var("VMLET_TEST_POOL") {
             Ok(n) if !n.is_empty() && n != "0" => vec!["--pool".into(), format!("busybox={n}")],
             _ => Vec::new(),
         };
+        if let Ok(cmd) = std::env::var("VMLET_TEST_WARMUP") {
+            if !extra.is_empty() && !cmd.is_empty() {
+                extra.extend(["--pool-warmup".into(), format!("busybox={cmd}")]);
+            }
+        }
         if std::env::var("VMLET_TEST_TEMPLATE").is_ok_and(|v| !v.is_empty() && v != "0") {
             extra.extend(["--template".into(), "busybox".into()]);
         }

@@ -94,6 +94,91 @@ fn starts_are_hand_offs_and_the_pool_refills() {
     assert_eq!(stdout(&a.run(&["logs", &id])), "cold\n");
 }
 
+/// A pool's warm-up runs from the image, before the member is ready, in a
+/// scratch root: what it writes, the device nodes it would make and the
+/// processes it leaves never reach the container.
+#[test]
+fn a_warm_up_runs_from_the_image_and_leaves_the_container_nothing() {
+    // Exits 0 only if it could write its root and could not write /dev.
+    let warmup = "sh -c 'echo warm > /warm-marker || exit 3; \
+                  touch /dev/warm-node 2>/dev/null && exit 4; \
+                  sleep 600 & echo out; echo err >&2'";
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec![
+            "--pool".into(),
+            "busybox=1".into(),
+            "--pool-warmup".into(),
+            format!("busybox={warmup}"),
+        ],
+        ..Default::default()
+    });
+    let pools = wait_ready(&a, 1);
+    assert!(pools.contains("sh -c 'echo warm > /warm-marker"), "{pools}");
+    let id = a.detach(&[
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "test -e /warm-marker && echo marker; test -e /dev/warm-node && echo node; \
+         cat /proc/[0-9]*/comm | grep -cx sleep; mount | grep -c scratch; echo end",
+    ]);
+    assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "0");
+    assert_eq!(a.inspect(&id)["StartMode"], "pool");
+    // No marker, no node, no sleep, no scratch mount.
+    assert_eq!(stdout(&a.run(&["logs", &id])), "0\n0\nend\n");
+    let console = std::fs::read_to_string(a.vm_dir(&id).join("console.log")).unwrap();
+    let line = console
+        .lines()
+        .find(|l| l.contains("warm-up: argv"))
+        .unwrap_or_else(|| panic!("no warm-up line:\n{console}"));
+    // "out\n" and "err\n" discarded; the `sleep` it left killed and reaped.
+    assert!(
+        line.contains("exited with code 0; 8 bytes of output discarded, 1 processes reaped"),
+        "{line}"
+    );
+}
+
+/// `--pool-warmup` is refused for an image without a pool, twice for one
+/// pool, and without a command.
+#[test]
+fn bad_warm_ups_are_refused_at_startup() {
+    let vmletd = vmlet_tests::bin("vmletd");
+    for (args, why) in [
+        (&["--pool-warmup", "busybox=true"][..], "has no --pool"),
+        (
+            &[
+                "--pool",
+                "busybox=1",
+                "--pool-warmup",
+                "busybox=true",
+                "--pool-warmup",
+                "busybox=false",
+            ][..],
+            "twice",
+        ),
+        (
+            &["--pool", "busybox=1", "--pool-warmup", "busybox= "][..],
+            "has no command",
+        ),
+        (
+            &["--pool", "busybox=1", "--pool-warmup", "busybox='true"][..],
+            "missing closing quote",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new(&vmletd)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(dir.path().join("api.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
+    }
+}
+
 #[test]
 fn pool_members_die_with_a_stopped_agent_and_are_not_adopted() {
     let mut a = TestAgent::start_with(AgentOptions {

@@ -20,6 +20,7 @@ mod serial;
 mod session;
 #[cfg(test)]
 mod testutil;
+mod warmup;
 
 use std::path::Path;
 

@@ -21,6 +21,8 @@ const LAYERS: &str = "/run/vmlet/layers";
 const RW: &str = "/run/vmlet/rw";
 /// An empty lower layer for a spec with no layers at all.
 const EMPTY: &str = "/run/vmlet/empty";
+/// A [`Scratch`] root's tmpfs: its overlay's `upper`, `work` and `root`.
+const SCRATCH: &str = "/run/vmlet/scratch";
 /// Where the kernel lists block devices.
 const SYS_BLOCK: &str = "/sys/block";
 /// How long to wait for the disks to show up after the modules loaded.
@@ -67,22 +69,16 @@ pub(crate) fn assemble(spec: &ProcessSpec) -> Result<(), Error> {
         Path::new("/dev").join(&devices[&d.serial])
     };
 
-    let mut lowers = Vec::with_capacity(spec.layers.len().max(1));
     for (i, layer) in spec.layers.iter().enumerate() {
-        let target = Path::new(LAYERS).join(i.to_string());
         mount(
             &dev(layer),
-            &target,
+            &Path::new(LAYERS).join(i.to_string()),
             &layer.fstype,
             MsFlags::MS_RDONLY,
             None,
         )?;
-        lowers.push(target);
     }
-    if lowers.is_empty() {
-        mkdir(Path::new(EMPTY))?;
-        lowers.push(PathBuf::from(EMPTY));
-    }
+    let lowers = lowers(spec.layers.len())?;
 
     let rw = Path::new(RW);
     match &spec.writable {
@@ -107,8 +103,71 @@ pub(crate) fn assemble(spec: &ProcessSpec) -> Result<(), Error> {
         Some(&opts),
     )?;
 
-    mount_inner(Path::new(ROOT))?;
+    mount_inner(Path::new(ROOT), false)?;
     set_hostname(&spec.hostname)
+}
+
+/// The overlay's lower directories for `layers` mounted layers: each
+/// layer's mount point, or one empty directory when there are none.
+fn lowers(layers: usize) -> Result<Vec<PathBuf>, Error> {
+    if layers == 0 {
+        mkdir(Path::new(EMPTY))?;
+        return Ok(vec![PathBuf::from(EMPTY)]);
+    }
+    Ok((0..layers)
+        .map(|i| Path::new(LAYERS).join(i.to_string()))
+        .collect())
+}
+
+/// A scratch copy of the root [`assemble`] mounted: the same layers,
+/// merged over a throwaway tmpfs instead of the writable disk, with its
+/// own proc, sys and dev. Nothing written in it reaches the container's
+/// root. Unmounted, with everything mounted under it, when dropped.
+#[derive(Debug)]
+pub(crate) struct Scratch(());
+
+impl Scratch {
+    /// Where the scratch root is mounted.
+    pub(crate) fn root(&self) -> PathBuf {
+        Path::new(SCRATCH).join("root")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Lazily: a mount still in use goes once its last user does.
+        if let Err(e) = nix::mount::umount2(SCRATCH, nix::mount::MntFlags::MNT_DETACH) {
+            log!("cannot unmount {SCRATCH}: {e}");
+        }
+    }
+}
+
+/// Mounts a [`Scratch`] root over the `layers` layers [`assemble`]
+/// mounted.
+pub(crate) fn mount_scratch(layers: usize) -> Result<Scratch, Error> {
+    let base = Path::new(SCRATCH);
+    mount(
+        Path::new("tmpfs"),
+        base,
+        "tmpfs",
+        MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    let scratch = Scratch(());
+    let (upper, work) = (base.join("upper"), base.join("work"));
+    mkdir(&upper)?;
+    mkdir(&work)?;
+    let opts = overlay_options(&lowers(layers)?, &upper, &work);
+    let root = scratch.root();
+    mount(
+        Path::new("overlay"),
+        &root,
+        "overlay",
+        MsFlags::empty(),
+        Some(&opts),
+    )?;
+    mount_inner(&root, true)?;
+    Ok(scratch)
 }
 
 /// Sets the guest's hostname (nothing for an empty one).
@@ -140,8 +199,10 @@ fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> String {
 }
 
 /// proc, sys and dev inside the new root: the minimum a process expects.
-/// `/dev/pts` and `/dev/shm` are conveniences and may fail.
-fn mount_inner(root: &Path) -> Result<(), Error> {
+/// `/dev/pts` and `/dev/shm` are conveniences and may fail. A `scratch`
+/// root's dev is read-only: devtmpfs is one filesystem for the whole
+/// guest, so a node made there would be the container's too.
+fn mount_inner(root: &Path, scratch: bool) -> Result<(), Error> {
     let hard = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Path::new("proc"), &root.join("proc"), "proc", hard, None)?;
     mount(
@@ -158,6 +219,21 @@ fn mount_inner(root: &Path) -> Result<(), Error> {
         MsFlags::MS_NOSUID,
         Some("mode=0755"),
     )?;
+    if scratch {
+        // This mount only: a read-only devtmpfs mount would reconfigure
+        // its one superblock, the container's /dev with it.
+        let flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
+        let dev = root.join("dev");
+        nix::mount::mount(None::<&str>, &dev, None::<&str>, flags, None::<&str>).map_err(
+            |source| Error::Mount {
+                what: "a read-only bind".into(),
+                fstype: "devtmpfs".into(),
+                target: dev.clone(),
+                source,
+            },
+        )?;
+    }
     let optional = [
         (
             "devpts",

@@ -180,7 +180,11 @@ pub(crate) async fn run_on<C: Connector>(
     let spec = loop {
         match inbound.recv().await {
             Some(HostMessage::Spec(s)) => break s,
-            Some(HostMessage::Prepare { layers, writable }) if !prepared => {
+            Some(HostMessage::Prepare {
+                layers,
+                writable,
+                warmup,
+            }) if !prepared => {
                 let root = vmlet_protocol::guest::ProcessSpec {
                     layers,
                     writable,
@@ -192,6 +196,9 @@ pub(crate) async fn run_on<C: Connector>(
                 }
                 log!("root filesystem prepared in {} us", boottime_us() - start);
                 crate::rehearsal::rehearse(Path::new(rootfs::ROOT), &root).await;
+                if let Some(w) = warmup {
+                    crate::warmup::warm_up(root.layers.len(), &w).await;
+                }
                 out.send(&GuestMessage::Prepared).await?;
                 prepared = true;
             }

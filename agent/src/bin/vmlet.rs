@@ -463,12 +463,12 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 return Err(CliError::Usage("unexpected reply to Pools".into()));
             };
             println!(
-                "{:<20}  {:>6}  {:>5}  {:>7}  {:>9}  {:>6}  {:>6}  {:>8}",
+                "{:<20}  {:>6}  {:>5}  {:>7}  {:>9}  {:>6}  {:>6}  {:>8}  WARMUP",
                 "IMAGE", "TARGET", "READY", "FILLING", "MEMORY", "HITS", "MISSES", "FAILURES"
             );
             for p in pools {
                 println!(
-                    "{:<20}  {:>6}  {:>5}  {:>7}  {:>6}MiB  {:>6}  {:>6}  {:>8}",
+                    "{:<20}  {:>6}  {:>5}  {:>7}  {:>6}MiB  {:>6}  {:>6}  {:>8}  {}",
                     p.image,
                     p.target,
                     p.ready,
@@ -476,7 +476,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                     p.memory_held_mib,
                     p.hits,
                     p.misses,
-                    p.failures
+                    p.failures,
+                    p.warmup
+                        .map(|w| shell_words::join(&w))
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             Ok(0)

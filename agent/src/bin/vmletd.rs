@@ -68,6 +68,15 @@ struct Args {
     /// a start is a hand-off. Repeatable.
     #[arg(long = "pool")]
     pools: Vec<vmlet_agent::pool::PoolSpec>,
+    /// Have each member of IMAGE's pool run COMMAND once, from the image,
+    /// before it is ready (IMAGE=COMMAND; COMMAND split as a shell would,
+    /// nothing expanded). Under emulation this spares the container's start
+    /// the first run of the image's code; it runs the image's code before
+    /// any start asked for it, in a scratch copy of the root whose writes
+    /// are thrown away, and everything it started is killed before the
+    /// member is handed out. Repeatable, once per pool.
+    #[arg(long = "pool-warmup")]
+    pool_warmups: Vec<vmlet_agent::pool::PoolWarmup>,
     /// Most pool members booting at once.
     #[arg(long, default_value_t = 1)]
     pool_refill: usize,
@@ -156,6 +165,8 @@ enum ArgsError {
     LogLimits(String),
     #[error("--idle-timeout must be a number of seconds, 0 for never")]
     IdleTimeout,
+    #[error("{0}")]
+    PoolWarmup(String),
     #[error("--cgroups {0}")]
     Cgroups(String),
     #[error("--vmm-uid-base must be from 1000 to {max}, so that BASE + any CID is an ordinary id")]
@@ -190,6 +201,8 @@ impl TryFrom<Args> for Config {
         c.allowed_uids = a.allow_uids;
         c.allowed_gids = a.allow_gids;
         c.pools = a.pools;
+        vmlet_agent::pool::attach_warmups(&mut c.pools, a.pool_warmups)
+            .map_err(ArgsError::PoolWarmup)?;
         c.pool_refill = a.pool_refill;
         c.templates = a.templates;
         let size = vmlet_agent::config::parse_size(&a.log_max_size)
