@@ -203,7 +203,38 @@ impl TestAgent {
         if a.opts.extra.iter().any(|x| x == "--template") {
             a.wait_templates_ready();
         }
+        // The suites rerun with a pool: their first starts must be pool
+        // starts, not misses on a pool still booting.
+        if std::env::var("VMLET_TEST_POOL").is_ok_and(|v| !v.is_empty() && v != "0")
+            && a.opts.extra.iter().any(|x| x == "--pool")
+        {
+            a.wait_pools_full();
+        }
         a
+    }
+
+    /// Waits until every pool of the agent has as many members ready as it
+    /// keeps.
+    pub fn wait_pools_full(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let out = stdout(&self.run(&["pool"]));
+            let rows: Vec<Vec<&str>> = out
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            // IMAGE TARGET READY ...
+            if !rows.is_empty() && rows.iter().all(|r| r.len() > 2 && r[1] == r[2]) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pools not full in 180 s:\n{out}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn spawn_daemon(&mut self) {
