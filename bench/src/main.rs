@@ -32,7 +32,8 @@ use vmlet_protocol::client::Client;
 use vmm_shim::Accel;
 
 /// Measures containerVM start latency in every mode side by side: a
-/// hand-written baseline, cold, pre-staged, pool and template starts.
+/// hand-written baseline, cold, pre-staged, pool (without and with a
+/// warm-up) and template starts.
 #[derive(Debug, Parser)]
 struct Args {
     /// The vmletd to run (one per agent mode); default: the one beside
@@ -55,7 +56,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "baseline,cold,prestaged,pool,template"
+        default_value = "baseline,cold,prestaged,pool,pool-warm,template"
     )]
     modes: Vec<Mode>,
     /// Measured starts per mode and concurrency.
@@ -202,7 +203,7 @@ impl Runner {
             phases_ms,
             // A pool member or a template booted before the start.
             guest_ms: match mode {
-                Mode::Pool | Mode::Template => BTreeMap::new(),
+                Mode::Pool | Mode::PoolWarm | Mode::Template => BTreeMap::new(),
                 _ => info
                     .guest_boot
                     .as_ref()
@@ -797,7 +798,9 @@ async fn start_agent(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let pool = (mode == Mode::Pool).then(|| u32::try_from(pool_size).unwrap_or(u32::MAX));
+    let pool = mode
+        .is_pool()
+        .then(|| u32::try_from(pool_size).unwrap_or(u32::MAX));
     Ok(Target {
         client,
         pid,
@@ -829,7 +832,7 @@ fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
         .iter()
         .map(|b| b.refill)
         .sum::<Option<Duration>>()
-        .filter(|_| mode == Mode::Pool);
+        .filter(|_| mode.is_pool());
     let cpu: Option<f64> = bs.iter().map(|b| b.agent_cpu_s).sum();
     let evicted = bs.last().and_then(|b| b.evicted);
     let s: Vec<Sample> = bs.into_iter().flat_map(|b| b.samples).collect();

@@ -2,6 +2,12 @@
 
 use serde::Serialize;
 
+/// What [`Mode::PoolWarm`]'s members run before they are ready: another
+/// program of the image than the measured command (`echo`), so the
+/// warm-up shares with it what any busybox applet runs (the C library's
+/// start-up, busybox's dispatch, the exit), not the applet itself.
+pub const WARMUP: &str = "true";
+
 /// One way of starting a containerVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -18,6 +24,11 @@ pub enum Mode {
     Prestaged,
     /// (d) A hand-off to a booted guest of a warm pool (`--pool`).
     Pool,
+    /// (d) A pool whose members ran [`WARMUP`] from the image before they
+    /// were ready (`--pool-warmup`).
+    #[value(name = "pool-warm")]
+    #[serde(rename = "pool-warm")]
+    PoolWarm,
     /// (e) A clone of a booted template VM (`--template`), where the agent
     /// offers it.
     Template,
@@ -25,11 +36,12 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Baseline,
         Mode::Cold,
         Mode::Prestaged,
         Mode::Pool,
+        Mode::PoolWarm,
         Mode::Template,
     ];
 
@@ -40,6 +52,7 @@ impl Mode {
             Mode::Cold => "cold",
             Mode::Prestaged => "prestaged",
             Mode::Pool => "pool",
+            Mode::PoolWarm => "pool-warm",
             Mode::Template => "template",
         }
     }
@@ -51,6 +64,7 @@ impl Mode {
             Mode::Cold => "(b) cold",
             Mode::Prestaged => "(c) pre-staged",
             Mode::Pool => "(d) pool",
+            Mode::PoolWarm => "(d) pool, warmed up",
             Mode::Template => "(e) template",
         }
     }
@@ -74,8 +88,18 @@ impl Mode {
                 "--pool-refill".into(),
                 pool_size.to_string(),
             ],
+            Mode::PoolWarm => {
+                let mut a = Mode::Pool.agent_args(image, pool_size);
+                a.extend(["--pool-warmup".into(), format!("{image}={WARMUP}")]);
+                a
+            }
             Mode::Template => vec!["--template".into(), image.into()],
         }
+    }
+
+    /// Whether its starts are hand-offs to a warm pool's members.
+    pub fn is_pool(self) -> bool {
+        matches!(self, Mode::Pool | Mode::PoolWarm)
     }
 
     /// The vmletd option the mode needs, if any: a vmletd whose `--help`
@@ -85,6 +109,7 @@ impl Mode {
             Mode::Baseline | Mode::Prestaged => None,
             Mode::Cold => Some("--no-prestage"),
             Mode::Pool => Some("--pool"),
+            Mode::PoolWarm => Some("--pool-warmup"),
             Mode::Template => Some("--template"),
         }
     }
@@ -96,7 +121,7 @@ impl Mode {
         match self {
             Mode::Baseline => None,
             Mode::Cold | Mode::Prestaged => Some("cold"),
-            Mode::Pool => Some("pool"),
+            Mode::Pool | Mode::PoolWarm => Some("pool"),
             Mode::Template => Some("template"),
         }
     }
@@ -113,6 +138,17 @@ mod tests {
         assert_eq!(
             Mode::Pool.agent_args("busybox", 2),
             ["--pool", "busybox=2", "--pool-refill", "2"]
+        );
+        assert_eq!(
+            Mode::PoolWarm.agent_args("busybox", 2),
+            [
+                "--pool",
+                "busybox=2",
+                "--pool-refill",
+                "2",
+                "--pool-warmup",
+                "busybox=true"
+            ]
         );
         for m in Mode::ALL {
             assert_eq!(m.uses_agent(), m.start_mode().is_some());

@@ -469,7 +469,7 @@ mod tests {
     /// A booting mode's guest clock: the kernel took half the start.
     fn guest(mode: Mode, first: f64) -> BTreeMap<&'static str, f64> {
         match mode {
-            Mode::Pool | Mode::Template => BTreeMap::new(),
+            Mode::Pool | Mode::PoolWarm | Mode::Template => BTreeMap::new(),
             _ => [("kernel", first * 0.5)].into_iter().collect(),
         }
     }
@@ -490,7 +490,7 @@ mod tests {
             ready: summarize(&samples.iter().map(|s| s.ready_ms).collect::<Vec<_>>()),
             first_output: summarize(first),
             starts_per_s: 1.0,
-            sustained_starts_per_s: (mode == Mode::Pool).then_some(0.5),
+            sustained_starts_per_s: mode.is_pool().then_some(0.5),
             agent_cpu_ms_per_start: mode.uses_agent().then_some(8.0),
             phases: [("guest-booted", summarize(first))].into_iter().collect(),
             guest: samples
