@@ -138,6 +138,36 @@ fn a_warm_up_runs_from_the_image_and_leaves_the_container_nothing() {
     );
 }
 
+/// A warm-up that never ends is killed after its time (10 s), and one that
+/// cannot start is logged: either way the member is handed out and works.
+#[test]
+fn a_warm_up_that_hangs_or_fails_still_leaves_a_working_member() {
+    for (warmup, said) in [
+        ("sleep 600", "ran over 10s and was killed"),
+        (
+            "/no/such/program",
+            "failed (starts are unaffected, only slower)",
+        ),
+    ] {
+        let a = TestAgent::start_with(AgentOptions {
+            extra: vec![
+                "--pool".into(),
+                "busybox=1".into(),
+                "--pool-warmup".into(),
+                format!("busybox={warmup}"),
+            ],
+            ..Default::default()
+        });
+        wait_ready(&a, 1);
+        let id = a.detach(&["busybox", "--", "sh", "-c", "pidof sleep; echo ok"]);
+        assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "0");
+        assert_eq!(a.inspect(&id)["StartMode"], "pool");
+        assert_eq!(stdout(&a.run(&["logs", &id])), "ok\n", "{warmup}");
+        let console = std::fs::read_to_string(a.vm_dir(&id).join("console.log")).unwrap();
+        assert!(console.contains(said), "{warmup}:\n{console}");
+    }
+}
+
 /// `--pool-warmup` is refused for an image without a pool, twice for one
 /// pool, and without a command.
 #[test]
