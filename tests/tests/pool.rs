@@ -94,6 +94,19 @@ fn starts_are_hand_offs_and_the_pool_refills() {
     assert_eq!(stdout(&a.run(&["logs", &id])), "cold\n");
 }
 
+/// An agent with a pool of one busybox guest that runs `warmup` first.
+fn warm_pool_agent(warmup: &str) -> TestAgent {
+    TestAgent::start_with(AgentOptions {
+        extra: vec![
+            "--pool".into(),
+            "busybox=1".into(),
+            "--pool-warmup".into(),
+            format!("busybox={warmup}"),
+        ],
+        ..Default::default()
+    })
+}
+
 /// A pool's warm-up runs from the image, before the member is ready, in a
 /// scratch root: what it writes, the device nodes it would make and the
 /// processes it leaves never reach the container.
@@ -103,15 +116,7 @@ fn a_warm_up_runs_from_the_image_and_leaves_the_container_nothing() {
     let warmup = "sh -c 'echo warm > /warm-marker || exit 3; \
                   touch /dev/warm-node 2>/dev/null && exit 4; \
                   sleep 600 & echo out; echo err >&2'";
-    let a = TestAgent::start_with(AgentOptions {
-        extra: vec![
-            "--pool".into(),
-            "busybox=1".into(),
-            "--pool-warmup".into(),
-            format!("busybox={warmup}"),
-        ],
-        ..Default::default()
-    });
+    let a = warm_pool_agent(warmup);
     let pools = wait_ready(&a, 1);
     assert!(pools.contains("sh -c 'echo warm > /warm-marker"), "{pools}");
     let id = a.detach(&[
@@ -149,15 +154,7 @@ fn a_warm_up_that_hangs_or_fails_still_leaves_a_working_member() {
             "failed (starts are unaffected, only slower)",
         ),
     ] {
-        let a = TestAgent::start_with(AgentOptions {
-            extra: vec![
-                "--pool".into(),
-                "busybox=1".into(),
-                "--pool-warmup".into(),
-                format!("busybox={warmup}"),
-            ],
-            ..Default::default()
-        });
+        let a = warm_pool_agent(warmup);
         wait_ready(&a, 1);
         let id = a.detach(&["busybox", "--", "sh", "-c", "pidof sleep; echo ok"]);
         assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "0");
