@@ -2,7 +2,8 @@
 # Start-latency benchmark: builds vmlet in release and runs vmlet-bench,
 # which starts its own private vmletd per mode (state and sockets under a
 # fresh /tmp directory) and measures every mode side by side: the
-# hand-written baseline, cold, pre-staged, pool and template starts. Writes
+# hand-written baseline, cold, pre-staged, pool (plain and with a warm-up)
+# and template starts. Writes
 # bench/results/<date>-<host>.{md,json,svg}; kills every process that names
 # its directory when it ends.
 #
