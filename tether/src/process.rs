@@ -222,6 +222,69 @@ pub(crate) fn spawn(spec: &ProcessSpec, root: &Path) -> Result<Spawned, SpawnErr
     })
 }
 
+/// How a child ended: its exit code, or the signal that killed it.
+pub(crate) type ExitStatus = (Option<i32>, Option<i32>);
+
+/// What one pass of [`reap`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Reaped {
+    /// Children reaped.
+    pub(crate) count: usize,
+    /// How `main` ended, if it was one of them.
+    pub(crate) main: Option<ExitStatus>,
+    /// No child is left at all.
+    pub(crate) none_left: bool,
+}
+
+/// Reaps every child that has ended, without waiting (PID 1 inherits every
+/// orphan), and says how `main` ended if it was among them.
+pub(crate) fn reap(main: Option<Pid>) -> Reaped {
+    use nix::errno::Errno;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut r = Reaped::default();
+    loop {
+        let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return r,
+            Ok(s) => s,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => {
+                r.none_left = true;
+                return r;
+            }
+            Err(e) => {
+                crate::log!("waitpid failed: {e}");
+                r.none_left = true;
+                return r;
+            }
+        };
+        r.count += 1;
+        match status {
+            WaitStatus::Exited(p, code) if Some(p) == main => r.main = Some((Some(code), None)),
+            WaitStatus::Signaled(p, sig, _) if Some(p) == main => {
+                r.main = Some((None, Some(sig as i32)))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Waits until `pid` has ended, reaping every other child that ends
+/// meanwhile; `sigchld` must have been watched since before `pid` existed.
+pub(crate) async fn wait_for_exit(
+    pid: Pid,
+    sigchld: &mut tokio::signal::unix::Signal,
+) -> ExitStatus {
+    loop {
+        if let Some(status) = reap(Some(pid)).main {
+            return status;
+        }
+        if sigchld.recv().await.is_none() {
+            // The signal driver is gone; poll instead.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// The pointers of `strings` and a null, as `execve` takes them.
 fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use tokio::net::unix::pipe;
 use tokio::signal::unix::{signal, SignalKind};
@@ -291,15 +291,7 @@ pub(crate) async fn run_on<C: Connector>(
         spec.argv
     );
 
-    let (code, sig) = loop {
-        if let Some(status) = reap(pid) {
-            break status;
-        }
-        if sigchld.recv().await.is_none() {
-            // The signal driver is gone; poll instead.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (code, sig) = process::wait_for_exit(pid, &mut sigchld).await;
     // Reaped: the pid is no longer the child's to kill.
     std::mem::forget(abandon);
     exited.store(true, Ordering::Relaxed);
@@ -314,7 +306,7 @@ pub(crate) async fn run_on<C: Connector>(
         }
         tokio::spawn(async move {
             loop {
-                reap(Pid::from_raw(0));
+                process::reap(None);
                 if sigchld.recv().await.is_none() {
                     return;
                 }
@@ -471,24 +463,4 @@ fn send_signal(pid: Pid, n: i32) -> Result<(), Errno> {
     // SAFETY: kill takes plain integers; `pid` is the container's main
     // process (positive), never 0 or -1, and `n` is a valid signal number.
     Errno::result(unsafe { libc::kill(pid.as_raw(), n) }).map(drop)
-}
-
-/// Reaps every child that has exited (PID 1 inherits every orphan) and
-/// returns `main`'s exit code or signal if it was among them.
-fn reap(main: Pid) -> Option<(Option<i32>, Option<i32>)> {
-    let mut status = None;
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(p, code)) if p == main => status = Some((Some(code), None)),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == main => {
-                status = Some((None, Some(sig as i32)))
-            }
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return status,
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                log!("waitpid failed: {e}");
-                return status;
-            }
-        }
-    }
 }

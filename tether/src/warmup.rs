@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal as NixSignal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
@@ -39,10 +38,9 @@ const PATIENCE: Duration = Duration::from_millis(WARMUP_PATIENCE_MS);
 const REAP_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How the warm-up's process ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Outcome {
-    Exited(i32),
-    Signaled(i32),
+    Ended(process::ExitStatus),
     /// Still running after [`PATIENCE`] (then killed).
     Overran,
 }
@@ -88,8 +86,9 @@ pub(crate) async fn warm_up(layers: usize, spec: &ProcessSpec) {
                 "warm-up: argv {:?} {}; {bytes} bytes of output discarded, {reaped} processes reaped after it, in {} us",
                 spec.argv,
                 match outcome {
-                    Outcome::Exited(c) => format!("exited with code {c}"),
-                    Outcome::Signaled(s) => format!("was killed by signal {s}"),
+                    Outcome::Ended((Some(c), _)) => format!("exited with code {c}"),
+                    Outcome::Ended((None, Some(s))) => format!("was killed by signal {s}"),
+                    Outcome::Ended((None, None)) => "ended".to_string(),
                     Outcome::Overran => format!("ran over {PATIENCE:?} and was killed"),
                 },
                 boottime_us() - start
@@ -115,21 +114,13 @@ async fn run(
     let child = process::spawn(spec, root).map_err(|e| chain(&e))?;
     let pid = child.pid;
     let drains = [child.stdout, child.stderr].map(|fd| tokio::spawn(discard(fd)));
-    let waited = tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Some(status) = reap(Some(pid)).1 {
-                return status;
-            }
-            if sigchld.recv().await.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    let outcome = match tokio::time::timeout(PATIENCE, process::wait_for_exit(pid, sigchld)).await {
+        Ok(status) => Outcome::Ended(status),
+        Err(_) => {
+            let _ = kill(pid, NixSignal::SIGKILL);
+            Outcome::Overran
         }
-    })
-    .await;
-    let outcome = waited.unwrap_or_else(|_| {
-        let _ = kill(pid, NixSignal::SIGKILL);
-        Outcome::Overran
-    });
+    };
     Ok((outcome, drains))
 }
 
@@ -146,36 +137,6 @@ async fn discard(fd: std::os::fd::OwnedFd) -> u64 {
     n
 }
 
-/// Reaps every child that has ended, without waiting. Returns how many it
-/// reaped, how `pid` ended if it was one of them, and whether no child is
-/// left at all.
-fn reap(pid: Option<Pid>) -> (usize, Option<Outcome>, bool) {
-    let (mut n, mut outcome) = (0, None);
-    loop {
-        let status = waitpid(None, Some(WaitPidFlag::WNOHANG));
-        if let Ok(s) = status {
-            if s != WaitStatus::StillAlive {
-                n += 1;
-            }
-        }
-        match status {
-            Ok(WaitStatus::Exited(p, code)) if Some(p) == pid => {
-                outcome = Some(Outcome::Exited(code))
-            }
-            Ok(WaitStatus::Signaled(p, sig, _)) if Some(p) == pid => {
-                outcome = Some(Outcome::Signaled(sig as i32))
-            }
-            Ok(WaitStatus::StillAlive) => return (n, outcome, false),
-            Err(Errno::ECHILD) => return (n, outcome, true),
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                log!("waitpid failed: {e}");
-                return (n, outcome, true);
-            }
-        }
-    }
-}
-
 /// Kills every process but PID 1 (the warm-up if it overran, and whatever
 /// it left running, reparented here) and reaps them all, waiting at most
 /// [`REAP_PATIENCE`]. Returns how many it reaped.
@@ -187,9 +148,9 @@ async fn end_the_rest(sigchld: &mut Signal) -> usize {
     let mut total = 0;
     let all = tokio::time::timeout(REAP_PATIENCE, async {
         loop {
-            let (n, _, none_left) = reap(None);
-            total += n;
-            if none_left {
+            let r = process::reap(None);
+            total += r.count;
+            if r.none_left {
                 return;
             }
             if sigchld.recv().await.is_none() {
