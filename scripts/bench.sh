@@ -19,7 +19,15 @@ cd "$(dirname "$0")/.."
 N=${N:-10}
 C=${C:-1,2}
 WARMUP=${WARMUP:-1}
-GUEST_DIR=${VMLET_GUEST_DIR:-/var/lib/vmlet/guest}
+# The kernel vmletd itself boots by default: the tailored one where
+# scripts/build-kernel.sh installed it, else Debian's. The baseline boots
+# the same kernel, so every ratio compares like with like.
+TAILORED=${VMLET_TAILORED_KERNEL_DIR:-/var/lib/vmlet/kernels/tailored}
+if [ -z "${VMLET_GUEST_DIR:-}" ] && [ -f "$TAILORED/vmlinux" ] && [ -f "$TAILORED/kernel.release" ]; then
+    GUEST_DIR=$TAILORED
+else
+    GUEST_DIR=${VMLET_GUEST_DIR:-/var/lib/vmlet/guest}
+fi
 log() { printf 'bench: %s\n' "$*" >&2; }
 
 PROFILE=release scripts/build.sh
@@ -48,7 +56,7 @@ trap cleanup EXIT
 
 mkdir -p bench/results
 out=${OUT:-bench/results/$(date -u +%Y-%m-%d)-$(hostname -s)}
-log "running vmlet-bench: N=$N C=$C warm-up $WARMUP; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+log "running vmlet-bench: N=$N C=$C warm-up $WARMUP; kernel $GUEST_DIR; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 target/release/vmlet-bench \
     --vmletd target/release/vmletd \
     --tether target/x86_64-unknown-linux-musl/tether/tether \
