@@ -146,6 +146,20 @@ fn assert_confined(pid: i32, cgroup: &[PathBuf], what: &str) {
                 .any(|l| l.starts_with("0::") && l.ends_with(&id)),
         "/proc/{pid}/cgroup:\n{own}"
     );
+    // Every thread, not only the one that joined before exec (the agent
+    // joins it through v1's per-thread `tasks`): QEMU's vCPU and I/O threads
+    // come later and must inherit the cgroup.
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for tid in &tasks {
+        let Ok(of_thread) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
+        else {
+            continue; // the thread has ended meanwhile
+        };
+        assert_eq!(of_thread, own, "{what}'s thread {tid} of {tasks:?}");
+    }
 }
 
 fn wait_gone(paths: &[PathBuf]) {

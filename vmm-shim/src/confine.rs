@@ -8,11 +8,11 @@
 //!   ([`crate::process::Process::spawn`]), so QEMU never holds root, not even briefly (QEMU's
 //!   own `-runas` would parse its whole command line and open its files as root first).
 //! - **Cgroup**: one per VM, with the VMM and its helpers in it. The child joins it, also
-//!   before exec, by writing `0` to the cgroup's `cgroup.procs` through a descriptor the
-//!   parent opened: the VMM's first instruction already runs under its limits, and no window
-//!   exists in which it runs outside (writing its pid after spawn would leave one). cgroup
-//!   v2 is the production path; v1 (memory, cpu and pids hierarchies) is used where the
-//!   controllers are bound to v1, as on older hosts.
+//!   before exec, by writing `0` to the cgroup's `cgroup.procs` (v2) or `tasks` (v1) through
+//!   a descriptor the parent opened: the VMM's first instruction already runs under its
+//!   limits, and no window exists in which it runs outside (writing its pid after spawn would
+//!   leave one). cgroup v2 is the production path; v1 (memory, cpu and pids hierarchies) is
+//!   used where the controllers are bound to v1, as on older hosts.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -902,13 +902,23 @@ impl VmCgroup {
         Ok(())
     }
 
-    /// Opens every `cgroup.procs` for writing, so a forked child can join with one write(2)
-    /// each before exec (no allocation, no path lookup in the child).
+    /// Opens, for writing, the file of each hierarchy through which a forked child joins
+    /// with one write(2) of `0` before exec (no allocation, no path lookup in the child).
+    ///
+    /// On v1 that is `tasks`, not `cgroup.procs`: the child, just forked, has one thread, so
+    /// moving that thread moves the whole process, and the kernel moves the writer's own
+    /// thread without its global thread-group lock, whose write side waits for an RCU grace
+    /// period: 5 ms or more per spawn on the test host, on the way to every cold boot. v2
+    /// moves a process only through `cgroup.procs`.
     pub(crate) fn open_procs(&self) -> Result<Vec<File>, Error> {
+        let file = match self.version {
+            CgroupVersion::V2 => "cgroup.procs",
+            CgroupVersion::V1 => "tasks",
+        };
         self.dirs
             .iter()
             .map(|d| {
-                let p = d.join("cgroup.procs");
+                let p = d.join(file);
                 File::options()
                     .write(true)
                     .open(&p)
@@ -1106,7 +1116,8 @@ impl Confinement {
 /// What a spawned child does between fork and exec: join cgroups, then drop privileges.
 #[derive(Debug, Default)]
 pub(crate) struct Jail {
-    /// `cgroup.procs` of each hierarchy, open for writing.
+    /// Each hierarchy's file to join through (`cgroup.procs` or, on v1, `tasks`), open for
+    /// writing.
     pub(crate) procs: Vec<File>,
     /// Who to become.
     pub(crate) credentials: Option<Credentials>,
