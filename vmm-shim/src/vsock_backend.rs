@@ -115,8 +115,8 @@ impl VsockBackend {
         undo.process(&backend.process);
         undo.socket(socket);
         undo.socket(uds);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut delay = Duration::from_millis(1);
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
         loop {
             if is_socket(socket) {
                 undo.disarm();
@@ -136,8 +136,16 @@ impl VsockBackend {
                     timeout,
                 });
             }
+            // The backend binds within a few milliseconds, and QEMU (and so
+            // the guest's boot) waits for it: look every millisecond (a
+            // stat) rather than back off past the moment it is there; a
+            // backend that is slow to come is looked for every 10 ms.
+            let delay = if started.elapsed() < Duration::from_millis(200) {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(10)
+            };
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(10));
         }
     }
 
