@@ -532,10 +532,12 @@ pub(crate) async fn end_vmm(h: &dyn VmHandle) {
 }
 
 /// How long a pooled guest may take to mount its root filesystem, rehearse
-/// a start and run its warm-up: at most 5 s waiting for its disks, 10 s
-/// rehearsing, 10 s for the warm-up and 5 s reaping what it left, with
-/// room to spare for a slow (emulated) guest.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// a start and run its warm-up: the warm-up's own limit, which the tether
+/// enforces, plus 50 s for the rest (at most 5 s waiting for its disks,
+/// 10 s rehearsing and 5 s reaping what the warm-up left, with room to
+/// spare for a slow, emulated guest).
+const PREPARE_TIMEOUT: Duration =
+    Duration::from_millis(vmlet_protocol::guest::WARMUP_PATIENCE_MS + 50_000);
 
 /// Boots `vm` (a pool member, not in the registry) and has its tether
 /// prepare the root filesystem, so a later start only sends the spec.
