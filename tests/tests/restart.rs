@@ -317,3 +317,55 @@ fn logs_follow_reconnects_across_a_restart_and_prints_every_byte_once() {
     );
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
+
+/// `vmlet run` (without `-i`) outlives the agent too: it attaches again,
+/// prints every byte once and exits with the container's code.
+#[test]
+fn run_reattaches_across_a_restart_and_keeps_the_exit_code() {
+    let mut a = TestAgent::start();
+    let runner = a
+        .vmlet()
+        .args([
+            "run",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=1; while [ $i -le 60 ]; do echo line $i; echo err $i >&2; sleep 0.1; i=$((i+1)); done; exit 7",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let id = loop {
+        let ps = a.run(&["ps", "-q"]);
+        if let Some(id) = stdout(&ps).lines().next() {
+            break id.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no VM appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    a.wait_logs_containing(&id, "line 10\n");
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    a.restart();
+    let o = vmlet_tests::wait_output(runner, Duration::from_secs(120), "vmlet run");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(7), "{err}");
+    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout(&o), want);
+    assert!(
+        err.contains("reconnecting"),
+        "the CLI never lost its connection: {err}"
+    );
+    let want_err: String = (1..=60).map(|i| format!("err {i}\n")).collect();
+    assert_eq!(
+        err.lines()
+            .filter(|l| !l.starts_with("vmlet:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        want_err
+    );
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}

@@ -314,7 +314,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 }
                 return Err(e.into());
             }
-            attach(&client, stream, interactive).await
+            if interactive {
+                attach(&client, stream, true).await
+            } else {
+                follow_run(&cli.socket, client, id, stream).await
+            }
         }
         Cmd::Create { create } => {
             println!("{}", client.create(spec(create, false)).await?);
@@ -726,16 +730,14 @@ async fn logs(
 ) -> Result<u8, CliError> {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
-    // Per stream (stdout, stderr): the log offset printed up to, and where
-    // the current connection's stream is.
-    let mut printed = [0u64; 2];
+    let mut printed = Resume::default();
     loop {
         let request = Request::Logs {
             vm: vm.clone(),
             follow,
         };
         let mut s = client.stream(request).await?;
-        let mut at = [0u64; 2];
+        printed.reconnected();
         while let Some(r) = s.next().await {
             match r {
                 Response::Output {
@@ -743,32 +745,22 @@ async fn logs(
                     timestamp_ns,
                     data,
                 } => {
-                    let (i, w): (usize, &mut dyn Write) = match stream {
-                        Stream::Stdout => (0, &mut out),
-                        Stream::Stderr => (1, &mut err),
+                    let w: &mut dyn Write = match stream {
+                        Stream::Stdout => &mut out,
+                        Stream::Stderr => &mut err,
                     };
-                    let from = at[i];
-                    at[i] += data.len() as u64;
-                    if at[i] <= printed[i] {
+                    let new = printed.output(stream, &data);
+                    if new.is_empty() {
                         continue;
                     }
-                    let skip = printed[i].saturating_sub(from) as usize;
                     if timestamps {
                         write!(w, "{} ", format_ts(timestamp_ns))?;
                     }
-                    w.write_all(&data[skip..])?;
+                    w.write_all(new)?;
                     w.flush()?;
-                    printed[i] = at[i];
                 }
                 Response::Dropped { stdout, stderr } => {
-                    // Rotation deleted these before this stream read them.
-                    let mut missed = [0u64; 2];
-                    for (i, n) in [stdout, stderr].into_iter().enumerate() {
-                        let end = at[i] + n;
-                        missed[i] = end.saturating_sub(printed[i].max(at[i]));
-                        at[i] = end;
-                        printed[i] = printed[i].max(end);
-                    }
+                    let missed = printed.dropped(stdout, stderr);
                     if missed != [0, 0] {
                         dropped_notice(&mut err, missed[0], missed[1])?;
                     }
@@ -784,6 +776,118 @@ async fn logs(
             "vmlet: the connection to vmletd broke; reconnecting to read the log on"
         )?;
         client = reconnect(socket).await?;
+    }
+}
+
+/// Streams the output of a container `vmlet run` started (without `-i`)
+/// and returns its exit code, across restarts of vmletd. The first attach
+/// replays the log from its first byte, so when the connection breaks the
+/// CLI attaches again, again from the first byte, and skips what it has
+/// printed: every byte is printed once and the exit code is the
+/// container's. (With `-i` it would also have to resend the stdin the
+/// guest had not taken; that attach still ends with an error.)
+async fn follow_run(
+    socket: &std::path::Path,
+    mut client: Client,
+    vm: String,
+    first: vmlet_protocol::client::ResponseStream,
+) -> Result<u8, CliError> {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let mut printed = Resume::default();
+    let mut next = Some(first);
+    loop {
+        let mut s = match next.take() {
+            Some(s) => s,
+            None => {
+                client
+                    .stream(Request::Attach(AttachSpec {
+                        vm: vm.clone(),
+                        stdin: false,
+                        stdout: true,
+                        stderr: true,
+                        replay: true,
+                    }))
+                    .await?
+            }
+        };
+        printed.reconnected();
+        while let Some(r) = s.next().await {
+            match r {
+                Response::Output { stream, data, .. } => {
+                    let w: &mut dyn Write = match stream {
+                        Stream::Stdout => &mut out,
+                        Stream::Stderr => &mut err,
+                    };
+                    let new = printed.output(stream, &data);
+                    if !new.is_empty() {
+                        w.write_all(new)?;
+                        w.flush()?;
+                    }
+                }
+                Response::Dropped { stdout, stderr } => {
+                    let missed = printed.dropped(stdout, stderr);
+                    if missed != [0, 0] {
+                        dropped_notice(&mut err, missed[0], missed[1])?;
+                    }
+                }
+                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
+                Response::StreamEnd { exit: None } => return Ok(0),
+                Response::Error(e) => return Err(ClientError::Api(e).into()),
+                _ => {}
+            }
+        }
+        writeln!(
+            err,
+            "vmlet: the connection to vmletd broke; reconnecting to attach to {vm} again"
+        )?;
+        client = reconnect(socket).await?;
+    }
+}
+
+/// What a client that reads a VM's log from its first byte, again on
+/// every connection, has printed: per stream (stdout, stderr), the log
+/// offset printed up to, and where the current connection's stream is.
+#[derive(Debug, Default)]
+struct Resume {
+    printed: [u64; 2],
+    at: [u64; 2],
+}
+
+impl Resume {
+    /// A new connection's stream starts again at the log's first byte.
+    fn reconnected(&mut self) {
+        self.at = [0, 0];
+    }
+
+    /// The part of `data`, the stream's next bytes, not printed yet (it
+    /// counts as printed from here on).
+    fn output<'a>(&mut self, stream: Stream, data: &'a [u8]) -> &'a [u8] {
+        let i = match stream {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        };
+        let from = self.at[i];
+        self.at[i] += data.len() as u64;
+        if self.at[i] <= self.printed[i] {
+            return &[];
+        }
+        let skip = self.printed[i].saturating_sub(from) as usize;
+        self.printed[i] = self.at[i];
+        &data[skip..]
+    }
+
+    /// Log rotation deleted these bytes before this stream read them;
+    /// returns how many of them were never printed either.
+    fn dropped(&mut self, stdout: u64, stderr: u64) -> [u64; 2] {
+        let mut missed = [0u64; 2];
+        for (i, n) in [stdout, stderr].into_iter().enumerate() {
+            let end = self.at[i] + n;
+            missed[i] = end.saturating_sub(self.printed[i].max(self.at[i]));
+            self.at[i] = end;
+            self.printed[i] = self.printed[i].max(end);
+        }
+        missed
     }
 }
 
@@ -859,5 +963,38 @@ fn print_ps(list: &[VmSummary]) {
             status,
             v.name.as_deref().unwrap_or("")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_pass_over_the_log_prints_only_what_the_first_did_not() {
+        let mut r = Resume::default();
+        assert_eq!(r.output(Stream::Stdout, b"hello "), b"hello ");
+        assert_eq!(r.output(Stream::Stderr, b"oops"), b"oops");
+        assert_eq!(r.output(Stream::Stdout, b"wor"), b"wor");
+        // The connection breaks; the next one replays from the first byte,
+        // in other chunks.
+        r.reconnected();
+        assert_eq!(r.output(Stream::Stdout, b"hel"), b"");
+        assert_eq!(r.output(Stream::Stdout, b"lo wo"), b"");
+        assert_eq!(r.output(Stream::Stdout, b"rld\n"), b"ld\n");
+        assert_eq!(r.output(Stream::Stderr, b"oops!"), b"!");
+        assert_eq!(r.output(Stream::Stdout, b"more"), b"more");
+    }
+
+    #[test]
+    fn bytes_rotated_away_count_once_as_missed() {
+        let mut r = Resume::default();
+        assert_eq!(r.dropped(10, 0), [10, 0]);
+        assert_eq!(r.output(Stream::Stdout, b"abc"), b"abc");
+        r.reconnected();
+        // The new stream finds more deleted: the 10 already reported and 2
+        // of the 3 printed, then the rest.
+        assert_eq!(r.dropped(12, 4), [0, 4]);
+        assert_eq!(r.output(Stream::Stdout, b"cde"), b"de");
     }
 }
