@@ -108,11 +108,11 @@ async fn stdin_ack(s: &mut vmlet_protocol::client::ResponseStream, at_least: u64
         .expect("a stdin acknowledgement within 120 s")
 }
 
-/// 3 MiB of stdin (a different pattern per `seed`) and its sha256 as
+/// `mib` MiB of stdin (a different pattern per `seed`) and its sha256 as
 /// `sha256sum` prints it.
-fn stdin_payload(seed: u64) -> (Vec<u8>, String) {
+fn stdin_payload(seed: u64, mib: u64) -> (Vec<u8>, String) {
     use sha2::{Digest, Sha256};
-    let data: Vec<u8> = (0..3u64 << 20)
+    let data: Vec<u8> = (0..mib << 20)
         .map(|i| (i.wrapping_mul(seed) >> 13) as u8)
         .collect();
     let sum = Sha256::digest(&data)
@@ -126,7 +126,7 @@ fn stdin_payload(seed: u64) -> (Vec<u8>, String) {
 fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
     use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
     const MIB: usize = 1 << 20;
-    let (data, want) = stdin_payload(2_654_435_761);
+    let (data, want) = stdin_payload(2_654_435_761, 3);
     let mut a = TestAgent::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -205,7 +205,7 @@ fn stdin_in_flight_when_the_agent_dies_is_delivered_exactly_once() {
 #[test]
 fn stdin_in_a_connection_the_tether_drops_is_written_again() {
     use vmlet_protocol::api::{AttachSpec, CreateSpec, Request};
-    let (data, want) = stdin_payload(2_246_822_519);
+    let (data, want) = stdin_payload(2_246_822_519, 3);
     let a = TestAgent::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -367,5 +367,60 @@ fn run_reattaches_across_a_restart_and_keeps_the_exit_code() {
             .collect::<String>(),
         want_err
     );
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}
+
+/// `vmlet run -i` carries its stdin across a restart: what the guest had
+/// not taken when the agent died (sent while the container slept: more
+/// than the guest's own stdin queue holds, so some is still in the agent)
+/// is sent again from the guest's count, and the container gets every
+/// byte once, in order.
+#[test]
+fn run_interactive_resends_unacknowledged_stdin_across_a_restart() {
+    use std::io::Write as _;
+    let (data, want) = stdin_payload(40_503, 12);
+    let mut a = TestAgent::start();
+    let mut runner = a
+        .vmlet()
+        .args([
+            "run",
+            "-i",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "dd bs=4096 count=250 of=/a 2>/dev/null; echo taken; sleep 4; cat >> /a; sha256sum < /a; echo done",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = runner.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        input.write_all(&data).unwrap();
+        // Dropping it closes the CLI's stdin.
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let id = loop {
+        let ps = a.run(&["ps", "-q"]);
+        if let Some(id) = stdout(&ps).lines().next() {
+            break id.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no VM appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    a.wait_logs_containing(&id, "taken\n");
+    a.kill9();
+    a.restart();
+    let o = vmlet_tests::wait_output(runner, Duration::from_secs(180), "vmlet run -i");
+    writer.join().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("reconnecting"),
+        "the CLI never lost its connection: {err}"
+    );
+    assert_eq!(stdout(&o), format!("taken\n{want}  -\ndone\n"), "{err}");
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }

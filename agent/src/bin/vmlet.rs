@@ -314,11 +314,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 }
                 return Err(e.into());
             }
-            if interactive {
-                attach(&client, stream, true).await
-            } else {
-                follow_run(&cli.socket, client, id, stream).await
-            }
+            follow_run(&cli.socket, client, id, stream, interactive).await
         }
         Cmd::Create { create } => {
             println!("{}", client.create(spec(create, false)).await?);
@@ -779,62 +775,96 @@ async fn logs(
     }
 }
 
-/// Streams the output of a container `vmlet run` started (without `-i`)
-/// and returns its exit code, across restarts of vmletd. The first attach
+/// Streams a container `vmlet run` started, and with `interactive` its
+/// stdin, and returns its exit code, across restarts of vmletd. The attach
 /// replays the log from its first byte, so when the connection breaks the
 /// CLI attaches again, again from the first byte, and skips what it has
 /// printed: every byte is printed once and the exit code is the
-/// container's. (With `-i` it would also have to resend the stdin the
-/// guest had not taken; that attach still ends with an error.)
+/// container's. Stdin is kept from the last byte the guest acknowledged
+/// (`StdinAck`) up to what was sent, at most [`MAX_UNACKED_STDIN`] (reading
+/// waits beyond that), and on a new connection is sent again from the
+/// guest's count, the close after it: every byte reaches the container
+/// once. This client created the VM, so it is its only stdin writer and
+/// the guest's count is its own.
 async fn follow_run(
     socket: &std::path::Path,
     mut client: Client,
     vm: String,
     first: vmlet_protocol::client::ResponseStream,
+    interactive: bool,
 ) -> Result<u8, CliError> {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
     let mut printed = Resume::default();
+    let mut unacked = Unacked::default();
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; MAX_CHUNK];
     let mut next = Some(first);
     loop {
-        let mut s = match next.take() {
-            Some(s) => s,
+        let (mut s, mut resent) = match next.take() {
+            Some(s) => (s, true),
             None => {
-                client
+                let s = client
                     .stream(Request::Attach(AttachSpec {
                         vm: vm.clone(),
-                        stdin: false,
+                        stdin: interactive,
                         stdout: true,
                         stderr: true,
                         replay: true,
                     }))
-                    .await?
+                    .await?;
+                // Stdin waits for the guest's count on this connection.
+                (s, !interactive)
             }
         };
         printed.reconnected();
-        while let Some(r) = s.next().await {
-            match r {
-                Response::Output { stream, data, .. } => {
-                    let w: &mut dyn Write = match stream {
-                        Stream::Stdout => &mut out,
-                        Stream::Stderr => &mut err,
-                    };
-                    let new = printed.output(stream, &data);
-                    if !new.is_empty() {
-                        w.write_all(new)?;
-                        w.flush()?;
+        // Whether this connection still works for sending; its stream
+        // ending says the same.
+        let mut sending = true;
+        while sending {
+            let reading = interactive && resent && !unacked.closed && unacked.has_room();
+            tokio::select! {
+                r = s.next() => match r {
+                    None => break,
+                    Some(Response::Output { stream, data, .. }) => {
+                        let w: &mut dyn Write = match stream {
+                            Stream::Stdout => &mut out,
+                            Stream::Stderr => &mut err,
+                        };
+                        let new = printed.output(stream, &data);
+                        if !new.is_empty() {
+                            w.write_all(new)?;
+                            w.flush()?;
+                        }
+                    }
+                    Some(Response::Dropped { stdout, stderr }) => {
+                        let missed = printed.dropped(stdout, stderr);
+                        if missed != [0, 0] {
+                            dropped_notice(&mut err, missed[0], missed[1])?;
+                        }
+                    }
+                    Some(Response::StdinAck { received }) => {
+                        unacked.acknowledged(received);
+                        if !resent {
+                            resent = true;
+                            sending = unacked.resend(&client, s.id).await;
+                        }
+                    }
+                    Some(Response::StreamEnd { exit: Some(e) }) => return Ok(e.code.clamp(0, 255) as u8),
+                    Some(Response::StreamEnd { exit: None }) => return Ok(0),
+                    Some(Response::Error(e)) => return Err(ClientError::Api(e).into()),
+                    Some(_) => {}
+                },
+                n = stdin.read(&mut buf), if reading => {
+                    let n = n?;
+                    if n == 0 {
+                        unacked.closed = true;
+                        sending = client.close_stdin(s.id).await.is_ok();
+                    } else {
+                        unacked.sent(&buf[..n]);
+                        sending = client.stdin(s.id, buf[..n].to_vec()).await.is_ok();
                     }
                 }
-                Response::Dropped { stdout, stderr } => {
-                    let missed = printed.dropped(stdout, stderr);
-                    if missed != [0, 0] {
-                        dropped_notice(&mut err, missed[0], missed[1])?;
-                    }
-                }
-                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
-                Response::StreamEnd { exit: None } => return Ok(0),
-                Response::Error(e) => return Err(ClientError::Api(e).into()),
-                _ => {}
             }
         }
         writeln!(
@@ -842,6 +872,55 @@ async fn follow_run(
             "vmlet: the connection to vmletd broke; reconnecting to attach to {vm} again"
         )?;
         client = reconnect(socket).await?;
+    }
+}
+
+/// At most this much stdin is kept that the guest has not acknowledged
+/// (the agent keeps as much for a broken guest connection).
+const MAX_UNACKED_STDIN: usize = 8 << 20;
+
+/// The stdin a client sent that the guest has not acknowledged yet, and
+/// whether the client's stdin has ended.
+#[derive(Debug, Default)]
+struct Unacked {
+    /// The stdin offset of `bytes[0]`.
+    base: u64,
+    bytes: std::collections::VecDeque<u8>,
+    closed: bool,
+}
+
+impl Unacked {
+    fn has_room(&self) -> bool {
+        self.bytes.len() < MAX_UNACKED_STDIN
+    }
+
+    fn sent(&mut self, data: &[u8]) {
+        self.bytes.extend(data);
+    }
+
+    /// The guest has taken `received` bytes of stdin in all.
+    fn acknowledged(&mut self, received: u64) {
+        let n = received
+            .saturating_sub(self.base)
+            .min(self.bytes.len() as u64);
+        self.bytes.drain(..n as usize);
+        // Past what this client sent, the count includes another writer's
+        // bytes: this client's next byte is the guest's next.
+        self.base = self.base.max(received);
+    }
+
+    /// Sends again, on `attach`, what the guest has not taken, then the
+    /// close if stdin had ended; false if the connection broke meanwhile.
+    async fn resend(&self, client: &Client, attach: vmlet_protocol::api::RequestId) -> bool {
+        let (a, b) = self.bytes.as_slices();
+        for part in [a, b] {
+            for chunk in part.chunks(MAX_CHUNK) {
+                if client.stdin(attach, chunk.to_vec()).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        !self.closed || client.close_stdin(attach).await.is_ok()
     }
 }
 
@@ -984,6 +1063,34 @@ mod tests {
         assert_eq!(r.output(Stream::Stdout, b"rld\n"), b"ld\n");
         assert_eq!(r.output(Stream::Stderr, b"oops!"), b"!");
         assert_eq!(r.output(Stream::Stdout, b"more"), b"more");
+    }
+
+    #[test]
+    fn stdin_is_kept_from_the_guests_count() {
+        let mut u = Unacked::default();
+        u.sent(b"abcdef");
+        u.acknowledged(2);
+        assert_eq!(
+            (u.base, u.bytes.iter().copied().collect::<Vec<_>>()),
+            (2, b"cdef".to_vec())
+        );
+        u.sent(b"gh");
+        // A count seen again, or one behind, changes nothing.
+        u.acknowledged(2);
+        u.acknowledged(1);
+        assert_eq!(u.bytes.len(), 6);
+        // Past everything sent (another writer's bytes): nothing is left.
+        u.acknowledged(100);
+        assert_eq!((u.base, u.bytes.len()), (100, 0));
+        u.sent(b"ij");
+        u.acknowledged(101);
+        assert_eq!(
+            (u.base, u.bytes.iter().copied().collect::<Vec<_>>()),
+            (101, b"j".to_vec())
+        );
+        assert!(u.has_room());
+        u.sent(&vec![0; MAX_UNACKED_STDIN]);
+        assert!(!u.has_room());
     }
 
     #[test]
