@@ -274,19 +274,50 @@ fn stdin_in_a_connection_the_tether_drops_is_written_again() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// A container's script: 60 lines on stdout and 60 on stderr, over 6 s.
+const SIXTY_LINES: &str =
+    "i=1; while [ $i -le 60 ]; do echo line $i; echo err $i >&2; sleep 0.1; i=$((i+1)); done";
+
+/// Checks that a CLI that lost its connection (it said so) printed
+/// [`SIXTY_LINES`]' output, each line once, in order.
+fn assert_sixty_lines_once(o: &std::process::Output) {
+    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout(o), want);
+    let err = stderr(o);
+    assert!(
+        err.contains("reconnecting"),
+        "the CLI never lost its connection: {err}"
+    );
+    let want_err: String = (1..=60).map(|i| format!("err {i}\n")).collect();
+    assert_eq!(
+        err.lines()
+            .filter(|l| !l.starts_with("vmlet:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        want_err
+    );
+}
+
+/// The id of the agent's one VM, once `vmlet run` has created it.
+fn only_vm(a: &TestAgent) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let ps = a.run(&["ps", "-q"]);
+        if let Some(id) = stdout(&ps).lines().next() {
+            return id.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no VM appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `vmlet logs -f` outlives the agent it follows: the connection breaks
 /// when vmletd is killed, the CLI reconnects to the new one and goes on,
 /// and every line is printed exactly once.
 #[test]
 fn logs_follow_reconnects_across_a_restart_and_prints_every_byte_once() {
     let mut a = TestAgent::start();
-    let id = a.detach(&[
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "i=1; while [ $i -le 60 ]; do echo line $i; echo err $i >&2; sleep 0.1; i=$((i+1)); done",
-    ]);
+    let id = a.detach(&["busybox", "--", "sh", "-c", SIXTY_LINES]);
     let follower = a
         .vmlet()
         .args(["logs", "-f", &id])
@@ -300,21 +331,7 @@ fn logs_follow_reconnects_across_a_restart_and_prints_every_byte_once() {
     a.restart();
     let o = vmlet_tests::wait_output(follower, Duration::from_secs(120), "vmlet logs -f");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(stdout(&o), want);
-    let err = stderr(&o);
-    assert!(
-        err.contains("reconnecting"),
-        "the CLI never lost its connection: {err}"
-    );
-    let want_err: String = (1..=60).map(|i| format!("err {i}\n")).collect();
-    assert_eq!(
-        err.lines()
-            .filter(|l| !l.starts_with("vmlet:"))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-        want_err
-    );
+    assert_sixty_lines_once(&o);
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
 
@@ -331,42 +348,20 @@ fn run_reattaches_across_a_restart_and_keeps_the_exit_code() {
             "--",
             "sh",
             "-c",
-            "i=1; while [ $i -le 60 ]; do echo line $i; echo err $i >&2; sleep 0.1; i=$((i+1)); done; exit 7",
+            &format!("{SIXTY_LINES}; exit 7"),
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let id = loop {
-        let ps = a.run(&["ps", "-q"]);
-        if let Some(id) = stdout(&ps).lines().next() {
-            break id.to_string();
-        }
-        assert!(std::time::Instant::now() < deadline, "no VM appeared");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = only_vm(&a);
     a.wait_logs_containing(&id, "line 10\n");
     a.kill9();
     std::thread::sleep(Duration::from_millis(500));
     a.restart();
     let o = vmlet_tests::wait_output(runner, Duration::from_secs(120), "vmlet run");
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(7), "{err}");
-    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(stdout(&o), want);
-    assert!(
-        err.contains("reconnecting"),
-        "the CLI never lost its connection: {err}"
-    );
-    let want_err: String = (1..=60).map(|i| format!("err {i}\n")).collect();
-    assert_eq!(
-        err.lines()
-            .filter(|l| !l.starts_with("vmlet:"))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-        want_err
-    );
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_sixty_lines_once(&o);
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
 
@@ -401,15 +396,7 @@ fn run_interactive_resends_unacknowledged_stdin_across_a_restart() {
         input.write_all(&data).unwrap();
         // Dropping it closes the CLI's stdin.
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let id = loop {
-        let ps = a.run(&["ps", "-q"]);
-        if let Some(id) = stdout(&ps).lines().next() {
-            break id.to_string();
-        }
-        assert!(std::time::Instant::now() < deadline, "no VM appeared");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = only_vm(&a);
     a.wait_logs_containing(&id, "taken\n");
     a.kill9();
     a.restart();
