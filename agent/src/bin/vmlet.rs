@@ -299,15 +299,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             // Attach before starting, replaying from the first byte, so no
             // output is missed however fast the container is.
-            let stream = client
-                .stream(Request::Attach(AttachSpec {
-                    vm: id.clone(),
-                    stdin: interactive,
-                    stdout: true,
-                    stderr: true,
-                    replay: true,
-                }))
-                .await?;
+            let stream = client.stream(run_attach(&id, interactive)).await?;
             if let Err(e) = client.start(&id).await {
                 if rm {
                     let _ = client.remove(&id, true).await;
@@ -804,15 +796,7 @@ async fn follow_run(
         let (mut s, mut resent) = match next.take() {
             Some(s) => (s, true),
             None => {
-                let s = client
-                    .stream(Request::Attach(AttachSpec {
-                        vm: vm.clone(),
-                        stdin: interactive,
-                        stdout: true,
-                        stderr: true,
-                        replay: true,
-                    }))
-                    .await?;
+                let s = client.stream(run_attach(&vm, interactive)).await?;
                 // Stdin waits for the guest's count on this connection.
                 (s, !interactive)
             }
@@ -873,6 +857,19 @@ async fn follow_run(
         )?;
         client = reconnect(socket).await?;
     }
+}
+
+/// The attach of `vmlet run`, the first and after every reconnection:
+/// from the log's first byte, so no output is missed however fast the
+/// container is, and so a new connection knows where the last one was.
+fn run_attach(vm: &str, interactive: bool) -> Request {
+    Request::Attach(AttachSpec {
+        vm: vm.to_owned(),
+        stdin: interactive,
+        stdout: true,
+        stderr: true,
+        replay: true,
+    })
 }
 
 /// At most this much stdin is kept that the guest has not acknowledged
