@@ -676,17 +676,13 @@ async fn attach(
     let output = async {
         let mut out = std::io::stdout().lock();
         let mut err = std::io::stderr().lock();
+        // One connection: every byte it brings is new.
+        let mut printed = Resume::default();
         while let Some(r) = stream.next().await {
             match r {
-                Response::Output { stream, data, .. } => {
-                    let w: &mut dyn Write = match stream {
-                        Stream::Stdout => &mut out,
-                        Stream::Stderr => &mut err,
-                    };
-                    w.write_all(&data)?;
-                    w.flush()?;
+                Response::Output { .. } | Response::Dropped { .. } => {
+                    printed.print(&r, &mut out, &mut err, false)?
                 }
-                Response::Dropped { stdout, stderr } => dropped_notice(&mut err, stdout, stderr)?,
                 Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
                 Response::StreamEnd { exit: None } => return Ok(0),
                 Response::Error(e) => return Err(ClientError::Api(e).into()),
@@ -728,30 +724,8 @@ async fn logs(
         printed.reconnected();
         while let Some(r) = s.next().await {
             match r {
-                Response::Output {
-                    stream,
-                    timestamp_ns,
-                    data,
-                } => {
-                    let w: &mut dyn Write = match stream {
-                        Stream::Stdout => &mut out,
-                        Stream::Stderr => &mut err,
-                    };
-                    let new = printed.output(stream, &data);
-                    if new.is_empty() {
-                        continue;
-                    }
-                    if timestamps {
-                        write!(w, "{} ", format_ts(timestamp_ns))?;
-                    }
-                    w.write_all(new)?;
-                    w.flush()?;
-                }
-                Response::Dropped { stdout, stderr } => {
-                    let missed = printed.dropped(stdout, stderr);
-                    if missed != [0, 0] {
-                        dropped_notice(&mut err, missed[0], missed[1])?;
-                    }
+                Response::Output { .. } | Response::Dropped { .. } => {
+                    printed.print(&r, &mut out, &mut err, timestamps)?
                 }
                 Response::StreamEnd { .. } => return Ok(0),
                 Response::Error(e) => return Err(ClientError::Api(e).into()),
@@ -810,22 +784,8 @@ async fn follow_run(
             tokio::select! {
                 r = s.next() => match r {
                     None => break,
-                    Some(Response::Output { stream, data, .. }) => {
-                        let w: &mut dyn Write = match stream {
-                            Stream::Stdout => &mut out,
-                            Stream::Stderr => &mut err,
-                        };
-                        let new = printed.output(stream, &data);
-                        if !new.is_empty() {
-                            w.write_all(new)?;
-                            w.flush()?;
-                        }
-                    }
-                    Some(Response::Dropped { stdout, stderr }) => {
-                        let missed = printed.dropped(stdout, stderr);
-                        if missed != [0, 0] {
-                            dropped_notice(&mut err, missed[0], missed[1])?;
-                        }
+                    Some(r @ (Response::Output { .. } | Response::Dropped { .. })) => {
+                        printed.print(&r, &mut out, &mut err, false)?
                     }
                     Some(Response::StdinAck { received }) => {
                         unacked.acknowledged(received);
@@ -951,6 +911,47 @@ impl Resume {
         let skip = self.printed[i].saturating_sub(from) as usize;
         self.printed[i] = self.at[i];
         &data[skip..]
+    }
+
+    /// Prints an `Output`'s part not printed yet (with `timestamps`, its
+    /// time first) to `out` or `err`, or a `Dropped`'s notice of what was
+    /// never printed to `err`; other replies are not its.
+    fn print(
+        &mut self,
+        r: &Response,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+        timestamps: bool,
+    ) -> std::io::Result<()> {
+        match r {
+            Response::Output {
+                stream,
+                timestamp_ns,
+                data,
+            } => {
+                let new = self.output(*stream, data);
+                if new.is_empty() {
+                    return Ok(());
+                }
+                let w: &mut dyn Write = match stream {
+                    Stream::Stdout => &mut *out,
+                    Stream::Stderr => &mut *err,
+                };
+                if timestamps {
+                    write!(w, "{} ", format_ts(*timestamp_ns))?;
+                }
+                w.write_all(new)?;
+                w.flush()
+            }
+            Response::Dropped { stdout, stderr } => {
+                let missed = self.dropped(*stdout, *stderr);
+                if missed != [0, 0] {
+                    dropped_notice(err, missed[0], missed[1])?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Log rotation deleted these bytes before this stream read them;
