@@ -50,21 +50,35 @@ need_root() {
     [ "$(id -u)" = 0 ] || die "$1 needs root (run this script as root)"
 }
 
-install_host_packages() {
-    local missing=() p
-    for p in "${HOST_PACKAGES[@]}" "$@"; do
+# The packages among the arguments that are not installed.
+missing_packages() {
+    local p
+    for p in "$@"; do
         if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-            missing+=("$p")
+            printf '%s\n' "$p"
         fi
     done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    need_root "installing ${missing[*]}"
-    log "installing ${missing[*]}"
-    if apt_lists_empty; then apt_update_once; fi
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
-        apt_update_once
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    fi
+}
+
+install_host_packages() {
+    local wanted=("${HOST_PACKAGES[@]}" "$@") missing round
+    # Twice: apt may remove an installed package to resolve a conflict with
+    # one it installs (qemu-utils from bookworm-backports goes when Debian
+    # 12's qemu-system-x86 comes in), and the second round brings it back
+    # at a matching version.
+    for round in 1 2; do
+        mapfile -t missing < <(missing_packages "${wanted[@]}")
+        [ ${#missing[@]} -eq 0 ] && return 0
+        need_root "installing ${missing[*]}"
+        log "installing ${missing[*]}"
+        if apt_lists_empty; then apt_update_once; fi
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+            apt_update_once
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        fi
+    done
+    mapfile -t missing < <(missing_packages "${wanted[@]}")
+    [ ${#missing[@]} -eq 0 ] || die "still not installed after two rounds of apt-get install: ${missing[*]}"
 }
 
 # vhost-device-vsock runs as the unprivileged VMM user, so it must be where every user may run
