@@ -19,7 +19,6 @@ use crate::image::{ImageError, ImageStore};
 use crate::initrd::{self, InitrdError};
 use crate::kernel::{GuestKernel, KernelError};
 use crate::logstore::Log;
-use crate::state::write_atomic_mode;
 use crate::vm::{now_ms, Vm, VmRecord};
 
 /// Why the agent could not start.
@@ -422,12 +421,10 @@ impl Agent {
         Ok(total)
     }
 
-    /// Writes the VM's record to disk.
+    /// Writes the VM's record to disk (a failure is logged: the VM goes
+    /// on, and the next persist tries again).
     pub fn persist(&self, vm: &Vm) {
-        let rec = vm.record();
-        let data = serde_json::to_vec_pretty(&rec).expect("record serialises");
-        // The spec (environment included) is the agent's: 0600.
-        if let Err(e) = write_atomic_mode(&vm.dir.join("vm.json"), &data, 0o600) {
+        if let Err(e) = vm.persist() {
             tracing::error!(vm = %vm.id, error = %e, "cannot persist VM state");
         }
     }

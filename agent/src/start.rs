@@ -54,6 +54,10 @@ pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
     match res {
         Ok(conn) => {
             tokio::spawn(session(agent.clone(), vm.clone(), conn).instrument(span));
+            // Running, on disk. The session may already be finishing the
+            // VM; persists are serialised and snapshot under their lock, so
+            // whichever is written last has the newest state.
+            agent.persist(vm);
             Ok(())
         }
         Err((e, handle)) => {
@@ -242,7 +246,8 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     vm.phase(Phase::ProcessStarted);
     vm.transition(&[VmState::Starting], VmState::Running)
         .map_err(fail)?;
-    agent.persist(vm);
+    // Persisted by `start` once the session carries the output: the
+    // record's fsyncs are not the first output's to wait for.
     agent.emit(vm);
     tracing::info!(vm = %vm.id, "running");
     Ok(Connected {

@@ -152,6 +152,8 @@ pub struct Vm {
     pub stdin_replay: Mutex<crate::stdin::StdinReplay>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<VmState>,
+    /// Held while the record is snapshot and written ([`Vm::persist`]).
+    persisting: Mutex<()>,
 }
 
 impl Vm {
@@ -168,6 +170,7 @@ impl Vm {
             stdin_acked: watch::channel(None).0,
             stdin_replay: Mutex::default(),
             state_tx,
+            persisting: Mutex::new(()),
             inner: Mutex::new(Inner {
                 rec,
                 accepted_at: None,
@@ -247,6 +250,18 @@ impl Vm {
         drop(g);
         crash_point(phase);
         at_us
+    }
+
+    /// Writes the record to `vm.json` in the VM's directory, atomically.
+    /// Persists from different tasks (a start, the session that ends the
+    /// VM, a stop) are serialised, and each takes its snapshot under the
+    /// lock, so whichever is written last holds a record at least as new
+    /// as every earlier one's.
+    pub fn persist(&self) -> std::io::Result<()> {
+        let _one_at_a_time = self.persisting.lock();
+        let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
+        // The spec (environment included) is the agent's: 0600.
+        crate::state::write_atomic_mode(&self.dir.join("vm.json"), &data, 0o600)
     }
 
     /// A copy of the persisted record.
@@ -352,5 +367,69 @@ fn crash_point(phase: Phase) {
     if at.as_deref() == Some(phase.name()) {
         eprintln!("vmletd: VMLET_TEST_CRASH_AT={}: aborting", phase.name());
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logstore::LogLimits;
+
+    fn record(id: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: None,
+            spec: Default::default(),
+            created_ms: 0,
+            state: VmState::Created,
+            exit: None,
+            phases: Vec::new(),
+            guest_boot: None,
+            cid: 3,
+            memory_mib: 256,
+            vcpus: 1,
+            vmm_pid: None,
+            helper_pids: Vec::new(),
+            pooled: false,
+            from_pool: false,
+            from_template: false,
+            template: None,
+            image_id: None,
+            layers: Vec::new(),
+            confinement: None,
+            layout: VmRecord::LAYOUT,
+        }
+    }
+
+    /// Tasks that change the record and persist it at the same time (a
+    /// start's persist racing the session that ends the VM) leave the
+    /// newest record on disk, and no persist fails on another's temporary
+    /// file.
+    #[test]
+    fn concurrent_persists_leave_the_newest_record() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, writer) = Log::open(&d.path().join("log"), LogLimits::DEFAULT).unwrap();
+        let vm = Vm::new(
+            record("0123456789abcdef"),
+            d.path().to_owned(),
+            log,
+            Some(writer),
+        );
+        const THREADS: u32 = 4;
+        const ROUNDS: u32 = 200;
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    for _ in 0..ROUNDS {
+                        vm.with(|i| i.rec.memory_mib += 1);
+                        vm.persist().expect("persist");
+                    }
+                });
+            }
+        });
+        let on_disk: VmRecord =
+            serde_json::from_slice(&std::fs::read(d.path().join("vm.json")).unwrap()).unwrap();
+        assert_eq!(on_disk.memory_mib, 256 + THREADS * ROUNDS);
+        assert_eq!(vm.record().memory_mib, on_disk.memory_mib);
     }
 }
