@@ -713,6 +713,7 @@ impl Agent {
             layers,
             confinement: None,
             layout: VmRecord::LAYOUT,
+            root: None,
         };
         let vm = Vm::new(rec, dir, log, Some(writer));
         self.persist(&vm);

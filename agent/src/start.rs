@@ -200,11 +200,13 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     let mut log = vm
         .with(|i| i.log_writer.take())
         .ok_or_else(|| fail(err(ErrorCode::Internal, "the VM's log is closed")))?;
-    // Stdin may flow (and be acknowledged) before the process starts.
+    // Stdin may flow (and be acknowledged) before the process starts, and
+    // the root's timings come just before Started.
     let next_not_stdin_ack = async {
         loop {
             match frames.recv().await {
                 Some(Ok(GuestMessage::StdinAck { received })) => vm.stdin_taken(received),
+                Some(Ok(GuestMessage::Root(t))) => vm.with(|i| i.rec.root = Some(t)),
                 other => return other,
             }
         }
@@ -903,6 +905,7 @@ fn kind(m: &GuestMessage) -> &'static str {
         GuestMessage::Exited { .. } => "exited",
         GuestMessage::Prepared => "prepared",
         GuestMessage::StdinAck { .. } => "stdin-ack",
+        GuestMessage::Root(_) => "root",
     }
 }
 

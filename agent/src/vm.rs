@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use vmlet_protocol::api::{
-    CreateSpec, ExitInfo, GuestBoot, Phase, PhaseTiming, VmInfo, VmState, VmSummary,
+    CreateSpec, ExitInfo, GuestBoot, Phase, PhaseTiming, RootTimings, VmInfo, VmState, VmSummary,
 };
 use vmlet_protocol::guest::HostMessage;
 use vmlet_protocol::{ApiError, ErrorCode};
@@ -92,6 +92,10 @@ pub struct VmRecord {
     /// confinement ([`VmRecord::vsock_uds`]), else [`VmRecord::LAYOUT`].
     #[serde(default)]
     pub layout: u32,
+    /// How the guest assembled the root filesystem, when it did so during
+    /// the start.
+    #[serde(default)]
+    pub root: Option<RootTimings>,
 }
 
 impl VmRecord {
@@ -284,6 +288,7 @@ impl Vm {
             spec: g.rec.spec.clone(),
             phases: g.rec.phases.clone(),
             guest_boot: g.rec.guest_boot.clone(),
+            root: g.rec.root.clone(),
             cid: g.rec.cid,
             vmm_pid: g.handle.as_ref().and_then(|h| h.pid()),
             accel: accel.to_string(),
@@ -398,6 +403,7 @@ mod tests {
             layers: Vec::new(),
             confinement: None,
             layout: VmRecord::LAYOUT,
+            root: None,
         }
     }
 

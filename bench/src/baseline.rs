@@ -73,6 +73,8 @@ pub struct Run {
     pub pss_kib: Option<u64>,
     /// The guest's boot timings from its hello.
     pub guest: Option<vmlet_protocol::api::GuestBoot>,
+    /// How the guest assembled the root filesystem, from its report.
+    pub root: Option<vmlet_protocol::api::RootTimings>,
 }
 
 /// The phases of a baseline start, in order.
@@ -249,6 +251,7 @@ impl Baseline {
         .context("the guest went silent")??
         {
             match m {
+                GuestMessage::Root(t) => run.root = Some(t),
                 GuestMessage::Stdout(_) | GuestMessage::Stderr(_) if first => {
                     first = false;
                     mark(&mut run, "first-output");

@@ -210,6 +210,7 @@ impl Runner {
                     .map(report::guest_ms)
                     .unwrap_or_default(),
             },
+            root_ms: info.root.as_ref().map(report::root_ms).unwrap_or_default(),
         })
     }
 
@@ -221,6 +222,7 @@ impl Runner {
             first_output_ms: r.phases_ms["first-output"],
             phases_ms: r.phases_ms,
             guest_ms: r.guest.as_ref().map(report::guest_ms).unwrap_or_default(),
+            root_ms: r.root.as_ref().map(report::root_ms).unwrap_or_default(),
         })
     }
 
@@ -839,10 +841,12 @@ fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
     let n = s.len() as f64;
     let phases = distributions(&s, |x| &x.phases_ms);
     let guest = distributions(&s, |x| &x.guest_ms);
+    let root = distributions(&s, |x| &x.root_ms);
     ModeResult {
         mode,
         concurrency: c,
         guest,
+        root,
         ready: summarize(&s.iter().map(|x| x.ready_ms).collect::<Vec<_>>()),
         first_output: summarize(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
         starts_per_s: n / wall.as_secs_f64(),

@@ -27,6 +27,35 @@ pub struct Sample {
     /// start): `kernel` to the tether, `modules` loading, `hello`. Empty for
     /// a start whose guest booted before it (pool, template).
     pub guest_ms: BTreeMap<&'static str, f64>,
+    /// How long the guest took to assemble the container's root filesystem
+    /// after the spec, step by step (its clock; see [`root_ms`]). Empty for
+    /// a pool or template start, whose guest did it before the start.
+    #[serde(default)]
+    pub root_ms: BTreeMap<&'static str, f64>,
+}
+
+/// The steps of the root filesystem's assembly, in order, as
+/// [`Sample::root_ms`] names them.
+pub const ROOT_STEPS: [&str; 7] = [
+    "disks", "layers", "writable", "dirs", "overlay", "inner", "total",
+];
+
+/// The tether's root timings as [`Sample::root_ms`], with their total.
+pub fn root_ms(t: &vmlet_protocol::api::RootTimings) -> BTreeMap<&'static str, f64> {
+    let steps = [
+        t.disks_us,
+        t.layers_us,
+        t.writable_us,
+        t.dirs_us,
+        t.overlay_us,
+        t.inner_us,
+    ];
+    let total = steps.iter().sum();
+    ROOT_STEPS
+        .into_iter()
+        .zip(steps.into_iter().chain([total]))
+        .map(|(k, us)| (k, us as f64 / 1000.0))
+        .collect()
 }
 
 /// The guest's boot timings of a hello as [`Sample::guest_ms`].
@@ -75,6 +104,8 @@ pub struct ModeResult {
     pub phases: BTreeMap<&'static str, Summary>,
     /// Each of the guest's own boot timings' distribution.
     pub guest: BTreeMap<&'static str, Summary>,
+    /// Each root filesystem step's distribution (guest clock).
+    pub root: BTreeMap<&'static str, Summary>,
     /// What stayed in the page cache of the start's input files after the
     /// eviction before the last batch.
     pub inputs_after_eviction: Option<Evicted>,
@@ -381,6 +412,37 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(o);
     }
+    // After the spec, the guest assembles the container's root: the
+    // baseline over a tmpfs, an agent start over the VM's writable disk.
+    if r.results.iter().any(|x| !x.root.is_empty()) {
+        let _ = writeln!(
+            o,
+            "The container's root filesystem, assembled by the guest after the spec (its clock; p50 / p90, ms): disks found by serial, layers mounted, writable disk (the baseline: tmpfs) mounted, `upper` and `work` made, overlay mounted, proc/sys/dev.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| mode | C | disks | layers | writable | dirs | overlay | inner | total |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+        for x in r.results.iter().filter(|x| !x.root.is_empty()) {
+            let cells: Vec<String> = ROOT_STEPS
+                .iter()
+                .map(|k| {
+                    x.root.get(k).map_or("–".to_string(), |s| {
+                        format!("{} / {}", ms(s.p50), ms(s.p90))
+                    })
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} |",
+                x.mode.title(),
+                x.concurrency,
+                cells.join(" | ")
+            );
+        }
+        let _ = writeln!(o);
+    }
     if r.page_cache == "evict" {
         let _ = writeln!(o, "## Page cache after each eviction\n");
         let _ = writeln!(o, "| mode | C | input files | still in memory |");
@@ -474,6 +536,24 @@ mod tests {
         }
     }
 
+    /// The root's assembly after the spec: none for a pool start; the
+    /// baseline's writable layer is a tmpfs, fast to mount.
+    fn root(mode: Mode) -> BTreeMap<&'static str, f64> {
+        let writable_us = match mode {
+            Mode::Pool | Mode::PoolWarm | Mode::Template => return BTreeMap::new(),
+            Mode::Baseline => 1_000,
+            _ => 25_000,
+        };
+        root_ms(&vmlet_protocol::api::RootTimings {
+            disks_us: 10_000,
+            layers_us: 6_000,
+            writable_us,
+            dirs_us: 20_000,
+            overlay_us: 24_000,
+            inner_us: 8_000,
+        })
+    }
+
     fn result(mode: Mode, c: usize, first: &[f64]) -> ModeResult {
         let samples: Vec<Sample> = first
             .iter()
@@ -482,7 +562,12 @@ mod tests {
                 first_output_ms: f,
                 phases_ms: [("guest-booted", f * 0.9)].into_iter().collect(),
                 guest_ms: guest(mode, f),
+                root_ms: root(mode),
             })
+            .collect();
+        let root = root(mode)
+            .into_iter()
+            .map(|(k, v)| (k, summarize(&vec![v; first.len()])))
             .collect();
         ModeResult {
             mode,
@@ -501,6 +586,7 @@ mod tests {
                     [("kernel", summarize(&k))].into_iter().collect()
                 })
                 .unwrap_or_default(),
+            root,
             inputs_after_eviction: Some(Evicted {
                 total_bytes: 64 << 20,
                 resident_bytes: 0,
@@ -582,6 +668,22 @@ mod tests {
             "{guest}"
         );
         assert!(!guest.contains("(d) pool"), "{guest}");
+        // The root's steps by the guest's clock, with their total, for
+        // every mode that assembled it in the start.
+        let root = md
+            .split("The container's root filesystem, assembled")
+            .nth(1)
+            .and_then(|t| t.split("\n\n").nth(1))
+            .expect("the root filesystem table");
+        assert!(
+            root.contains("| (b) cold | 1 | 10 / 10 | 6 / 6 | 25 / 25 | 20 / 20 | 24 / 24 | 8 / 8 | 93 / 93 |"),
+            "{root}"
+        );
+        assert!(
+            root.contains("| (a) baseline, by hand | 1 | 10 / 10 | 6 / 6 | 1 / 1 |"),
+            "{root}"
+        );
+        assert!(!root.contains("(d) pool"), "{root}");
         // Ratios to the baseline, three decimals when small.
         assert!(
             md.contains("| (d) pool | 1 | 0.040 | 0.040 | 0.040 | 0.040 | 0.040 | 0.040 | 1.00 |"),

@@ -596,6 +596,26 @@ pub struct GuestBoot {
     pub hello_us: u64,
 }
 
+/// How long each step of assembling the container's root filesystem took
+/// in the guest (microseconds, by the guest's clock), as the tether
+/// reports it when it assembles the root for the start itself (a cold
+/// start; a pool member and a template's guest assembled theirs before).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootTimings {
+    /// Finding the disks by serial.
+    pub disks_us: u64,
+    /// Mounting the read-only layers.
+    pub layers_us: u64,
+    /// Mounting the writable disk (or a tmpfs, without one).
+    pub writable_us: u64,
+    /// Creating overlayfs's `upper` and `work` on it.
+    pub dirs_us: u64,
+    /// Mounting the overlay.
+    pub overlay_us: u64,
+    /// proc, sys and dev inside the root, and the hostname.
+    pub inner_us: u64,
+}
+
 /// Everything the agent knows of one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -628,6 +648,9 @@ pub struct VmInfo {
     pub log_dropped_bytes: u64,
     /// What confines the VM's VMM processes, once they were started.
     pub confinement: Option<Confinement>,
+    /// How the guest assembled the container's root filesystem, when it
+    /// did so during the start (a cold start).
+    pub root: Option<RootTimings>,
 }
 
 /// What confines one VM's VMM processes (QEMU and its helpers): the user

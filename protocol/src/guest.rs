@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::GuestBoot;
+use crate::api::{GuestBoot, RootTimings};
 
 /// The guest protocol version, sent in the hello.
 pub const GUEST_PROTOCOL_VERSION: u32 = 2;
@@ -81,6 +81,9 @@ pub enum GuestMessage {
         /// Stdin bytes received.
         received: u64,
     },
+    /// Sent just before [`GuestMessage::Started`] when the tether assembled
+    /// the root filesystem after the spec: how long each step took.
+    Root(RootTimings),
 }
 
 /// Host → guest.

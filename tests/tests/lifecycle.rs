@@ -82,6 +82,19 @@ fn detached_logs_attach_wait_ps_inspect_rm() {
         last = t;
     }
     assert!(info["GuestBoot"]["HelloMs"].as_f64().unwrap() > 0.0);
+    // The guest reports how it assembled the root when it did so in the
+    // start; a pool member and a template's guest did it before.
+    let root = &info["RootMs"];
+    if info["StartMode"] != "cold" {
+        assert!(root.is_null(), "{root}");
+    } else {
+        for step in ["Disks", "Layers", "Writable", "Dirs", "Overlay", "Inner"] {
+            let ms = root[step]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {step}: {root}"));
+            assert!(ms > 0.0, "{step}: {root}");
+        }
+    }
 
     // rm: no process, no file of it.
     let dir = a.vm_dir(&id);

@@ -191,10 +191,15 @@ pub(crate) async fn run_on<C: Connector>(
                     ..Default::default()
                 };
                 let start = boottime_us();
-                if let Err(e) = rootfs::assemble(&root) {
-                    return fail(role, &out, inbound, chain(&e), 125).await;
-                }
-                log!("root filesystem prepared in {} us", boottime_us() - start);
+                let steps = match rootfs::assemble(&root) {
+                    Ok(s) => s,
+                    Err(e) => return fail(role, &out, inbound, chain(&e), 125).await,
+                };
+                log!(
+                    "root filesystem prepared in {} us ({})",
+                    boottime_us() - start,
+                    rootfs::describe(&steps)
+                );
                 crate::rehearsal::rehearse(Path::new(rootfs::ROOT), &root).await;
                 if let Some(w) = warmup {
                     crate::warmup::warm_up(root.layers.len(), &w).await;
@@ -225,14 +230,17 @@ pub(crate) async fn run_on<C: Connector>(
     let start = boottime_us();
     let root = if prepared {
         // Only the hostname is the spec's to set; the root is mounted.
-        rootfs::set_hostname(&spec.hostname)
+        rootfs::set_hostname(&spec.hostname).map(|()| None)
     } else {
-        rootfs::assemble(&spec)
+        rootfs::assemble(&spec).map(Some)
     };
-    if let Err(e) = root {
-        log!("spec: argv {:?}", spec.argv);
-        return fail(role, &out, inbound, chain(&e), 125).await;
-    }
+    let steps = match root {
+        Ok(s) => s,
+        Err(e) => {
+            log!("spec: argv {:?}", spec.argv);
+            return fail(role, &out, inbound, chain(&e), 125).await;
+        }
+    };
     let root_us = boottime_us() - start;
     // Watch SIGCHLD before the child exists, so no exit can be missed.
     let mut sigchld = signal(SignalKind::child()).map_err(Error::Sigchld)?;
@@ -251,6 +259,11 @@ pub(crate) async fn run_on<C: Connector>(
         Role::Rehearsal => Some(KillOnDrop(pid)),
         Role::Guest => None,
     };
+    // The root's steps are the host's to show (`vmlet inspect`, the
+    // bench): the console is an emulated UART, slow to write to.
+    if let Some(steps) = steps {
+        out.send(&GuestMessage::Root(steps)).await?;
+    }
     out.send(&GuestMessage::Started { pid: pid.as_raw() })
         .await?;
 
