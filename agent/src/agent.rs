@@ -298,6 +298,20 @@ impl Agent {
     /// the log ends. A VM whose processes are gone is marked exited with
     /// the reason and cleaned up.
     pub async fn adopt_running(self: &Arc<Self>) {
+        // An auto-remove VM that exited without being removed (the agent
+        // ended in between, or during its grace): removed once a client
+        // learns the exit, or after the grace.
+        let leftovers: Vec<Arc<Vm>> = self
+            .vms
+            .read()
+            .values()
+            .filter(|v| v.state() == VmState::Exited && v.record().spec.auto_remove)
+            .cloned()
+            .collect();
+        for vm in leftovers {
+            vm.set_outlived_agent();
+            crate::start::auto_remove(self, &vm).await;
+        }
         let running: Vec<Arc<Vm>> = self
             .vms
             .read()
@@ -306,6 +320,7 @@ impl Agent {
             .cloned()
             .collect();
         for vm in running {
+            vm.set_outlived_agent();
             let rec = vm.record();
             let mut cfg = self.template.instantiate(&vm, &rec, Vec::new());
             if rec.from_template {

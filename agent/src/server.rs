@@ -799,7 +799,10 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
         },
         Request::Wait { vm } => match agent.resolve(&vm) {
             Ok(vm) => match vm.wait_exit().await {
-                Some(e) => Ok(Response::Exited(e)),
+                Some(e) => {
+                    vm.exit_told();
+                    Ok(Response::Exited(e))
+                }
                 None => Err(ApiError::new(
                     ErrorCode::NotFound,
                     format!("VM {} was removed before it ran", vm.id),
@@ -969,7 +972,13 @@ async fn output_stream(
     } else {
         vm.exit()
     };
+    // A stream that followed the VM to its end (an attach, `logs -f`) is
+    // a client learning the exit; a look at the log is not.
+    let told = follow && exit.is_some();
     reply(tx, id, Response::StreamEnd { exit }).await;
+    if told {
+        vm.exit_told();
+    }
 }
 
 async fn stop(vm: &Arc<Vm>, timeout: Duration) -> Result<Response, ApiError> {

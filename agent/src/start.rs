@@ -1198,8 +1198,38 @@ pub async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
     vm.set_state(VmState::Exited);
     agent.emit(vm);
     if vm.record().spec.auto_remove {
-        if let Err(e) = agent.remove(vm, false).await {
-            tracing::warn!(vm = %vm.id, error = %e, "auto-remove failed");
-        }
+        auto_remove(agent, vm).await;
+    }
+}
+
+/// How long an auto-remove VM that outlived its agent is kept after its
+/// exit for a client to learn the exit.
+pub const AUTO_REMOVE_GRACE: Duration = Duration::from_secs(60);
+
+/// Removes a VM that asked for it once it exited. A VM that outlived the
+/// agent that started it is kept until a client has been told its exit
+/// (the `vmlet run --rm` that started it reconnects, reads the rest of the
+/// output and the exit code), or for [`AUTO_REMOVE_GRACE`]: removing it at
+/// once would answer that client "no such VM" and lose the exit code.
+pub async fn auto_remove(agent: &Arc<Agent>, vm: &Arc<Vm>) {
+    if vm.outlived_agent() {
+        let (agent, vm) = (agent.clone(), vm.clone());
+        tokio::spawn(async move {
+            let told = vm.wait_exit_told(AUTO_REMOVE_GRACE).await;
+            tracing::debug!(vm = %vm.id, told, "auto-removing a VM that outlived its agent");
+            remove_exited(&agent, &vm).await;
+        });
+    } else {
+        remove_exited(agent, vm).await;
+    }
+}
+
+async fn remove_exited(agent: &Arc<Agent>, vm: &Arc<Vm>) {
+    // Someone may have removed it meanwhile.
+    if agent.resolve(&vm.id).is_err() {
+        return;
+    }
+    if let Err(e) = agent.remove(vm, false).await {
+        tracing::warn!(vm = %vm.id, error = %e, "auto-remove failed");
     }
 }

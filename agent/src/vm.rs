@@ -158,6 +158,12 @@ pub struct Vm {
     state_tx: watch::Sender<VmState>,
     /// Held while the record is snapshot and written ([`Vm::persist`]).
     persisting: Mutex<()>,
+    /// Set once a client has been told the exit (a stream's end or a
+    /// wait): what an auto-remove of a VM that outlived an agent waits for.
+    exit_told: watch::Sender<bool>,
+    /// The VM was running when this agent started (it outlived the one
+    /// that started it): a client of that agent may be reconnecting.
+    outlived_agent: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -175,6 +181,8 @@ impl Vm {
             stdin_replay: Mutex::default(),
             state_tx,
             persisting: Mutex::new(()),
+            exit_told: watch::channel(false).0,
+            outlived_agent: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 rec,
                 accepted_at: None,
@@ -266,6 +274,31 @@ impl Vm {
         let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
         // The spec (environment included) is the agent's: 0600.
         crate::state::write_atomic_mode(&self.dir.join("vm.json"), &data, 0o600)
+    }
+
+    /// Notes that a client has been told how the VM ended.
+    pub fn exit_told(&self) {
+        self.exit_told.send_replace(true);
+    }
+
+    /// Waits until a client has been told how the VM ended, or `patience`
+    /// passed; returns whether one was.
+    pub async fn wait_exit_told(&self, patience: std::time::Duration) -> bool {
+        let mut told = self.exit_told.subscribe();
+        let waited = tokio::time::timeout(patience, told.wait_for(|t| *t)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// Marks the VM as one that outlived the agent that started it.
+    pub fn set_outlived_agent(&self) {
+        self.outlived_agent
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the VM outlived the agent that started it.
+    pub fn outlived_agent(&self) -> bool {
+        self.outlived_agent
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A copy of the persisted record.

@@ -411,3 +411,66 @@ fn run_interactive_resends_unacknowledged_stdin_across_a_restart() {
     assert_eq!(stdout(&o), format!("taken\n{want}  -\ndone\n"), "{err}");
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
+
+/// What `vmlet inspect ID` says: the record, or `None` once the VM is gone
+/// ("not found").
+fn inspect_if_present(a: &TestAgent, id: &str) -> Option<serde_json::Value> {
+    let o = a.run(&["inspect", id]);
+    if o.status.code() == Some(0) {
+        return Some(serde_json::from_str(&stdout(&o)).expect("inspect prints JSON"));
+    }
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+    None
+}
+
+/// An auto-remove container that exits while the agent is away is not
+/// removed the moment the restarted agent learns its exit: a `vmlet run
+/// --rm` reconnecting (or anyone) can still learn the exit code. Once a
+/// client has been told (here by `vmlet wait`), it is removed, files and
+/// processes with it.
+#[test]
+fn auto_remove_after_a_restart_waits_until_a_client_learns_the_exit() {
+    let mut a = TestAgent::start();
+    let id = a.detach(&[
+        "--rm",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 3; echo bye; exit 7",
+    ]);
+    a.wait_logs_containing(&id, "up\n");
+    a.kill9();
+    // The container exits meanwhile; the tether keeps its exit report
+    // until an agent takes it.
+    std::thread::sleep(Duration::from_secs(5));
+    a.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = inspect_if_present(&a, &id)
+            .expect("the VM was removed before any client learned its exit");
+        if info["State"] == "exited" {
+            assert_eq!(info["Exit"]["Code"], 7, "{info}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted agent never learned the exit: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = a.run(&["logs", &id]);
+    assert_eq!(stdout(&o), "up\nbye\n", "{}", stderr(&o));
+    let o = a.run(&["wait", &id]);
+    assert_eq!(stdout(&o).trim(), "7", "{}", stderr(&o));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while inspect_if_present(&a, &id).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not removed after a client learned the exit"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!a.vm_dir(&id).exists());
+    a.assert_no_processes(&id);
+}
