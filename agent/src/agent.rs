@@ -779,9 +779,12 @@ impl Agent {
         if let Some(h) = vm.handle() {
             h.cleanup().await;
         }
-        if let Err(e) = fs::remove_dir_all(&vm.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::error!(vm = %vm.id, error = %e, "cannot delete the VM directory");
+        {
+            let _no_more_persists = vm.stop_persisting();
+            if let Err(e) = fs::remove_dir_all(&vm.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(vm = %vm.id, error = %e, "cannot delete the VM directory");
+                }
             }
         }
         self.cids.lock().remove(&vm.with(|i| i.rec.cid));

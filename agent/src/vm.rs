@@ -156,8 +156,9 @@ pub struct Vm {
     pub stdin_replay: Mutex<crate::stdin::StdinReplay>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<VmState>,
-    /// Held while the record is snapshot and written ([`Vm::persist`]).
-    persisting: Mutex<()>,
+    /// Held while the record is snapshot and written ([`Vm::persist`]);
+    /// true once the VM's directory is being deleted: no more writes.
+    persisting: Mutex<bool>,
     /// Set once a client has been told the exit (a stream's end or a
     /// wait): what an auto-remove of a VM that outlived an agent waits for.
     exit_told: watch::Sender<bool>,
@@ -180,7 +181,7 @@ impl Vm {
             stdin_acked: watch::channel(None).0,
             stdin_replay: Mutex::default(),
             state_tx,
-            persisting: Mutex::new(()),
+            persisting: Mutex::new(false),
             exit_told: watch::channel(false).0,
             outlived_agent: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
@@ -270,10 +271,23 @@ impl Vm {
     /// lock, so whichever is written last holds a record at least as new
     /// as every earlier one's.
     pub fn persist(&self) -> std::io::Result<()> {
-        let _one_at_a_time = self.persisting.lock();
+        let removed = self.persisting.lock();
+        if *removed {
+            return Ok(());
+        }
         let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
         // The spec (environment included) is the agent's: 0600.
         crate::state::write_atomic_mode(&self.dir.join("vm.json"), &data, 0o600)
+    }
+
+    /// Ends the VM's persists, for the deletion of its directory: a persist
+    /// racing the deletion (a start's, as its VM exits and is auto-removed)
+    /// would leave a file in it, and the deletion would fail. Hold the
+    /// guard while deleting.
+    pub fn stop_persisting(&self) -> parking_lot::MutexGuard<'_, bool> {
+        let mut g = self.persisting.lock();
+        *g = true;
+        g
     }
 
     /// Notes that a client has been told how the VM ended.
@@ -470,5 +484,24 @@ mod tests {
             serde_json::from_slice(&std::fs::read(d.path().join("vm.json")).unwrap()).unwrap();
         assert_eq!(on_disk.memory_mib, 256 + THREADS * ROUNDS);
         assert_eq!(vm.record().memory_mib, on_disk.memory_mib);
+    }
+
+    /// Once the directory is being deleted, a persist writes nothing into
+    /// it (the deletion would fail on the new file, or leave it behind).
+    #[test]
+    fn no_persist_after_the_directory_is_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("vm");
+        std::fs::create_dir(&dir).unwrap();
+        let (log, writer) = Log::open(&dir.join("log"), LogLimits::DEFAULT).unwrap();
+        let vm = Vm::new(record("0123456789abcdef"), dir.clone(), log, Some(writer));
+        vm.persist().unwrap();
+        {
+            let _deleting = vm.stop_persisting();
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        std::fs::create_dir(&dir).unwrap();
+        vm.persist().unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 }
