@@ -651,6 +651,14 @@ mod tests {
         }
     }
 
+    /// The table of the markdown's paragraph that starts with `intro`.
+    fn table_after<'a>(md: &'a str, intro: &str) -> &'a str {
+        md.split(intro)
+            .nth(1)
+            .and_then(|t| t.split("\n\n").nth(1))
+            .unwrap_or_else(|| panic!("no table after {intro:?}"))
+    }
+
     #[test]
     fn markdown_shows_every_mode_ratios_and_unavailable_ones() {
         let md = markdown(&report());
@@ -658,11 +666,7 @@ mod tests {
         // The pool's throughput with and without its refill.
         assert!(md.contains("1.00 (0.50 with refill)"), "{md}");
         // The guest's own boot clock, for the modes that boot in the start.
-        let guest = md
-            .split("By the guest's own clock")
-            .nth(1)
-            .and_then(|t| t.split("\n\n").nth(1))
-            .expect("the guest clock table");
+        let guest = table_after(&md, "By the guest's own clock");
         assert!(
             guest.contains("| (b) cold | 1 | 1650 / 2000 | – | – |"),
             "{guest}"
@@ -670,11 +674,7 @@ mod tests {
         assert!(!guest.contains("(d) pool"), "{guest}");
         // The root's steps by the guest's clock, with their total, for
         // every mode that assembled it in the start.
-        let root = md
-            .split("The container's root filesystem, assembled")
-            .nth(1)
-            .and_then(|t| t.split("\n\n").nth(1))
-            .expect("the root filesystem table");
+        let root = table_after(&md, "The container's root filesystem, assembled");
         assert!(
             root.contains("| (b) cold | 1 | 10 / 10 | 6 / 6 | 25 / 25 | 20 / 20 | 24 / 24 | 8 / 8 | 93 / 93 |"),
             "{root}"
