@@ -709,6 +709,11 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    /// Bytes of (stdout, stderr) before the reader's position.
+    pub fn streams(&self) -> (u64, u64) {
+        self.streams
+    }
+
     /// The next record, or what was dropped before it; with `follow`,
     /// waits for one until the log is sealed. `Ok(None)` at the end.
     ///

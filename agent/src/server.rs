@@ -275,7 +275,8 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
         read_frame::<_, ClientMessage>(&mut rd, MAX_FRAME_LEN),
     )
     .await;
-    let ok = match hello {
+    // The API version the connection speaks, once negotiated.
+    let version = match hello {
         Ok(Ok(Some(ClientMessage {
             id,
             body:
@@ -296,7 +297,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     },
                 )
                 .await;
-                true
+                Some(version)
             }
             None => {
                 reply(
@@ -310,7 +311,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     )),
                 )
                 .await;
-                false
+                None
             }
         },
         Ok(Ok(Some(m))) => {
@@ -323,12 +324,12 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 )),
             )
             .await;
-            false
+            None
         }
-        Ok(Ok(None)) => false,
+        Ok(Ok(None)) => None,
         Ok(Err(e)) => {
             reply(&tx, 0, error_body(frame_error(&e))).await;
-            false
+            None
         }
         Err(_) => {
             reply(
@@ -343,14 +344,14 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 )),
             )
             .await;
-            false
+            None
         }
     };
-    if !ok {
+    let Some(version) = version else {
         drop(tx);
         let _ = writer.await;
         return Ok(());
-    }
+    };
 
     let mut uploads: HashMap<u64, Upload> = HashMap::new();
     let mut streams: HashMap<RequestId, AbortHandle> = HashMap::new();
@@ -539,7 +540,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     }
                     match subscribed {
                         Some(rx) => events(rx, id, &tx).await,
-                        None => handle(agent, id, body, &tx).await,
+                        None => handle(agent, id, body, &tx, version).await,
                     }
                     drop((permit, busy));
                 });
@@ -773,7 +774,8 @@ async fn events(
 }
 
 /// Handles one request to completion.
-async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
+/// Serves one request on a connection that negotiated API `version`.
+async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx, version: u32) {
     let r = match body {
         Request::Version => Ok(Response::Version(VersionInfo {
             agent: env!("CARGO_PKG_VERSION").into(),
@@ -832,7 +834,17 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
         Request::Attach(a) => {
             return match agent.resolve(&a.vm) {
                 Ok(vm) => {
-                    let out = output_stream(&vm, id, tx, a.stdout, a.stderr, a.replay, true);
+                    let start = if a.replay {
+                        StreamStart::FirstByte
+                    } else if version >= 2 {
+                        // From version 2 a non-replaying attach says where
+                        // it starts, so its client can resume after a lost
+                        // connection.
+                        StreamStart::NowAnnounced
+                    } else {
+                        StreamStart::Now
+                    };
+                    let out = output_stream(&vm, id, tx, a.stdout, a.stderr, start, true);
                     if !a.stdin {
                         return out.await;
                     }
@@ -849,7 +861,9 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
         }
         Request::Logs { vm, follow } => {
             return match agent.resolve(&vm) {
-                Ok(vm) => output_stream(&vm, id, tx, true, true, true, follow).await,
+                Ok(vm) => {
+                    output_stream(&vm, id, tx, true, true, StreamStart::FirstByte, follow).await
+                }
                 Err(e) => reply(tx, id, error_body(e)).await,
             }
         }
@@ -895,6 +909,17 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx) {
     reply(tx, id, r.unwrap_or_else(error_body)).await;
 }
 
+/// Where an output stream begins in the VM's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamStart {
+    /// At the first byte still kept (a replay, `logs`).
+    FirstByte,
+    /// At the end, with what comes next.
+    Now,
+    /// At the end, saying first where that is ([`Response::Attached`]).
+    NowAnnounced,
+}
+
 /// Streams a VM's output from its log.
 async fn output_stream(
     vm: &Arc<Vm>,
@@ -902,11 +927,21 @@ async fn output_stream(
     tx: &Tx,
     stdout: bool,
     stderr: bool,
-    from_start: bool,
+    start: StreamStart,
     follow: bool,
 ) {
     let copied = async {
-        let mut r = vm.log.reader(from_start);
+        let mut r = vm.log.reader(start == StreamStart::FirstByte);
+        if start == StreamStart::NowAnnounced {
+            let (stdout, stderr) = r.streams();
+            let m = ServerMessage {
+                id,
+                body: Response::Attached { stdout, stderr },
+            };
+            if tx.send(m).await.is_err() {
+                return Ok(false);
+            }
+        }
         while let Some(item) = r.next(follow).await? {
             let rec = match item {
                 Item::Record(rec) => rec,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// The newest API version this crate speaks.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 /// The oldest API version this crate still speaks.
 pub const MIN_API_VERSION: u32 = 1;
 
@@ -325,6 +325,17 @@ pub enum Response {
         /// Bytes of stdout skipped.
         stdout: u64,
         /// Bytes of stderr skipped.
+        stderr: u64,
+    },
+    /// API version 2 on: the first reply on an attach stream that does not
+    /// replay the log: how many bytes of each stream the VM had written
+    /// when the stream began (where its output starts). A client that
+    /// loses its connection attaches again with `replay` and skips the log
+    /// up to these counts plus what it printed since.
+    Attached {
+        /// Bytes of stdout before the stream's first.
+        stdout: u64,
+        /// Bytes of stderr before the stream's first.
         stderr: u64,
     },
 }
@@ -713,7 +724,8 @@ mod tests {
     fn negotiation() {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(API_VERSION));
-        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(2, 9), Some(2));
+        assert_eq!(negotiate(3, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

@@ -146,3 +146,73 @@ async fn events_asked_for_before_a_create_include_it() {
         c.remove(&id, true).await.unwrap();
     }
 }
+
+/// From API version 2 a non-replaying attach first says where it begins
+/// (`Attached`, the stream byte counts before it), so a client can resume
+/// after a lost connection; a client that negotiated version 1 never gets
+/// that reply, which it could not decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_replaying_attach_says_where_it_begins_from_version_2_only() {
+    use vmlet_protocol::api::{ClientMessage, ServerMessage};
+    use vmlet_protocol::frame::{self, MAX_FRAME_LEN};
+    let a = TestAgent::start();
+    let c = a.client().await;
+    let id = c
+        .run(CreateSpec {
+            image: "busybox".into(),
+            argv: vec!["sh".into(), "-c".into(), "echo out; echo error >&2".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.wait(&id).await.unwrap();
+    let attach = AttachSpec {
+        vm: id.clone(),
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        replay: false,
+    };
+
+    let mut s = c.stream(Request::Attach(attach.clone())).await.unwrap();
+    let first = s.next().await.expect("a reply");
+    assert!(
+        matches!(
+            first,
+            Response::Attached {
+                stdout: 4,
+                stderr: 6
+            }
+        ),
+        "{first:?}"
+    );
+    let end = s.next().await.expect("a reply");
+    assert!(
+        matches!(end, Response::StreamEnd { exit: Some(_) }),
+        "{end:?}"
+    );
+
+    let socket = a.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        vmlet_tests::raw_hello(&mut raw);
+        frame::write_frame(
+            &mut raw,
+            &ClientMessage {
+                id: 2,
+                body: Request::Attach(attach),
+            },
+        )
+        .unwrap();
+        let r: ServerMessage = frame::read_frame(&mut raw, MAX_FRAME_LEN)
+            .unwrap()
+            .expect("a reply");
+        assert!(
+            matches!(r.body, Response::StreamEnd { exit: Some(_) }),
+            "a version 1 client got {r:?}"
+        );
+    })
+    .await
+    .unwrap();
+    c.remove(&id, true).await.unwrap();
+}

@@ -474,3 +474,36 @@ fn auto_remove_after_a_restart_waits_until_a_client_learns_the_exit() {
     assert!(!a.vm_dir(&id).exists());
     a.assert_no_processes(&id);
 }
+
+/// `vmlet attach` (without stdin) outlives the agent too: the agent said
+/// where the attach began, so after the restart the CLI attaches again,
+/// replaying the log, skips what came before its attach and what it
+/// printed, and exits with the container's code. What the container wrote
+/// before the attach is never printed; every line after it is, once.
+#[test]
+fn attach_reconnects_across_a_restart_and_prints_from_the_attach_on_once() {
+    let mut a = TestAgent::start();
+    let id = a.detach(&[
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo before; echo before >&2; sleep 3; {SIXTY_LINES}; exit 7"),
+    ]);
+    a.wait_logs_containing(&id, "before\n");
+    let attacher = a
+        .vmlet()
+        .args(["attach", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.wait_logs_containing(&id, "line 10\n");
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    a.restart();
+    let o = vmlet_tests::wait_output(attacher, Duration::from_secs(120), "vmlet attach");
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_sixty_lines_once(&o);
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}

@@ -317,6 +317,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             println!("{vm}");
             Ok(0)
         }
+        Cmd::Attach {
+            interactive: false,
+            vm,
+        } => follow_attach(&cli.socket, client, vm).await,
         Cmd::Attach { interactive, vm } => {
             let stream = client
                 .stream(Request::Attach(AttachSpec {
@@ -705,6 +709,62 @@ async fn attach(
     }
 }
 
+/// Streams a running container's output from now on, without stdin, and
+/// returns its exit code, across restarts of vmletd: an agent of API
+/// version 2 or later says first where the stream begins
+/// (`Response::Attached`), so when the connection breaks the CLI attaches
+/// again replaying the log, and skips up to there and what it printed
+/// since: every byte from the attach on is printed once. An older agent
+/// says nothing, and a broken connection ends the attach with an error.
+/// (`vmlet attach -i` does not resume: stdin may have other writers, so
+/// the guest's count is not this client's to resend from.)
+async fn follow_attach(
+    socket: &std::path::Path,
+    mut client: Client,
+    vm: String,
+) -> Result<u8, CliError> {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let mut printed = Resume::default();
+    let mut resumable = false;
+    let mut s = client
+        .stream(Request::Attach(AttachSpec {
+            vm: vm.clone(),
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            replay: false,
+        }))
+        .await?;
+    loop {
+        while let Some(r) = s.next().await {
+            match r {
+                Response::Attached { stdout, stderr } if !resumable => {
+                    printed.starts_at(stdout, stderr);
+                    resumable = true;
+                }
+                Response::Output { .. } | Response::Dropped { .. } => {
+                    printed.print(&r, &mut out, &mut err, false)?
+                }
+                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
+                Response::StreamEnd { exit: None } => return Ok(0),
+                Response::Error(e) => return Err(ClientError::Api(e).into()),
+                _ => {}
+            }
+        }
+        if !resumable {
+            return Err(ClientError::Closed.into());
+        }
+        writeln!(
+            err,
+            "vmlet: the connection to vmletd broke; reconnecting to attach to {vm} again"
+        )?;
+        client = reconnect(socket).await?;
+        printed.reconnected();
+        s = client.stream(run_attach(&vm, false)).await?;
+    }
+}
+
 /// How long `vmlet logs` keeps trying to reach a vmletd that went away
 /// (a restart or an upgrade takes about a second).
 const RECONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -899,6 +959,13 @@ struct Resume {
 }
 
 impl Resume {
+    /// A stream that starts after `stdout` and `stderr` bytes of the log
+    /// (an attach that does not replay): what is before counts as printed.
+    fn starts_at(&mut self, stdout: u64, stderr: u64) {
+        self.printed = [stdout, stderr];
+        self.at = [stdout, stderr];
+    }
+
     /// A new connection's stream starts again at the log's first byte.
     fn reconnected(&mut self) {
         self.at = [0, 0];
