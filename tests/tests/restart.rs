@@ -298,6 +298,24 @@ fn assert_sixty_lines_once(o: &std::process::Output) {
     );
 }
 
+/// Runs `vmlet ARGS` against VM `id` while its container prints
+/// [`SIXTY_LINES`], kills the agent with SIGKILL once the log holds line
+/// 10, starts it again, and returns the CLI's output.
+fn cli_across_a_restart(a: &mut TestAgent, id: &str, args: &[&str]) -> std::process::Output {
+    let cli = a
+        .vmlet()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.wait_logs_containing(id, "line 10\n");
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    a.restart();
+    vmlet_tests::wait_output(cli, Duration::from_secs(120), &format!("vmlet {args:?}"))
+}
+
 /// The id of the agent's one VM, once `vmlet run` has created it.
 fn only_vm(a: &TestAgent) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -318,18 +336,7 @@ fn only_vm(a: &TestAgent) -> String {
 fn logs_follow_reconnects_across_a_restart_and_prints_every_byte_once() {
     let mut a = TestAgent::start();
     let id = a.detach(&["busybox", "--", "sh", "-c", SIXTY_LINES]);
-    let follower = a
-        .vmlet()
-        .args(["logs", "-f", &id])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    a.wait_logs_containing(&id, "line 10\n");
-    a.kill9();
-    std::thread::sleep(Duration::from_millis(500));
-    a.restart();
-    let o = vmlet_tests::wait_output(follower, Duration::from_secs(120), "vmlet logs -f");
+    let o = cli_across_a_restart(&mut a, &id, &["logs", "-f", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_sixty_lines_once(&o);
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
@@ -491,18 +498,7 @@ fn attach_reconnects_across_a_restart_and_prints_from_the_attach_on_once() {
         &format!("echo before; echo before >&2; sleep 3; {SIXTY_LINES}; exit 7"),
     ]);
     a.wait_logs_containing(&id, "before\n");
-    let attacher = a
-        .vmlet()
-        .args(["attach", &id])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    a.wait_logs_containing(&id, "line 10\n");
-    a.kill9();
-    std::thread::sleep(Duration::from_millis(500));
-    a.restart();
-    let o = vmlet_tests::wait_output(attacher, Duration::from_secs(120), "vmlet attach");
+    let o = cli_across_a_restart(&mut a, &id, &["attach", &id]);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     assert_sixty_lines_once(&o);
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));

@@ -691,14 +691,8 @@ async fn attach(
         // One connection: every byte it brings is new.
         let mut printed = Resume::default();
         while let Some(r) = stream.next().await {
-            match r {
-                Response::Output { .. } | Response::Dropped { .. } => {
-                    printed.print(&r, &mut out, &mut err, false)?
-                }
-                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
-                Response::StreamEnd { exit: None } => return Ok(0),
-                Response::Error(e) => return Err(ClientError::Api(e).into()),
-                _ => {}
+            if let Some(code) = printed.attach_reply(r, &mut out, &mut err)? {
+                return Ok(code);
             }
         }
         Err(ClientError::Closed.into())
@@ -743,13 +737,11 @@ async fn follow_attach(
                     printed.starts_at(stdout, stderr);
                     resumable = true;
                 }
-                Response::Output { .. } | Response::Dropped { .. } => {
-                    printed.print(&r, &mut out, &mut err, false)?
+                r => {
+                    if let Some(code) = printed.attach_reply(r, &mut out, &mut err)? {
+                        return Ok(code);
+                    }
                 }
-                Response::StreamEnd { exit: Some(e) } => return Ok(e.code.clamp(0, 255) as u8),
-                Response::StreamEnd { exit: None } => return Ok(0),
-                Response::Error(e) => return Err(ClientError::Api(e).into()),
-                _ => {}
             }
         }
         if !resumable {
@@ -964,6 +956,26 @@ impl Resume {
     fn starts_at(&mut self, stdout: u64, stderr: u64) {
         self.printed = [stdout, stderr];
         self.at = [stdout, stderr];
+    }
+
+    /// Takes one reply of an attach stream: prints output, and returns the
+    /// exit code (0 without one) at the stream's end, or the agent's error.
+    fn attach_reply(
+        &mut self,
+        r: Response,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<Option<u8>, CliError> {
+        match r {
+            Response::Output { .. } | Response::Dropped { .. } => {
+                self.print(&r, out, err, false)?;
+                Ok(None)
+            }
+            Response::StreamEnd { exit: Some(e) } => Ok(Some(e.code.clamp(0, 255) as u8)),
+            Response::StreamEnd { exit: None } => Ok(Some(0)),
+            Response::Error(e) => Err(ClientError::Api(e).into()),
+            _ => Ok(None),
+        }
     }
 
     /// A new connection's stream starts again at the log's first byte.
