@@ -773,8 +773,8 @@ async fn events(
     }
 }
 
-/// Handles one request to completion.
-/// Serves one request on a connection that negotiated API `version`.
+/// Handles one request to completion, on a connection that negotiated API
+/// `version`.
 async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx, version: u32) {
     let r = match body {
         Request::Version => Ok(Response::Version(VersionInfo {
