@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Optional setup step: builds vmlet's tailored guest kernel from Debian's
-# linux-source-6.1 and guest/kernel/vmlet.config, and installs it where
+# linux-source-6.1, guest/kernel/vmlet.config and the patches in
+# guest/kernel/patches/ (applied in name order), and installs it where
 # vmletd prefers it over Debian's cloud kernel:
 #
 #   ${VMLET_KERNELS_DIR:-/var/lib/vmlet/kernels}/
@@ -8,8 +9,8 @@
 #     tailored-<hash>/vmlinux           the PVH ELF QEMU microvm boots
 #     tailored-<hash>/config            its .config (vmletd reads CONFIG_ACPI etc. from it)
 #     tailored-<hash>/kernel.release    e.g. 6.1.192-vmlet, written last: marks a complete build
-#     tailored-<hash>/inputs.sha256     <hash>: of the fragment, the source package version
-#                                       and this recipe
+#     tailored-<hash>/inputs.sha256     <hash>: of the fragment, the patches, the source
+#                                       package version and this recipe
 #
 # The kernel config is `make tinyconfig` plus the fragment, then `make
 # olddefconfig`; the build fails if any line of the fragment did not survive
@@ -31,10 +32,11 @@ cd "$(dirname "$0")/.."
 KERNELS_DIR=${VMLET_KERNELS_DIR:-/var/lib/vmlet/kernels}
 BUILD_DIR=${VMLET_KERNEL_BUILD_DIR:-/var/cache/vmlet/kernel-build}
 FRAGMENT=$PWD/guest/kernel/vmlet.config
+PATCHES_DIR=$PWD/guest/kernel/patches
 SOURCE_PACKAGE=linux-source-6.1
-BUILD_PACKAGES=("$SOURCE_PACKAGE" build-essential bc bison flex libelf-dev xz-utils)
+BUILD_PACKAGES=("$SOURCE_PACKAGE" build-essential bc bison flex libelf-dev xz-utils patch)
 # Bump when the recipe below changes what gets built, so installed kernels are rebuilt.
-RECIPE=1
+RECIPE=2
 
 log() { printf 'build-kernel: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -63,14 +65,31 @@ inputs_hash() {
         echo "recipe $RECIPE"
         echo "source $SOURCE_PACKAGE $(dpkg-query -W -f='${Version}' "$SOURCE_PACKAGE")"
         cat "$FRAGMENT"
+        patches_hash
     } | sha256sum | cut -c1-16
 }
 
-# Unpacks the source once per package version (the tarball's top directory is
-# linux-source-6.1 whatever the version, so the version is kept beside it).
+patches() {
+    compgen -G "$PATCHES_DIR/*.patch" | LC_ALL=C sort || true
+}
+
+# Names and contents of the patches, in the order they are applied.
+patches_hash() {
+    local p
+    for p in $(patches); do
+        echo "patch $(basename "$p")"
+        cat "$p"
+    done | sha256sum | cut -c1-16
+}
+
+# Unpacks the source and applies the patches once per package version and
+# patch set (the tarball's top directory is linux-source-6.1 whatever the
+# version, so the version is kept beside it). A changed patch set starts from
+# a fresh tree and an empty build directory: the tarball's old mtimes on a file
+# a patch no longer touches would leave make's objects of the patched file.
 unpack_source() {
-    local version tarball src=$BUILD_DIR/src
-    version=$(dpkg-query -W -f='${Version}' "$SOURCE_PACKAGE")
+    local version tarball src=$BUILD_DIR/src p
+    version="$(dpkg-query -W -f='${Version}' "$SOURCE_PACKAGE") patches $(patches_hash)"
     if [ -f "$src/.vmlet-source-version" ] && [ "$(cat "$src/.vmlet-source-version")" = "$version" ]; then
         return 0
     fi
@@ -80,6 +99,10 @@ unpack_source() {
     rm -rf "$src" "$BUILD_DIR/out"
     mkdir -p "$src"
     tar -xaf "$tarball" -C "$src" --strip-components=1
+    for p in $(patches); do
+        log "applying $(basename "$p")"
+        patch -d "$src" -p1 --batch --forward --quiet <"$p" || die "$p does not apply to $SOURCE_PACKAGE $version"
+    done
     echo "$version" >"$src/.vmlet-source-version"
 }
 
