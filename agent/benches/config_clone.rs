@@ -15,6 +15,7 @@ fn template() -> VmTemplate {
         initrd: "/var/lib/vmlet/state/guest/initrd.cpio".into(),
         cmdline: "vmlet.port=1024".into(),
         acpi: true,
+        apic_timer_hz: Some(250),
         memory_mib: 256,
         vcpus: 1,
         cid: 0,

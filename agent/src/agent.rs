@@ -181,6 +181,7 @@ impl Agent {
             initrd,
             cmdline,
             acpi: guest_kernel.acpi,
+            apic_timer_hz: guest_kernel.apic_timer_hz,
             memory_mib: config.memory_mib,
             vcpus: config.vcpus,
             cid: 0,

@@ -78,6 +78,10 @@ pub struct GuestKernel {
     /// Whether the kernel finds its devices through ACPI; if not, the
     /// machine runs without ACPI and lists them on the kernel command line.
     pub acpi: bool,
+    /// `CONFIG_HZ` when the kernel accepts `lapic_timer_period=`
+    /// (`CONFIG_VMLET_LAPIC_TIMER_PERIOD`, a patch of the tailored kernel's:
+    /// docs/kernel.md), so a TCG guest is told its APIC timer's rate.
+    pub apic_timer_hz: Option<u32>,
     /// The modules the tether loads (a directory with `modules.order`), or
     /// `None` when the kernel has every driver built in.
     pub modules: Option<PathBuf>,
@@ -124,6 +128,11 @@ impl GuestKernel {
                 Some(c) => c.get("CONFIG_ACPI") == Some(&"y"),
                 None => true,
             },
+            apic_timer_hz: config.as_ref().and_then(|c| {
+                (c.get("CONFIG_VMLET_LAPIC_TIMER_PERIOD") == Some(&"y"))
+                    .then(|| c.get("CONFIG_HZ")?.parse().ok())
+                    .flatten()
+            }),
             modules,
         };
         if let Some(c) = &config {
@@ -238,6 +247,14 @@ mod tests {
             "{}",
             k.describe()
         );
+        // Without the patch's option the kernel measures its APIC timer itself.
+        assert_eq!(k.apic_timer_hz, None);
+        let patched = format!("{BUILT_IN}CONFIG_HZ=250\nCONFIG_VMLET_LAPIC_TIMER_PERIOD=y\n");
+        let d = kernel_dir(Some(&patched), false);
+        assert_eq!(
+            GuestKernel::open(d.path()).unwrap().apic_timer_hz,
+            Some(250)
+        );
     }
 
     #[test]
@@ -249,6 +266,7 @@ mod tests {
         let k = GuestKernel::open(d.path()).unwrap();
         assert!(k.acpi);
         assert_eq!(k.modules, Some(d.path().join("modules")));
+        assert_eq!(k.apic_timer_hz, None);
         // Without a config, a directory is taken as the Debian kernel it always was.
         let d = kernel_dir(None, true);
         let k = GuestKernel::open(d.path()).unwrap();

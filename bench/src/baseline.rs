@@ -46,6 +46,9 @@ pub struct Baseline {
     /// Whether that kernel finds its devices through ACPI (as the agent
     /// decides from its config).
     pub acpi: bool,
+    /// `CONFIG_HZ` when that kernel takes `lapic_timer_period=` (as the
+    /// agent decides from its config).
+    pub apic_timer_hz: Option<u32>,
     /// The initrd the agent generated.
     pub initrd: PathBuf,
     /// The image's root filesystem disk (copied per start).
@@ -185,6 +188,7 @@ impl Baseline {
             initrd: self.initrd.clone(),
             cmdline: format!("vmlet.port={TETHER_PORT}"),
             acpi: self.acpi,
+            apic_timer_hz: self.apic_timer_hz,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             cid: 3,

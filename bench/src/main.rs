@@ -611,14 +611,14 @@ async fn run(
         // The script's QEMU flags include the host's measured TSC rate, as
         // the agent's do: measure it now, not inside the first start.
         vmm_shim::qemu::tcg_timer_hints();
+        // As the agent decides them: from the kernel's config.
+        let guest_kernel = vmlet_agent::kernel::GuestKernel::open(&guest_dir).ok();
         baseline = Some(Baseline {
             qemu: find("qemu-system-x86_64")?,
             backend: find("vhost-device-vsock")?,
             kernel: kernel.clone(),
-            // As the agent decides it: from the kernel's config.
-            acpi: vmlet_agent::kernel::GuestKernel::open(&guest_dir)
-                .map(|k| k.acpi)
-                .unwrap_or(true),
+            acpi: guest_kernel.as_ref().is_none_or(|k| k.acpi),
+            apic_timer_hz: guest_kernel.and_then(|k| k.apic_timer_hz),
             initrd,
             rootfs,
             fstype,

@@ -98,6 +98,7 @@ fn tailored_kernel_boots_containers_without_acpi_or_modules() {
         "sh",
         "-c",
         "echo release=$(uname -r); echo cmdline=$(cat /proc/cmdline); sleep 3; \
+         echo tick=$(grep -A1 'Per CPU device: 0' /proc/timer_list | grep -o 'Clock Event Device: .*'); \
          echo clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
          sleep 600",
     ]);
@@ -127,6 +128,17 @@ fn tailored_kernel_boots_containers_without_acpi_or_modules() {
         "{cmdline}"
     );
     assert!(arg(&args, "-M").contains("acpi=off"), "{args:?}");
+    // Under TCG the guest is told QEMU's APIC timer rate (1 GHz bus, HZ=250)
+    // instead of measuring it, and keeps its ticks on that timer (under KVM:
+    // the TSC-deadline mode, `lapic-deadline`). A rate it refused would
+    // have it measure again; a mis-scaled one would break the sleeps above.
+    if arg(&args, "-accel").starts_with("tcg") {
+        assert!(
+            cmdline.contains(" lapic_timer_period=4000000 "),
+            "{cmdline}"
+        );
+    }
+    assert!(log.contains("tick=Clock Event Device: lapic"), "{log}");
     assert!(
         !arg(&args, "-append").contains("virtio_mmio.device="),
         "the agent lists no devices itself: QEMU does"

@@ -84,6 +84,11 @@ pub struct VmConfig {
     /// on the kernel command line instead (`virtio_mmio.device=`), which the kernel must accept
     /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`). A property of the kernel, so it travels with it.
     pub acpi: bool,
+    /// The guest kernel's tick rate (`CONFIG_HZ`) when it accepts `lapic_timer_period=` (vmlet's
+    /// tailored kernel, `CONFIG_VMLET_LAPIC_TIMER_PERIOD`), else `None`. Under TCG the backend
+    /// then tells it the emulated APIC timer's rate, so it does not spend ~0.2 s of every boot
+    /// measuring it. A property of the kernel, like [`VmConfig::acpi`].
+    pub apic_timer_hz: Option<u32>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Virtual CPUs.

@@ -128,6 +128,8 @@ fn config(env: &Env, dir: &Path, initrd: &Path, cid: u32, cmdline: &str) -> VmCo
         cmdline: cmdline.to_owned(),
         // Debian's cloud kernel finds its devices through ACPI.
         acpi: true,
+        // Debian's kernel measures its APIC timer itself.
+        apic_timer_hz: None,
         memory_mib: 256,
         vcpus: 1,
         cid,
