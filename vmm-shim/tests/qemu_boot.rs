@@ -186,6 +186,29 @@ fn zombie(pid: u32) -> bool {
     })
 }
 
+/// Kills a VM's processes when a test ends early (a timeout or a failed
+/// assertion drops the handle, and a handle left alone keeps its VM running,
+/// as the agent's do across its restarts). After a clean end they are gone
+/// already.
+struct KillOnDrop(Vec<u32>);
+
+impl KillOnDrop {
+    fn of(h: &dyn VmHandle) -> Self {
+        KillOnDrop(h.pid().into_iter().chain(h.helper_pids()).collect())
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// After cleanup: no process of the VM alive or left a zombie, and no socket left.
 async fn assert_released(h: &dyn VmHandle, dir: &Path) {
     let mut pids: Vec<u32> = h.pid().into_iter().collect();
@@ -231,6 +254,7 @@ async fn boots_and_reboots_out() {
 
         let t0 = Instant::now();
         let h = env.qemu.start(&cfg).await.unwrap();
+        let _kill = KillOnDrop::of(h.as_ref());
         let t_qmp = t0.elapsed();
         assert_eq!(h.status().await.unwrap(), "running");
 
@@ -283,6 +307,7 @@ async fn kill_ends_a_running_vm() {
         std::fs::create_dir(&dir).unwrap();
         let cfg = config(&env, &dir, &initrd, 12, "vmlet_test=hang");
         let h: std::sync::Arc<dyn VmHandle> = env.qemu.start(&cfg).await.unwrap().into();
+        let _kill = KillOnDrop::of(h.as_ref());
 
         // Several waiters at once, started before the exit.
         let waiters: Vec<_> = (0..3)
@@ -337,6 +362,7 @@ async fn stop_quits_through_qmp() {
         std::fs::create_dir(&dir).unwrap();
         let cfg = config(&env, &dir, &initrd, 13, "vmlet_test=hang");
         let h = env.qemu.start(&cfg).await.unwrap();
+        let _kill = KillOnDrop::of(h.as_ref());
         // The guest may still be booting: "quit" does not need its cooperation.
         h.stop(Duration::from_secs(10)).await.unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(1), h.wait())
