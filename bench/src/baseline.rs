@@ -162,6 +162,8 @@ impl Baseline {
         listen.push(format!("_{TETHER_PORT}"));
         let listener = UnixListener::bind(&listen).context("listening for the tether")?;
 
+        // As the agent waits: for the socket to listen, not only to exist.
+        let listening = vmm_shim::vsock_backend::ListenWatch::new(&paths.vhost_vsock);
         let backend = Command::new(&self.backend)
             .args(vmm_shim::vsock_backend::args(3, &paths.vhost_vsock, &uds))
             .stdin(Stdio::null())
@@ -173,9 +175,9 @@ impl Baseline {
         let backend_pid = backend.id();
         reaper.0.push(backend);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !paths.vhost_vsock.exists() {
+        while !listening.ready() {
             if Instant::now() > deadline {
-                bail!("vhost-device-vsock did not create its socket in 10 s");
+                bail!("vhost-device-vsock did not listen on its socket in 10 s");
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

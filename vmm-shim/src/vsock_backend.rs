@@ -23,7 +23,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// It exited before its socket appeared.
-    #[error("vhost-device-vsock ended before creating {socket}: {exit}")]
+    #[error("vhost-device-vsock ended before listening on {socket}: {exit}")]
     Exited {
         /// The socket it should have created.
         socket: PathBuf,
@@ -31,7 +31,7 @@ pub enum Error {
         exit: String,
     },
     /// Its socket did not appear in time.
-    #[error("vhost-device-vsock did not create {socket} within {timeout:?}")]
+    #[error("vhost-device-vsock did not listen on {socket} within {timeout:?}")]
     Timeout {
         /// The socket.
         socket: PathBuf,
@@ -73,7 +73,7 @@ pub fn args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
 
 impl VsockBackend {
     /// Removes stale sockets, spawns the backend and waits up to `timeout` for its vhost-user
-    /// socket to appear. On error nothing is left running.
+    /// socket to listen ([`ListenWatch`]). On error nothing is left running.
     ///
     /// # Cancel safety
     /// Cancel safe: a dropped spawn SIGKILLs the backend (its task reaps it).
@@ -93,6 +93,7 @@ impl VsockBackend {
                 source,
             })?;
         }
+        let listening = ListenWatch::new(socket);
         let process = Process::spawn(
             "vhost-device-vsock",
             program,
@@ -118,7 +119,7 @@ impl VsockBackend {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         loop {
-            if is_socket(socket) {
+            if listening.ready() {
                 undo.disarm();
                 return Ok(backend);
             }
@@ -194,6 +195,71 @@ fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
+/// Waits for a Unix socket to listen at a path. Its file appears at `bind()`, and a connect
+/// before the `listen()` that follows is refused: QEMU, started on seeing the file, failed
+/// with "Failed to connect to …/vhost-vsock.sock: Connection refused" in one of the e2e tests
+/// when the backend was preempted between the two. The kernel's table of Unix sockets
+/// (`/proc/net/unix`, this network namespace's) has the listening flag; connecting to find
+/// out is no option, since the backend takes its first connection as its one frontend.
+///
+/// The table keeps a socket's path after its file is removed, so a listener still open from
+/// before (a stale socket the caller removed) would look ready: sockets listed for the path
+/// when the watch begins are not counted. Without the table (no procfs) the file is taken as
+/// enough, as before.
+#[derive(Debug)]
+pub struct ListenWatch {
+    path: PathBuf,
+    /// The sockets (their sockfs inodes) listed for `path` at the start; `None` without the
+    /// table.
+    before: Option<Vec<u64>>,
+}
+
+impl ListenWatch {
+    /// Begins watching `path`: call before starting what will listen there.
+    pub fn new(path: &Path) -> Self {
+        ListenWatch {
+            path: path.to_owned(),
+            before: unix_table().map(|t| listeners(&t, path)),
+        }
+    }
+
+    /// Whether a socket file is at the path and a socket that was not there at the start
+    /// listens on it.
+    pub fn ready(&self) -> bool {
+        if !is_socket(&self.path) {
+            return false;
+        }
+        match (&self.before, unix_table()) {
+            (Some(before), Some(t)) => listeners(&t, &self.path)
+                .iter()
+                .any(|i| !before.contains(i)),
+            _ => true,
+        }
+    }
+}
+
+fn unix_table() -> Option<String> {
+    std::fs::read_to_string("/proc/net/unix").ok()
+}
+
+/// The sockfs inodes of the sockets listening at `p`, from the text of `/proc/net/unix`:
+/// `Num RefCount Protocol Flags Type St Inode Path`, the flags in hex with `__SO_ACCEPTCON`
+/// (0x10000) set by `listen()`.
+fn listeners(table: &str, p: &Path) -> Vec<u64> {
+    const ACCEPTCON: u32 = 0x1_0000;
+    let suffix = format!(" {}", p.display());
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.ends_with(&suffix))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().take(7).collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            (flags & ACCEPTCON != 0).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
 /// Removes `p` if it is a socket; a missing file is fine, anything else there is left alone
 /// and reported, since the shim only ever deletes what it would have created.
 pub(crate) fn remove_socket(p: &Path) -> std::io::Result<()> {
@@ -244,6 +310,50 @@ mod tests {
                 "--uds-path",
                 "/r/vsock.sock"
             ]
+        );
+    }
+
+    #[test]
+    fn a_socket_listens_only_after_listen() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // A stale listener whose file was removed: still in the table under the path.
+        let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let watch = ListenWatch::new(&path);
+        assert!(!watch.ready(), "no file");
+        // Bound but not listening: what a connect in the backend's window was refused by.
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        assert!(is_socket(&path));
+        assert!(
+            !watch.ready(),
+            "bound, not listening; only the stale one listens"
+        );
+        listen(&fd, nix::sys::socket::Backlog::new(1).unwrap()).unwrap();
+        assert!(watch.ready());
+        drop(stale);
+        // A path that only ends another's is not it.
+        let table = format!(
+            "Num       RefCount Protocol Flags    Type St Inode Path\n\
+             0000000000000000: 00000002 00000000 00010000 0001 01 12345 /x{}\n",
+            path.display()
+        );
+        assert_eq!(listeners(&table, &path), Vec::<u64>::new());
+        assert_eq!(
+            listeners(&table, Path::new(&format!("/x{}", path.display()))),
+            [12345]
         );
     }
 
