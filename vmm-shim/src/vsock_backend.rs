@@ -440,6 +440,18 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
+        // A failed assertion must not leave the backend running: after spawn, dropping it
+        // does not kill it (an agent's backends outlive the agent).
+        struct Kill(u32);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.0 as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let kill = Kill(b.pid());
         assert!(is_socket(&socket));
         assert!(b.process().exited().is_none());
         tokio::time::timeout(Duration::from_secs(10), b.shutdown())
@@ -448,5 +460,7 @@ mod tests {
         assert!(b.process().exited().is_some());
         assert!(!socket.exists() && !uds.exists());
         b.shutdown().await; // idempotent
+                            // Reaped: its pid may be another's by now.
+        std::mem::forget(kill);
     }
 }

@@ -188,13 +188,18 @@ fn zombie(pid: u32) -> bool {
 
 /// Kills a VM's processes when a test ends early (a timeout or a failed
 /// assertion drops the handle, and a handle left alone keeps its VM running,
-/// as the agent's do across its restarts). After a clean end they are gone
-/// already.
+/// as the agent's do across its restarts). A test that ends cleanly disarms it
+/// once its VM's processes are reaped.
 struct KillOnDrop(Vec<u32>);
 
 impl KillOnDrop {
     fn of(h: &dyn VmHandle) -> Self {
         KillOnDrop(h.pid().into_iter().chain(h.helper_pids()).collect())
+    }
+
+    /// After the processes were reaped: their pids may be another's by now.
+    fn disarm(mut self) {
+        self.0.clear();
     }
 }
 
@@ -254,7 +259,7 @@ async fn boots_and_reboots_out() {
 
         let t0 = Instant::now();
         let h = env.qemu.start(&cfg).await.unwrap();
-        let _kill = KillOnDrop::of(h.as_ref());
+        let kill = KillOnDrop::of(h.as_ref());
         let t_qmp = t0.elapsed();
         assert_eq!(h.status().await.unwrap(), "running");
 
@@ -292,6 +297,7 @@ async fn boots_and_reboots_out() {
         assert!(!console.contains("failed"), "{console}");
 
         assert_released(h.as_ref(), &dir).await;
+        kill.disarm();
     })
     .await
     .expect("test timed out");
@@ -307,7 +313,7 @@ async fn kill_ends_a_running_vm() {
         std::fs::create_dir(&dir).unwrap();
         let cfg = config(&env, &dir, &initrd, 12, "vmlet_test=hang");
         let h: std::sync::Arc<dyn VmHandle> = env.qemu.start(&cfg).await.unwrap().into();
-        let _kill = KillOnDrop::of(h.as_ref());
+        let kill = KillOnDrop::of(h.as_ref());
 
         // Several waiters at once, started before the exit.
         let waiters: Vec<_> = (0..3)
@@ -347,6 +353,7 @@ async fn kill_ends_a_running_vm() {
         h.kill().await.unwrap(); // already gone: still fine
 
         assert_released(h.as_ref(), &dir).await;
+        kill.disarm();
     })
     .await
     .expect("test timed out");
@@ -362,7 +369,7 @@ async fn stop_quits_through_qmp() {
         std::fs::create_dir(&dir).unwrap();
         let cfg = config(&env, &dir, &initrd, 13, "vmlet_test=hang");
         let h = env.qemu.start(&cfg).await.unwrap();
-        let _kill = KillOnDrop::of(h.as_ref());
+        let kill = KillOnDrop::of(h.as_ref());
         // The guest may still be booting: "quit" does not need its cooperation.
         h.stop(Duration::from_secs(10)).await.unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(1), h.wait())
@@ -371,6 +378,7 @@ async fn stop_quits_through_qmp() {
         assert_eq!(exit.code, Some(0), "{exit}");
         h.stop(Duration::from_secs(1)).await.unwrap(); // already stopped: fine
         assert_released(h.as_ref(), &dir).await;
+        kill.disarm();
     })
     .await
     .expect("test timed out");
