@@ -299,7 +299,9 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             // Attach before starting, replaying from the first byte, so no
             // output is missed however fast the container is.
-            let stream = client.stream(run_attach(&id, interactive)).await?;
+            let stream = client
+                .stream(attach_request(&id, interactive, true))
+                .await?;
             if let Err(e) = client.start(&id).await {
                 if rm {
                     let _ = client.remove(&id, true).await;
@@ -321,17 +323,12 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             interactive: false,
             vm,
         } => follow_attach(&cli.socket, client, vm).await,
-        Cmd::Attach { interactive, vm } => {
-            let stream = client
-                .stream(Request::Attach(AttachSpec {
-                    vm,
-                    stdin: interactive,
-                    stdout: true,
-                    stderr: true,
-                    replay: false,
-                }))
-                .await?;
-            attach(&client, stream, interactive).await
+        Cmd::Attach {
+            interactive: true,
+            vm,
+        } => {
+            let stream = client.stream(attach_request(&vm, true, false)).await?;
+            attach_interactive(&client, stream).await
         }
         Cmd::Ps { all, quiet } => {
             let list = client.list(all).await?;
@@ -662,25 +659,21 @@ fn format_size(b: u64) -> String {
     }
 }
 
-/// Copies the attach stream to stdout/stderr (and stdin to the VM) until
+/// Copies the attach stream to stdout/stderr and stdin to the VM until
 /// the VM exits; returns its exit code.
-async fn attach(
+async fn attach_interactive(
     client: &Client,
     mut stream: vmlet_protocol::client::ResponseStream,
-    interactive: bool,
 ) -> Result<u8, CliError> {
     let attach_id = stream.id;
     let stdin_task = async {
-        if !interactive {
-            return std::future::pending::<Result<(), CliError>>().await;
-        }
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
             let n = stdin.read(&mut buf).await?;
             if n == 0 {
                 client.close_stdin(attach_id).await?;
-                return std::future::pending().await;
+                return std::future::pending::<Result<(), CliError>>().await;
             }
             client.stdin(attach_id, buf[..n].to_vec()).await?;
         }
@@ -721,15 +714,7 @@ async fn follow_attach(
     let mut err = std::io::stderr().lock();
     let mut printed = Resume::default();
     let mut resumable = false;
-    let mut s = client
-        .stream(Request::Attach(AttachSpec {
-            vm: vm.clone(),
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            replay: false,
-        }))
-        .await?;
+    let mut s = client.stream(attach_request(&vm, false, false)).await?;
     loop {
         while let Some(r) = s.next().await {
             match r {
@@ -753,7 +738,7 @@ async fn follow_attach(
         )?;
         client = reconnect(socket).await?;
         printed.reconnected();
-        s = client.stream(run_attach(&vm, false)).await?;
+        s = client.stream(attach_request(&vm, false, true)).await?;
     }
 }
 
@@ -830,7 +815,9 @@ async fn follow_run(
         let (mut s, mut resent) = match next.take() {
             Some(s) => (s, true),
             None => {
-                let s = client.stream(run_attach(&vm, interactive)).await?;
+                let s = client
+                    .stream(attach_request(&vm, interactive, true))
+                    .await?;
                 // Stdin waits for the guest's count on this connection.
                 (s, !interactive)
             }
@@ -879,16 +866,17 @@ async fn follow_run(
     }
 }
 
-/// The attach of `vmlet run`, the first and after every reconnection:
-/// from the log's first byte, so no output is missed however fast the
-/// container is, and so a new connection knows where the last one was.
-fn run_attach(vm: &str, interactive: bool) -> Request {
+/// An attach to both output streams, with stdin or without. `vmlet run`
+/// replays, the first time and after every reconnection: from the log's
+/// first byte, so no output is missed however fast the container is, and
+/// so a new connection knows where the last one was.
+fn attach_request(vm: &str, stdin: bool, replay: bool) -> Request {
     Request::Attach(AttachSpec {
         vm: vm.to_owned(),
-        stdin: interactive,
+        stdin,
         stdout: true,
         stderr: true,
-        replay: true,
+        replay,
     })
 }
 
