@@ -183,6 +183,44 @@ pub struct Report {
     pub foreign_vmms: (usize, usize),
 }
 
+/// A paragraph `intro` and a table of steps by the guest's clock, p50 / p90
+/// per `(column, key)` of `steps`, a row per mode that has any (none
+/// without any).
+fn step_table(
+    o: &mut String,
+    r: &Report,
+    intro: &str,
+    columns: &[(&str, &str)],
+    steps: impl Fn(&ModeResult) -> &BTreeMap<&'static str, Summary>,
+) {
+    let rows: Vec<&ModeResult> = r.results.iter().filter(|x| !steps(x).is_empty()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let titles: Vec<&str> = columns.iter().map(|(t, _)| *t).collect();
+    let _ = writeln!(o, "{intro}\n");
+    let _ = writeln!(o, "| mode | C | {} |", titles.join(" | "));
+    let _ = writeln!(o, "|---|---|{}", "---|".repeat(columns.len()));
+    for x in rows {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(_, k)| {
+                steps(x).get(k).map_or("–".to_string(), |s| {
+                    format!("{} / {}", ms(s.p50), ms(s.p90))
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} |",
+            x.mode.title(),
+            x.concurrency,
+            cells.join(" | ")
+        );
+    }
+    let _ = writeln!(o);
+}
+
 fn ms(x: f64) -> String {
     if x.is_nan() {
         "–".into()
@@ -387,62 +425,22 @@ pub fn markdown(r: &Report) -> String {
     // Where a boot's time goes by the guest's own clock: a mode whose
     // guests boot slower here ran slower inside the guest, not in the host
     // steps around it.
-    if r.results.iter().any(|x| !x.guest.is_empty()) {
-        let _ = writeln!(
-            o,
-            "By the guest's own clock (from its hello; p50 / p90, ms from kernel start): kernel → tether, module loading, hello.\n"
-        );
-        let _ = writeln!(o, "| mode | C | kernel → tether | modules | hello |");
-        let _ = writeln!(o, "|---|---|---|---|---|");
-        for x in r.results.iter().filter(|x| !x.guest.is_empty()) {
-            let cell = |k: &str| {
-                x.guest.get(k).map_or("–".to_string(), |s| {
-                    format!("{} / {}", ms(s.p50), ms(s.p90))
-                })
-            };
-            let _ = writeln!(
-                o,
-                "| {} | {} | {} | {} | {} |",
-                x.mode.title(),
-                x.concurrency,
-                cell("kernel"),
-                cell("modules"),
-                cell("hello")
-            );
-        }
-        let _ = writeln!(o);
-    }
+    step_table(
+        &mut o,
+        r,
+        "By the guest's own clock (from its hello; p50 / p90, ms from kernel start): kernel → tether, module loading, hello.",
+        &[("kernel → tether", "kernel"), ("modules", "modules"), ("hello", "hello")],
+        |x| &x.guest,
+    );
     // After the spec, the guest assembles the container's root: the
     // baseline over a tmpfs, an agent start over the VM's writable disk.
-    if r.results.iter().any(|x| !x.root.is_empty()) {
-        let _ = writeln!(
-            o,
-            "The container's root filesystem, assembled by the guest after the spec (its clock; p50 / p90, ms): disks found by serial, layers mounted, writable disk (the baseline: tmpfs) mounted, `upper` and `work` made, overlay mounted, proc/sys/dev.\n"
-        );
-        let _ = writeln!(
-            o,
-            "| mode | C | disks | layers | writable | dirs | overlay | inner | total |"
-        );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
-        for x in r.results.iter().filter(|x| !x.root.is_empty()) {
-            let cells: Vec<String> = ROOT_STEPS
-                .iter()
-                .map(|k| {
-                    x.root.get(k).map_or("–".to_string(), |s| {
-                        format!("{} / {}", ms(s.p50), ms(s.p90))
-                    })
-                })
-                .collect();
-            let _ = writeln!(
-                o,
-                "| {} | {} | {} |",
-                x.mode.title(),
-                x.concurrency,
-                cells.join(" | ")
-            );
-        }
-        let _ = writeln!(o);
-    }
+    step_table(
+        &mut o,
+        r,
+        "The container's root filesystem, assembled by the guest after the spec (its clock; p50 / p90, ms): disks found by serial, layers mounted, writable disk (the baseline: tmpfs) mounted, `upper` and `work` made, overlay mounted, proc/sys/dev.",
+        &ROOT_STEPS.map(|k| (k, k)),
+        |x| &x.root,
+    );
     if r.page_cache == "evict" {
         let _ = writeln!(o, "## Page cache after each eviction\n");
         let _ = writeln!(o, "| mode | C | input files | still in memory |");
