@@ -303,68 +303,94 @@ fn tail(p: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
-/// Finds the image disk the agent built in its state directory: the only
-/// `rootfs.ext4`, `disk.ext4` or `disk.erofs` under `images/` (a private
-/// state directory holds only the default busybox image). Returns it with
-/// its filesystem type.
-pub fn find_image_disk(state_dir: &Path) -> Option<(PathBuf, String)> {
-    fn walk(d: &Path, depth: u32, out: &mut Vec<PathBuf>) {
-        if depth > 6 {
-            return;
-        }
-        let Ok(rd) = std::fs::read_dir(d) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                if e.file_name() != "tmp" {
-                    walk(&p, depth + 1, out);
-                }
-            } else if ft.is_file()
-                && matches!(
-                    e.file_name().to_str(),
-                    Some("rootfs.ext4" | "disk.ext4" | "disk.erofs")
-                )
-            {
-                out.push(p);
-            }
-        }
+/// The disk the agent built in its state directory for `image`'s one
+/// layer (`images/layers/sha256/<diff id>/disk.<fstype>`), with its
+/// filesystem type. The script copies one disk, so an image of more
+/// layers is refused: its baseline would need a merged disk the agent
+/// never builds.
+pub fn image_disk(
+    state_dir: &Path,
+    image: &vmlet_protocol::api::ImageInfo,
+) -> anyhow::Result<(PathBuf, String)> {
+    let [layer] = image.layers.as_slice() else {
+        bail!(
+            "the baseline copies one disk, and image {} has {} layers: give a one-layer image",
+            image.id,
+            image.layers.len()
+        );
+    };
+    let hex = layer
+        .diff_id
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .with_context(|| format!("layer id {:?} is not sha256:<hex>", layer.diff_id))?;
+    if !matches!(layer.fstype.as_str(), "erofs" | "ext4") {
+        bail!("layer {} has filesystem {:?}", layer.diff_id, layer.fstype);
     }
-    let mut found = Vec::new();
-    walk(&state_dir.join("images"), 0, &mut found);
-    found.sort();
-    let p = found.into_iter().next()?;
-    let fstype = p.extension()?.to_str()?.to_string();
-    Some((p, fstype))
+    let disk = state_dir
+        .join("images/layers/sha256")
+        .join(hex)
+        .join(format!("disk.{}", layer.fstype));
+    if !disk.is_file() {
+        bail!("no disk at {} for layer {}", disk.display(), layer.diff_id);
+    }
+    Ok((disk, layer.fstype.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use vmlet_protocol::api::{ImageInfo, LayerInfo};
+
+    fn image(layers: &[(&str, &str)]) -> ImageInfo {
+        ImageInfo {
+            id: "sha256:feed".into(),
+            layers: layers
+                .iter()
+                .map(|(d, f)| LayerInfo {
+                    diff_id: d.to_string(),
+                    fstype: f.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn finds_the_image_disk_in_either_layout() {
+    fn the_disk_is_the_images_own_layers() {
         let d = tempfile::tempdir().unwrap();
-        assert!(find_image_disk(d.path()).is_none());
-        let old = d.path().join("images/busybox");
-        std::fs::create_dir_all(&old).unwrap();
-        std::fs::write(old.join("rootfs.ext4"), b"").unwrap();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for h in [&a, &b] {
+            let l = d.path().join("images/layers/sha256").join(h);
+            std::fs::create_dir_all(&l).unwrap();
+            std::fs::write(l.join("disk.erofs"), b"").unwrap();
+        }
+        // Not the first disk in the store: the one of the image asked for.
+        let (disk, fstype) =
+            image_disk(d.path(), &image(&[(&format!("sha256:{b}"), "erofs")])).unwrap();
         assert_eq!(
-            find_image_disk(d.path()),
-            Some((old.join("rootfs.ext4"), "ext4".into()))
+            disk,
+            d.path()
+                .join("images/layers/sha256")
+                .join(&b)
+                .join("disk.erofs")
         );
-        let d = tempfile::tempdir().unwrap();
-        let new = d.path().join("images/layers/sha256/ab12");
-        std::fs::create_dir_all(&new).unwrap();
-        std::fs::create_dir_all(d.path().join("images/tmp/x")).unwrap();
-        std::fs::write(d.path().join("images/tmp/x/disk.erofs"), b"").unwrap();
-        std::fs::write(new.join("disk.erofs"), b"").unwrap();
-        std::fs::write(new.join("layer.json"), b"{}").unwrap();
-        assert_eq!(
-            find_image_disk(d.path()),
-            Some((new.join("disk.erofs"), "erofs".into()))
-        );
+        assert_eq!(fstype, "erofs");
+
+        let two = image(&[
+            (&format!("sha256:{a}"), "erofs"),
+            (&format!("sha256:{b}"), "erofs"),
+        ]);
+        let e = image_disk(d.path(), &two).unwrap_err().to_string();
+        assert!(e.contains("has 2 layers"), "{e}");
+        let c = "c".repeat(64);
+        let e = image_disk(d.path(), &image(&[(&format!("sha256:{c}"), "erofs")])).unwrap_err();
+        assert!(e.to_string().contains("no disk at"), "{e}");
+        let e = image_disk(d.path(), &image(&[("sha256:../../x", "erofs")])).unwrap_err();
+        assert!(e.to_string().contains("not sha256:<hex>"), "{e}");
+        let e = image_disk(d.path(), &image(&[(&format!("sha256:{a}"), "../x")])).unwrap_err();
+        assert!(e.to_string().contains("filesystem"), "{e}");
     }
 }

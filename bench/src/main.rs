@@ -71,6 +71,11 @@ struct Args {
     /// Image every start runs (a fresh agent has busybox).
     #[arg(long, default_value = "busybox")]
     image: String,
+    /// An image archive (`docker save` tar or tarred OCI layout) every
+    /// agent of the run imports before it is measured; `--image` names
+    /// the image in it. `scripts/make-debian-image.sh` builds one.
+    #[arg(long)]
+    image_archive: Option<PathBuf>,
     /// `evict`: before every batch, drop the start's input files (kernel,
     /// initrd, image store) from the page cache, so "cold" means cold;
     /// `keep`: leave the page cache alone.
@@ -550,7 +555,9 @@ async fn run(
         };
         if m.uses_agent() {
             eprintln!("vmlet-bench: {}: starting its agent", m.name());
-            match start_agent(m, &spec(m.name(), args), vmletd, &a.image, pool_size, procs).await {
+            let archive = a.image_archive.as_deref();
+            let sp = spec(m.name(), args);
+            match start_agent(m, &sp, vmletd, &a.image, archive, pool_size, procs).await {
                 Ok(t) => {
                     inputs.insert(m, cache::start_inputs(&kernel, &t.state_dir));
                     files_dir.get_or_insert(t.state_dir.clone());
@@ -573,6 +580,9 @@ async fn run(
         let sp = spec("files", Mode::Cold.agent_args(&a.image, 1));
         let (p, c) = sp.start().await?;
         procs.push(p);
+        if let Some(archive) = &a.image_archive {
+            import(&c, archive, &a.image).await?;
+        }
         files_dir = Some(sp.state_dir());
         helper = Some(c);
     }
@@ -596,11 +606,12 @@ async fn run(
         .parse()
         .map_err(|e| anyhow::anyhow!("the agent's accelerator {:?}: {e}", v.accel))?;
 
+    let image = probe_client.image_inspect(&a.image).await?;
     let files_dir = files_dir.context("no agent ran")?;
     let mut baseline = None;
     if modes.contains(&Mode::Baseline) {
-        let (rootfs, fstype) = baseline::find_image_disk(&files_dir)
-            .with_context(|| format!("no image disk under {}/images", files_dir.display()))?;
+        let (rootfs, fstype) = baseline::image_disk(&files_dir, &image)
+            .with_context(|| format!("the baseline's disk of {}", a.image))?;
         let initrd = files_dir.join("guest/initrd.cpio");
         inputs.insert(
             Mode::Baseline,
@@ -728,6 +739,7 @@ async fn run(
         guest_kernel: v.kernel.clone(),
         agent: v.agent.clone(),
         image: a.image.clone(),
+        image_disks: image.layers.iter().map(|l| l.disk_size).collect(),
         command: "echo ready",
         runs: a.runs,
         warmup: a.warmup,
@@ -748,12 +760,13 @@ async fn run(
 }
 
 /// Starts `mode`'s agent and readies it: checks that vmletd offers the
-/// mode, pre-stages the image, fills the pool.
+/// mode, imports the archive, pre-stages the image, fills the pool.
 async fn start_agent(
     mode: Mode,
     spec: &AgentSpec,
     vmletd: &Path,
     image: &str,
+    archive: Option<&Path>,
     pool_size: usize,
     procs: &mut Vec<AgentProc>,
 ) -> anyhow::Result<Target> {
@@ -766,10 +779,19 @@ async fn start_agent(
             );
         }
     }
+    if archive.is_some() && mode == Mode::Template {
+        // Its snapshot is taken as the agent starts, before any import.
+        bail!("--image-archive: a template is built from an image the agent has as it starts");
+    }
     let (p, client) = spec.start().await?;
     let pid = p.pid;
     procs.push(p);
-    if mode == Mode::Prestaged {
+    if let Some(archive) = archive {
+        import(&client, archive, image).await?;
+    }
+    // A pool pre-stages its image as its agent starts; an image imported
+    // after that is pre-staged here instead, as it would have been.
+    if mode == Mode::Prestaged || (archive.is_some() && mode.is_pool()) {
         match client
             .call(Request::Prestage {
                 image: image.into(),
@@ -856,4 +878,24 @@ fn summarize_mode(mode: Mode, c: usize, bs: Vec<Batch>) -> ModeResult {
         inputs_after_eviction: evicted,
         samples: s,
     }
+}
+
+/// Imports `archive` into an agent and checks that it holds `image` then.
+async fn import(client: &Client, archive: &Path, image: &str) -> anyhow::Result<()> {
+    let f = tokio::fs::File::open(archive)
+        .await
+        .with_context(|| format!("opening {}", archive.display()))?;
+    let info = client
+        .image_import(None, f)
+        .await
+        .with_context(|| format!("importing {}", archive.display()))?;
+    client.image_inspect(image).await.with_context(|| {
+        format!(
+            "{} holds {:?} ({}), not --image {image}",
+            archive.display(),
+            info.names,
+            info.id
+        )
+    })?;
+    Ok(())
 }

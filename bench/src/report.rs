@@ -155,6 +155,8 @@ pub struct Report {
     pub agent: String,
     /// The image every start runs.
     pub image: String,
+    /// Bytes of each of its layers' read-only disks, lowest first.
+    pub image_disks: Vec<u64>,
     /// The command every start runs.
     pub command: &'static str,
     /// Measured starts per mode and concurrency.
@@ -282,8 +284,12 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "- each VM: {} MiB, {} vCPU; image `{}`; command `{}`",
-        r.memory_mib, r.vcpus, r.image, r.command
+        "- each VM: {} MiB, {} vCPU; image `{}` ({}); command `{}`",
+        r.memory_mib,
+        r.vcpus,
+        r.image,
+        image_disks(&r.image_disks),
+        r.command
     );
     let _ = writeln!(
         o,
@@ -521,6 +527,20 @@ pub fn plot(r: &Report) -> String {
     )
 }
 
+/// "1 layer: a 1.9 MiB disk", "2 layers: disks of 1.0 + 3.0 MiB".
+fn image_disks(sizes: &[u64]) -> String {
+    let mib = |b: &u64| format!("{:.1}", *b as f64 / 1048576.0);
+    match sizes {
+        [] => "no layers".into(),
+        [one] => format!("1 layer: a {} MiB disk", mib(one)),
+        many => format!(
+            "{} layers: disks of {} MiB",
+            many.len(),
+            many.iter().map(mib).collect::<Vec<_>>().join(" + ")
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +622,7 @@ mod tests {
             guest_kernel: "6.1".into(),
             agent: "0.1.0".into(),
             image: "busybox".into(),
+            image_disks: vec![2_007_040],
             command: "echo ready",
             runs: 3,
             warmup: 1,
@@ -660,6 +681,14 @@ mod tests {
     #[test]
     fn markdown_shows_every_mode_ratios_and_unavailable_ones() {
         let md = markdown(&report());
+        assert!(
+            md.contains("image `busybox` (1 layer: a 1.9 MiB disk); command `echo ready`"),
+            "{md}"
+        );
+        assert_eq!(
+            image_disks(&[1 << 20, 3 << 20]),
+            "2 layers: disks of 1.0 + 3.0 MiB"
+        );
         assert!(md.contains("| (b) cold | 1 | 2970 | 3600 | 3600 | 3600 | 3300 | 4000 | 4000 | 4000 | 1.00 | 8 ms |"), "{md}");
         // The pool's throughput with and without its refill.
         assert!(md.contains("1.00 (0.50 with refill)"), "{md}");
