@@ -67,6 +67,29 @@ fn stdin_reaches_the_container_and_closes() {
 }
 
 #[test]
+fn attach_i_feeds_a_started_container_and_ends_with_its_code() {
+    let a = TestAgent::start();
+    let script = "while read l; do echo \"got $l\"; done; echo end; exit 4";
+    let id = stdout(&a.run(&["create", "-i", "busybox", "--", "sh", "-c", script]))
+        .trim()
+        .to_string();
+    let s = a.run(&["start", &id]);
+    assert!(s.status.success(), "start: {}", stderr(&s));
+    // The container reads nothing until an attach brings stdin; the end
+    // of this input closes it, and the attach ends with the exit code.
+    let o = a.run_with_input(&["attach", "-i", &id], Some(b"abc\nxyz\n"));
+    assert_eq!(
+        stdout(&o),
+        "got abc\ngot xyz\nend\n",
+        "stderr: {}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(stdout(&a.run(&["wait", &id])).trim(), "4");
+    a.run(&["rm", &id]);
+}
+
+#[test]
 fn command_not_found_is_127_with_a_message() {
     let a = TestAgent::start();
     let o = a.run(&["run", "--rm", "busybox", "--", "/no/such/program"]);
