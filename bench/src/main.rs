@@ -535,9 +535,10 @@ async fn run(
         let how = if m.uses_agent() {
             let mut h = format!(
                 "`{}`",
+                // As the agent runs: the mode's flags, then --agent-arg's.
                 ["vmletd"]
                     .into_iter()
-                    .chain(args.iter().map(String::as_str))
+                    .chain(args.iter().chain(&a.agent_args).map(String::as_str))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
@@ -779,10 +780,6 @@ async fn start_agent(
             );
         }
     }
-    if archive.is_some() && mode == Mode::Template {
-        // Its snapshot is taken as the agent starts, before any import.
-        bail!("--image-archive: a template is built from an image the agent has as it starts");
-    }
     let (p, client) = spec.start().await?;
     let pid = p.pid;
     procs.push(p);
@@ -790,7 +787,8 @@ async fn start_agent(
         import(&client, archive, image).await?;
     }
     // A pool pre-stages its image as its agent starts; an image imported
-    // after that is pre-staged here instead, as it would have been.
+    // after that is pre-staged here instead, as it would have been. (A
+    // template waits for its image and is built once it is imported.)
     if mode == Mode::Prestaged || (archive.is_some() && mode.is_pool()) {
         match client
             .call(Request::Prestage {
