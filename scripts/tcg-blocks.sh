@@ -11,6 +11,8 @@
 #
 #   scripts/tcg-blocks.sh                       # busybox, echo ready
 #   scripts/tcg-blocks.sh -- ls /              # another command (IMAGE= another image)
+#   IMAGE=debian:bookworm IMAGE_ARCHIVE=/var/cache/vmlet/debian-bookworm.tar scripts/tcg-blocks.sh
+#                                              # an image the agent imports first
 #
 # Slow (the log of the member's boot alone is ~20 MB); not a latency
 # measurement: logging makes every translation slower.
@@ -41,6 +43,10 @@ VMLET_QEMU=$tmp/qemu target/release/vmletd --state-dir "$tmp/state" \
     --socket "$tmp/api.sock" --pool "$IMAGE=1" --cgroup-parent vmlet-tcg-blocks \
     --tether target/x86_64-unknown-linux-musl/tether/tether >"$tmp/agent.log" 2>&1 &
 vmlet() { target/release/vmlet --socket "$tmp/api.sock" "$@"; }
+if [ -n "${IMAGE_ARCHIVE:-}" ]; then
+    for _ in $(seq 1 100); do vmlet ps >/dev/null 2>&1 && break; sleep 0.2; done
+    vmlet image import "$IMAGE_ARCHIVE" >/dev/null
+fi
 for _ in $(seq 1 120); do
     ready=$(vmlet pool 2>/dev/null | awk 'NR==2 {print $3}') || true
     [ "${ready:-0}" = 1 ] && break
