@@ -3,10 +3,13 @@
 # (scripts/setup-guest.sh installs those):
 #   docker-registry   Debian's Docker registry, run on loopback by tests/tests/pull.rs
 #   skopeo            pushes the tests' OCI layouts into it
-# Idempotent: installs only what is missing. Needs root for that.
+#   mmdebstrap        builds the Debian image tests/tests/images.rs runs
+#                     ($VMLET_DEBIAN_IMAGE, by scripts/make-debian-image.sh)
+# Idempotent: installs and builds only what is missing. Needs root for that.
 set -euo pipefail
 
-PACKAGES=(docker-registry skopeo)
+PACKAGES=(docker-registry skopeo mmdebstrap)
+DEBIAN_IMAGE=${VMLET_DEBIAN_IMAGE:-/var/cache/vmlet/debian-bookworm.tar}
 
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
 
@@ -16,7 +19,14 @@ for p in "${PACKAGES[@]}"; do
         missing+=("$p")
     fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+build_image() {
+    [ -f "$DEBIAN_IMAGE" ] && return 0
+    "$(dirname "$0")/make-debian-image.sh" "$DEBIAN_IMAGE"
+}
+if [ ${#missing[@]} -eq 0 ]; then
+    build_image
+    exit 0
+fi
 if [ "$(id -u)" != 0 ]; then
     log "error: installing ${missing[*]} needs root"
     exit 1
@@ -32,3 +42,4 @@ if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || ! install; then
     apt-get update -qq >&2
     install
 fi
+build_image

@@ -2,7 +2,7 @@
 //! an OCI layout and as a `docker save` archive shows exactly the merged
 //! tree the OCI spec defines; two VMs share the layer disks and keep
 //! their writes apart; hostile layers are refused without touching the
-//! host.
+//! host; a distribution's image (Debian 12, dynamically linked) runs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -237,6 +237,64 @@ fn two_vms_share_layer_disks_and_keep_their_writes_apart() {
         assert!(!a.vm_dir(id).exists());
     }
     assert!(drives[0].iter().all(|p| !p.exists()), "layers collected");
+}
+
+/// `scripts/make-debian-image.sh`'s archive, which
+/// `scripts/install-test-deps.sh` builds where this looks for it.
+fn debian_archive() -> PathBuf {
+    let p = std::env::var_os("VMLET_DEBIAN_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/vmlet/debian-bookworm.tar"));
+    assert!(
+        p.is_file(),
+        "no Debian image at {}: run scripts/install-test-deps.sh (or set VMLET_DEBIAN_IMAGE)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn a_debian_image_runs_its_dynamically_linked_programs() {
+    let a = TestAgent::start();
+    let o = a.run(&["image", "import", debian_archive().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "import: {}", stderr(&o));
+    // Its own loader and C library, merged /usr (/bin is a symlink),
+    // dpkg's database, and a write to the image's /etc kept in the VM.
+    let script = "cat /etc/debian_version; \
+        readlink /bin; \
+        /usr/bin/env printf '%s\\n' dynamic; \
+        ldd /usr/bin/env | grep -c libc.so.6; \
+        dpkg-query -W -f '${Package} ${Status}\\n' coreutils; \
+        echo written > /etc/vmlet-test && cat /etc/vmlet-test; \
+        id -un; exit 5";
+    let o = a.run(&["run", "--rm", "debian:bookworm", "--", "sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(5), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.first().is_some_and(|v| v.starts_with("12.")), "{out}");
+    assert_eq!(
+        &lines[1..],
+        [
+            "usr/bin",
+            "dynamic",
+            "1",
+            "coreutils install ok installed",
+            "written",
+            "root"
+        ],
+        "{out}"
+    );
+    // The image's default command (bash) and its config's PATH.
+    let o = a.run_with_input(
+        &["run", "-i", "--rm", "debian:bookworm"],
+        Some(b"echo $0 $PATH\n"),
+    );
+    assert_eq!(
+        stdout(&o),
+        "bash /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+        "stderr: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
