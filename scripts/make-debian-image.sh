@@ -17,7 +17,7 @@ log() { printf 'make-debian-image: %s\n' "$*" >&2; }
 
 if ! command -v mmdebstrap >/dev/null; then
     log "installing mmdebstrap"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mmdebstrap >&2
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -26,41 +26,36 @@ log "building a minbase $SUITE tree"
 # carry them (the runtime makes /dev).
 mmdebstrap --variant=minbase --quiet --skip=output/dev "$SUITE" "$work/layer.tar"
 
-python3 - "$work" "$SUITE" <<'PY'
-import hashlib, json, os, sys
-work, suite = sys.argv[1], sys.argv[2]
+mkdir -p "$(dirname "$OUT")"
+python3 - "$work/layer.tar" "$SUITE" "$OUT.tmp" <<'PY'
+import hashlib, io, json, sys, tarfile
+layer, suite, out = sys.argv[1:]
 h = hashlib.sha256()
-with open(os.path.join(work, "layer.tar"), "rb") as f:
+with open(layer, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
         h.update(chunk)
-diff_id = "sha256:" + h.hexdigest()
-config = {
+config = json.dumps({
     "architecture": "amd64",
     "os": "linux",
     "config": {
         "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
         "Cmd": ["bash"],
     },
-    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-}
-cfg = json.dumps(config, sort_keys=True).encode()
-cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
-with open(os.path.join(work, cfg_name), "wb") as f:
-    f.write(cfg)
-layer_dir = os.path.join(work, h.hexdigest())
-os.mkdir(layer_dir)
-os.rename(os.path.join(work, "layer.tar"), os.path.join(layer_dir, "layer.tar"))
-manifest = [{
-    "Config": cfg_name,
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + h.hexdigest()]},
+}, sort_keys=True).encode()
+config_name = hashlib.sha256(config).hexdigest() + ".json"
+layer_name = h.hexdigest() + "/layer.tar"
+manifest = json.dumps([{
+    "Config": config_name,
     "RepoTags": ["debian:" + suite],
-    "Layers": [h.hexdigest() + "/layer.tar"],
-}]
-with open(os.path.join(work, "manifest.json"), "w") as f:
-    json.dump(manifest, f)
+    "Layers": [layer_name],
+}]).encode()
+with tarfile.open(out, "w") as t:
+    for name, data in [("manifest.json", manifest), (config_name, config)]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    t.add(layer, arcname=layer_name)
 PY
-
-mkdir -p "$(dirname "$OUT")"
-tar -C "$work" -cf "$OUT.tmp" manifest.json "$(cd "$work" && ls ./*.json | grep -v manifest | sed 's|^\./||')" \
-    "$(cd "$work" && find . -name layer.tar | sed 's|^\./||')"
 mv "$OUT.tmp" "$OUT"
 log "wrote $OUT ($(du -h "$OUT" | cut -f1)); import with: vmlet image import $OUT"
