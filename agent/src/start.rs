@@ -220,15 +220,12 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
             // Not a failure of the start: the container's command could
             // not run, so it exits with the tether's code, as a shell would.
             // The session acknowledges it and lets the guest power off.
-            let _ = log.append(Stream::Stderr, format!("vmlet: {message}\n").as_bytes());
-            vm.with(|i| {
-                i.rec.exit = Some(ExitInfo {
-                    code,
-                    signal: None,
-                    reason: message,
-                    at_ms: now_ms(),
-                })
-            });
+            let exit = failed(code, &message);
+            let _ = log.append(
+                Stream::Stderr,
+                format!("vmlet: {}\n", exit.reason).as_bytes(),
+            );
+            vm.with(|i| i.rec.exit = Some(exit));
         }
         other => {
             log.seal();
@@ -895,6 +892,60 @@ pub(crate) async fn vm_disks(
     Ok((disks, layers, writable))
 }
 
+/// Longest exit reason kept from a guest (bytes): it is stored in the VM's
+/// record and sent in every listing of the VM.
+const MAX_GUEST_REASON: usize = 4096;
+
+/// The exit a guest reported (`Exited`). The guest is untrusted: a code
+/// outside 0–255 or a signal outside 1–64 is no process's, so the exit is
+/// 255 and its reason says what the guest claimed.
+fn exited(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
+    let at_ms = now_ms();
+    let impossible = |what: String| ExitInfo {
+        code: 255,
+        signal: None,
+        reason: format!("the guest reported an impossible exit: {what}"),
+        at_ms,
+    };
+    match (code, signal) {
+        (_, Some(s)) if !(1..=64).contains(&s) => impossible(format!("signal {s}")),
+        (Some(c), _) if !(0..=255).contains(&c) => impossible(format!("code {c}")),
+        (code, Some(s)) => ExitInfo {
+            code: code.unwrap_or(128 + s),
+            signal: Some(s),
+            reason: format!("the process was killed by signal {s}"),
+            at_ms,
+        },
+        (Some(code), None) => ExitInfo {
+            code,
+            signal: None,
+            reason: format!("the process exited with code {code}"),
+            at_ms,
+        },
+        (None, None) => impossible("neither a code nor a signal".into()),
+    }
+}
+
+/// The exit of a container whose command could not run (`Failed`): the
+/// guest's code if a process could have it (else 255) and its message, cut
+/// to [`MAX_GUEST_REASON`] bytes.
+fn failed(code: i32, message: &str) -> ExitInfo {
+    let mut end = message.len().min(MAX_GUEST_REASON);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut reason = message[..end].to_owned();
+    if end < message.len() {
+        reason.push_str(" […]");
+    }
+    ExitInfo {
+        code: if (0..=255).contains(&code) { code } else { 255 },
+        signal: None,
+        reason,
+        at_ms: now_ms(),
+    }
+}
+
 fn kind(m: &GuestMessage) -> &'static str {
     match m {
         GuestMessage::Hello { .. } => "hello",
@@ -1031,15 +1082,10 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                     }
                 }
                 Some(Ok(GuestMessage::Exited { code, signal })) => {
-                    let code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
-                    let reason = match signal {
-                        Some(s) => format!("the process was killed by signal {s}"),
-                        None => format!("the process exited with code {code}"),
-                    };
-                    exit = Some(ExitInfo { code, signal, reason, at_ms: now_ms() });
+                    exit = Some(exited(code, signal));
                 }
                 Some(Ok(GuestMessage::Failed { message, code })) => {
-                    exit = Some(ExitInfo { code, signal: None, reason: message, at_ms: now_ms() });
+                    exit = Some(failed(code, &message));
                 }
                 Some(Ok(GuestMessage::StdinAck { received })) => {
                     vm.stdin_taken(received);
@@ -1231,5 +1277,46 @@ async fn remove_exited(agent: &Arc<Agent>, vm: &Arc<Vm>) {
     }
     if let Err(e) = agent.remove(vm, false).await {
         tracing::warn!(vm = %vm.id, error = %e, "auto-remove failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guests_exit_is_kept_within_what_a_process_can_have() {
+        let e = exited(Some(3), None);
+        assert_eq!((e.code, e.signal), (3, None));
+        assert_eq!(e.reason, "the process exited with code 3");
+        let e = exited(None, Some(9));
+        assert_eq!((e.code, e.signal), (137, Some(9)));
+        // What no process can have: no overflow, no panic, 255 and a reason.
+        for (code, signal) in [
+            (None, Some(i32::MAX)),
+            (None, Some(0)),
+            (None, Some(-5)),
+            (Some(256), None),
+            (Some(-1), None),
+            (Some(i32::MIN), Some(i32::MAX)),
+            (None, None),
+        ] {
+            let e = exited(code, signal);
+            assert_eq!((e.code, e.signal), (255, None), "{code:?} {signal:?}");
+            assert!(e.reason.contains("impossible"), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn a_failed_commands_message_is_bounded() {
+        let e = failed(127, "not found");
+        assert_eq!((e.code, e.reason.as_str()), (127, "not found"));
+        assert_eq!(failed(i32::MAX, "x").code, 255);
+        assert_eq!(failed(-3, "x").code, 255);
+        // Cut on a character boundary, and said to be cut.
+        let long = "é".repeat(MAX_GUEST_REASON);
+        let e = failed(1, &long);
+        assert!(e.reason.len() <= MAX_GUEST_REASON + " […]".len());
+        assert!(e.reason.ends_with(" […]"));
     }
 }
