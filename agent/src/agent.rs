@@ -592,14 +592,18 @@ impl Agent {
         self.warm.lock().retain(|path, _| path.exists());
     }
 
-    /// VMs starting or running, and the guest memory in MiB they and the
-    /// warm pools' members hold.
+    /// VMs starting or running (or created from a warm-pool member, whose
+    /// guest runs already), and the guest memory in MiB they and the warm
+    /// pools' members hold.
     pub fn live_usage(&self) -> (usize, u64) {
         let (n, m) = self
             .vms
             .read()
             .values()
-            .filter(|v| matches!(v.state(), VmState::Starting | VmState::Running))
+            .filter(|v| {
+                matches!(v.state(), VmState::Starting | VmState::Running)
+                    || v.with(|i| i.prebooted.is_some())
+            })
             .fold((0, 0), |(n, m), v| {
                 (n + 1, m + u64::from(v.with(|i| i.rec.memory_mib)))
             });
@@ -776,6 +780,11 @@ impl Agent {
         // followers end.
         if let Some(w) = vm.with(|i| i.log_writer.take()) {
             w.seal();
+        }
+        // One created from a warm-pool member still holds that guest.
+        let prebooted = vm.with(|i| i.prebooted.take());
+        if let Some(p) = prebooted {
+            p.discard().await;
         }
         if let Some(h) = vm.handle() {
             h.cleanup().await;

@@ -84,41 +84,22 @@ pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
 type BootError = (ApiError, Option<Arc<dyn VmHandle>>);
 
 async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> {
+    // A VM taken from the warm pool has booted already, its root
+    // filesystem mounted: every phase up to guest-booted vanishes. Taken
+    // here, before admission, so a refused start ends that guest too.
+    let prebooted = vm.with(|i| i.prebooted.take());
     // admitted: a start over a limit fails fast rather than degrading
     // every VM on the host. Both counts include this VM (it is starting).
-    let admit = tracing::info_span!("admit").entered();
-    let (live, memory) = agent.live_usage();
-    if live > agent.config.max_vms {
-        return Err((
-            err(
-                ErrorCode::Unavailable,
-                format!(
-                    "this host already runs its limit of {} VMs",
-                    agent.config.max_vms
-                ),
-            ),
-            None,
-        ));
-    }
-    if memory > agent.config.max_total_memory_mib {
-        return Err((
-            err(
-                ErrorCode::Unavailable,
-                format!(
-                    "starting this VM would put {memory} MiB of guest memory on a host whose limit is {} MiB",
-                    agent.config.max_total_memory_mib
-                ),
-            ),
-            None,
-        ));
+    let admitted = admit(agent);
+    if let Err(e) = admitted {
+        if let Some(p) = prebooted {
+            p.discard().await;
+        }
+        return Err((e, None));
     }
     vm.phase(Phase::Admitted);
-    drop(admit);
 
-    // A VM taken from the warm pool has booted already, its root
-    // filesystem mounted: every phase up to guest-booted vanishes.
     let rec = vm.record();
-    let prebooted = vm.with(|i| i.prebooted.take());
     let (handle, link, mut frames, writer) = match prebooted {
         Some(p) => {
             for ph in [
@@ -513,6 +494,32 @@ pub(crate) async fn await_hello(
                 format!("the VMM exited during boot ({})", exit.description),
             )),
     }
+}
+
+/// Whether the host has room for one more starting VM (counted already,
+/// by [`Agent::live_usage`]) within its VM and guest-memory limits.
+fn admit(agent: &Agent) -> Result<(), ApiError> {
+    let _span = tracing::info_span!("admit").entered();
+    let (live, memory) = agent.live_usage();
+    if live > agent.config.max_vms {
+        return Err(err(
+            ErrorCode::Unavailable,
+            format!(
+                "this host already runs its limit of {} VMs",
+                agent.config.max_vms
+            ),
+        ));
+    }
+    if memory > agent.config.max_total_memory_mib {
+        return Err(err(
+            ErrorCode::Unavailable,
+            format!(
+                "starting this VM would put {memory} MiB of guest memory on a host whose limit is {} MiB",
+                agent.config.max_total_memory_mib
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A warm-pool guest: booted, its root filesystem prepared, waiting for

@@ -264,3 +264,109 @@ fn a_stopping_agent_ends_its_pool_members_but_not_its_containers() {
     // The container keeps running without the agent.
     assert!(!TestAgent::processes_mentioning(&a.vm_dir(&id)).is_empty());
 }
+
+/// `vmlet create`, whose id is printed.
+fn create(a: &TestAgent, args: &[&str]) -> String {
+    let o = a.run(&[&["create"], args].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    stdout(&o).trim().to_string()
+}
+
+/// Pids of the VMMs and backends of every VM of `a`, pool members
+/// included.
+fn guest_processes(a: &TestAgent) -> Vec<i32> {
+    TestAgent::processes_mentioning(&a.state_dir().join("vms"))
+}
+
+#[test]
+fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
+    // Room for three guests of 256 MiB.
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec![
+            "--pool".into(),
+            "busybox=1".into(),
+            "--max-total-memory".into(),
+            "768".into(),
+        ],
+        ..Default::default()
+    });
+    wait_ready(&a, 1);
+    // Each create takes the booted member; the pool refills while the
+    // guests it and the created VMs hold still fit.
+    let first = create(&a, &["busybox", "--", "true"]);
+    wait_ready(&a, 1);
+    let second = create(&a, &["busybox", "--", "true"]);
+    wait_ready(&a, 1);
+    let third = create(&a, &["busybox", "--", "true"]);
+    for id in [&first, &second, &third] {
+        assert!(
+            !TestAgent::processes_mentioning(&a.vm_dir(id)).is_empty(),
+            "VM {id} holds no booted guest"
+        );
+    }
+    // Three guests are the budget: the pool must not boot a fourth.
+    std::thread::sleep(Duration::from_secs(8));
+    let pool = stdout(&a.run(&["pool"]));
+    assert_eq!(
+        pool.lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(2)),
+        Some("0"),
+        "{pool}"
+    );
+    let vms = std::fs::read_dir(a.state_dir().join("vms"))
+        .unwrap()
+        .count();
+    assert_eq!(vms, 3, "a guest beyond the budget was booted:\n{pool}");
+    // Removing one frees its guest and its share of the budget.
+    assert_eq!(a.run(&["rm", &third]).status.code(), Some(0));
+    a.assert_no_processes(&third);
+    wait_ready(&a, 1);
+    for id in [&first, &second] {
+        assert_eq!(a.run(&["rm", id]).status.code(), Some(0));
+    }
+}
+
+#[test]
+fn a_pool_guest_is_ended_when_its_start_is_refused_or_its_vm_removed() {
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec![
+            "--pool".into(),
+            "busybox=1".into(),
+            "--max-vms".into(),
+            "1".into(),
+        ],
+        ..Default::default()
+    });
+    wait_ready(&a, 1);
+    let base = a.fd_count();
+    // Created from the member, then removed without a start: its guest
+    // and everything the agent held for it go.
+    for _ in 0..2 {
+        let id = create(&a, &["busybox", "--", "true"]);
+        assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+        a.assert_no_processes(&id);
+        wait_ready(&a, 1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.fd_count() > base {
+        assert!(
+            Instant::now() < deadline,
+            "the agent holds {} descriptors, {base} before",
+            a.fd_count()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The host's one VM runs; a start of another, taken from the
+    // refilled pool, is refused and its guest ended.
+    let running = a.detach(&["busybox", "--", "sleep", "1000"]);
+    wait_ready(&a, 1);
+    let refused = create(&a, &["busybox", "--", "true"]);
+    let o = a.run(&["start", &refused]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("limit of 1 VMs"), "{}", stderr(&o));
+    a.assert_no_processes(&refused);
+    assert_eq!(a.run(&["rm", "-f", &running]).status.code(), Some(0));
+    assert_eq!(a.run(&["rm", &refused]).status.code(), Some(0));
+    assert!(guest_processes(&a).len() <= 2, "{:?}", guest_processes(&a));
+}
