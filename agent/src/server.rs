@@ -356,6 +356,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
     let mut uploads: HashMap<u64, Upload> = HashMap::new();
     let mut streams: HashMap<RequestId, AbortHandle> = HashMap::new();
     let mut attached: HashMap<RequestId, Arc<Vm>> = HashMap::new();
+    let mut waits: Vec<AbortHandle> = Vec::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let activity = Activity::new();
     let mut last_frame = Instant::now();
@@ -410,9 +411,12 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     .await;
                     continue;
                 }
-                match attached.get(&attach) {
+                match attached.get(&attach).cloned() {
                     Some(vm) => {
-                        let _ = vm.to_guest.send(HostMessage::Stdin(data)).await;
+                        if let Err(e) = to_guest(&vm, HostMessage::Stdin(data)).await {
+                            attached.remove(&attach);
+                            reply(&tx, attach, error_body(e)).await;
+                        }
                     }
                     None => {
                         reply(&tx, attach, error_body(no_stdin(attach))).await;
@@ -460,7 +464,9 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
             },
             Request::CloseStdin { attach } => match attached.remove(&attach) {
                 Some(vm) => {
-                    let _ = vm.to_guest.send(HostMessage::CloseStdin).await;
+                    if let Err(e) = to_guest(&vm, HostMessage::CloseStdin).await {
+                        reply(&tx, attach, error_body(e)).await;
+                    }
                 }
                 None => reply(&tx, attach, error_body(no_stdin(attach))).await,
             },
@@ -527,6 +533,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     body,
                     Request::Attach(_) | Request::Logs { .. } | Request::Events
                 );
+                let is_wait = matches!(body, Request::Wait { .. });
                 // An event stream subscribes here, before the next request
                 // on this connection is read: a client that asks for events
                 // and then creates a VM sees that VM's every event.
@@ -546,15 +553,22 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 });
                 if is_stream {
                     streams.insert(id, h.abort_handle());
+                } else if is_wait {
+                    waits.retain(|w| !w.is_finished());
+                    waits.push(h.abort_handle());
                 }
             }
         }
     };
-    // Streams end with the connection; single calls (a start, a stop) run
+    // Streams and waits end with the connection: nobody is left to hear
+    // them, and a wait for a VM that never exits would hold the connection
+    // (and its slot) forever. Single calls that act (a start, a stop) run
     // to completion so their VM is left in a defined state.
-    for h in streams.values() {
+    for h in streams.values().chain(&waits) {
         h.abort();
     }
+    // A half-sent upload's file goes now, not when the last call ends.
+    drop(uploads);
     drop(tx);
     if timed_out {
         let mut writer = writer;
@@ -1052,9 +1066,28 @@ async fn kill(vm: &Arc<Vm>, signal: i32) -> Result<Response, ApiError> {
             format!("VM {} is {}, not running", vm.id, vm.state()),
         ));
     }
-    vm.to_guest
-        .send(HostMessage::Signal(signal))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Conflict, format!("VM {} has exited", vm.id)))?;
+    to_guest(vm, HostMessage::Signal(signal)).await?;
     Ok(Response::Done)
+}
+
+/// Queues `m` for `vm`'s guest, waiting while the queue is full for as
+/// long as the guest may still take it (a slow guest slows its sender).
+/// Fails once the VM has exited: its session is over, and nothing will
+/// take from the queue again.
+async fn to_guest(vm: &Vm, m: HostMessage) -> Result<(), ApiError> {
+    let over = |s: &VmState| matches!(s, VmState::Exited | VmState::Removed);
+    let exited = || {
+        ApiError::new(
+            ErrorCode::Conflict,
+            format!("VM {} has exited: nothing more reaches its guest", vm.id),
+        )
+    };
+    let mut state = vm.subscribe();
+    if over(&state.borrow_and_update()) {
+        return Err(exited());
+    }
+    tokio::select! {
+        r = vm.to_guest.send(m) => r.map_err(|_| exited()),
+        _ = state.wait_for(over) => Err(exited()),
+    }
 }

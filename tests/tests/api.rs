@@ -216,3 +216,86 @@ async fn a_non_replaying_attach_says_where_it_begins_from_version_2_only() {
     .unwrap();
     c.remove(&id, true).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_for_an_exited_container_does_not_stall_its_connection() {
+    let a = TestAgent::start();
+    let c = a.client().await;
+    let id = c
+        .create(CreateSpec {
+            image: "busybox".into(),
+            argv: vec!["true".into()],
+            stdin_open: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let attach = c
+        .stream(Request::Attach(AttachSpec {
+            vm: id.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            replay: true,
+        }))
+        .await
+        .unwrap();
+    c.start(&id).await.unwrap();
+    assert_eq!(c.wait(&id).await.unwrap().code, 0);
+    // The container is gone and nothing takes its guest's queue any more. A
+    // client that goes on sending stdin, far more than the queue holds, and
+    // then asks for something else on the same connection gets its answer.
+    let chunk = vec![b'x'; 16 << 10];
+    let more = async {
+        for _ in 0..200 {
+            c.stdin(attach.id, chunk.clone()).await.unwrap();
+        }
+        c.list(true).await.unwrap()
+    };
+    let list = tokio::time::timeout(Duration::from_secs(30), more)
+        .await
+        .expect("the connection stopped serving");
+    assert!(list.iter().any(|v| v.id == id));
+    // As does a kill: refused, not stuck.
+    let kill = tokio::time::timeout(Duration::from_secs(10), c.kill(&id, 9))
+        .await
+        .expect("a kill of an exited VM hung");
+    assert!(kill.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_ends_with_its_connection() {
+    let a = TestAgent::start();
+    let c = a.client().await;
+    // Created and never started: a wait for it never ends by itself.
+    let id = c
+        .create(CreateSpec {
+            image: "busybox".into(),
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let base = a.fd_count();
+    for _ in 0..3 {
+        let waiter = a.client().await;
+        let w = waiter
+            .stream(Request::Wait { vm: id.clone() })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop((w, waiter));
+    }
+    // The agent lets go of those connections, as of any other.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a.fd_count() > base {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent holds {} descriptors, {base} before the waits",
+            a.fd_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the VM and the first connection are as they were.
+    assert_eq!(c.list(true).await.unwrap().len(), 1);
+}
