@@ -11,7 +11,10 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use tar::EntryType;
+
 use super::convert::hex;
+use super::unpack::{parse_pax, pax_num, read_small, UnpackError, MAX_PATH, MAX_PAX};
 
 /// Most entries an archive may have (an image has a few per layer).
 const MAX_ENTRIES: usize = 100_000;
@@ -89,25 +92,68 @@ fn norm(p: &str) -> String {
     p.trim_start_matches("./").to_string()
 }
 
+/// Every regular file of the archive by its path. Iterated raw: GNU long
+/// names and PAX headers are read here, each within a size limit (the tar
+/// crate's own handling reads one of any declared size into memory), and
+/// the entries' data is seeked over, not read.
 fn index(file: &mut File) -> Result<HashMap<String, Span>, ArchiveError> {
+    let bad = |e: UnpackError| format(e.to_string());
     let mut ar = tar::Archive::new(&mut *file);
     let mut out = HashMap::new();
-    for e in ar.entries()? {
-        let e = e?;
-        if e.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
-        let path = norm(&String::from_utf8_lossy(&e.path_bytes()));
-        out.insert(
-            path,
-            Span {
-                offset: e.raw_file_position(),
-                size: e.size(),
-            },
-        );
-        if out.len() > MAX_ENTRIES {
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut pax: Option<HashMap<String, Vec<u8>>> = None;
+    for (n, e) in ar.entries_with_seek()?.raw(true).enumerate() {
+        if n >= MAX_ENTRIES {
             return Err(format("the archive has too many entries"));
         }
+        let mut e = e?;
+        match e.header().entry_type() {
+            EntryType::GNULongName => {
+                let mut v = read_small(&mut e, MAX_PATH as u64 + 1).map_err(bad)?;
+                if v.last() == Some(&0) {
+                    v.pop();
+                }
+                long_name = Some(v);
+                continue;
+            }
+            EntryType::GNULongLink => {
+                read_small(&mut e, MAX_PATH as u64 + 1).map_err(bad)?;
+                continue;
+            }
+            EntryType::XHeader => {
+                pax = Some(parse_pax(&read_small(&mut e, MAX_PAX).map_err(bad)?).map_err(bad)?);
+                continue;
+            }
+            EntryType::XGlobalHeader => {
+                read_small(&mut e, MAX_PAX).map_err(bad)?;
+                continue;
+            }
+            _ => {}
+        }
+        // A long name or PAX header belongs to the entry after it.
+        let pax_now = pax.take().unwrap_or_default();
+        let long_now = long_name.take();
+        if e.header().entry_type() != EntryType::Regular {
+            continue;
+        }
+        let size = e.header().entry_size()?;
+        if pax_num(&pax_now, "size").is_some_and(|s| s != size) {
+            return Err(format(
+                "the archive has a PAX size beyond its header's, which this agent does not read",
+            ));
+        }
+        let path = match (pax_now.get("path"), long_now) {
+            (Some(p), _) => p.clone(),
+            (None, Some(p)) => p,
+            (None, None) => e.header().path_bytes().into_owned(),
+        };
+        out.insert(
+            norm(&String::from_utf8_lossy(&path)),
+            Span {
+                offset: e.raw_file_position(),
+                size,
+            },
+        );
     }
     Ok(out)
 }
@@ -302,4 +348,71 @@ fn docker(file: &mut File, idx: &HashMap<String, Span>) -> Result<Found, Archive
         config,
         layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gnu(kind: EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h
+    }
+
+    fn archive_file(bytes: &[u8]) -> (tempfile::TempDir, File) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.tar");
+        std::fs::write(&p, bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        (d, f)
+    }
+
+    #[test]
+    fn long_names_and_pax_paths_are_indexed_by_the_names_they_give() {
+        let long = format!("blobs/sha256/{}", "a".repeat(120));
+        let mut b = tar::Builder::new(Vec::new());
+        // The builder writes a GNU long-name record for a path this long.
+        b.append_data(&mut gnu(EntryType::Regular, 3), &long, &b"one"[..])
+            .unwrap();
+        let mut pax = tar::Builder::new(Vec::new());
+        pax.append_pax_extensions([("path", &b"from/pax"[..])])
+            .unwrap();
+        let mut h = gnu(EntryType::Regular, 2);
+        h.set_path("short").unwrap();
+        h.set_cksum();
+        pax.append(&h, &b"xy"[..]).unwrap();
+        let mut bytes = b.into_inner().unwrap();
+        // Drop the first archive's end marker (two zero blocks).
+        bytes.truncate(bytes.len() - 1024);
+        bytes.extend(pax.into_inner().unwrap());
+        let (_d, mut f) = archive_file(&bytes);
+        let idx = index(&mut f).unwrap();
+        let span = idx[&long];
+        let mut v = Vec::new();
+        f.seek(SeekFrom::Start(span.offset)).unwrap();
+        (&mut f).take(span.size).read_to_end(&mut v).unwrap();
+        assert_eq!(v, b"one");
+        assert_eq!(idx["from/pax"].size, 2);
+        assert!(!idx.contains_key("short"), "{:?}", idx.keys());
+    }
+
+    #[test]
+    fn refuses_an_oversized_long_name_without_reading_it() {
+        // A long-name record declaring 8 GiB, and nothing after it: read
+        // whole, it would be allocated before anything failed.
+        for kind in [EntryType::GNULongName, EntryType::XHeader] {
+            let mut h = gnu(kind, 8 << 30);
+            h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+            h.set_cksum();
+            let (_d, mut f) = archive_file(h.as_bytes());
+            let r = index(&mut f);
+            assert!(
+                matches!(&r, Err(ArchiveError::Format(m)) if m.contains("size limit")),
+                "{kind:?}: {r:?}"
+            );
+        }
+    }
 }

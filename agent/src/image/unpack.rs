@@ -199,7 +199,10 @@ fn set_mtime(p: &Path, secs: u64) {
 }
 
 /// Reads the whole of a small extension record, refusing a big one.
-fn read_small<R: Read>(e: &mut tar::Entry<'_, R>, cap: u64) -> Result<Vec<u8>, UnpackError> {
+pub(super) fn read_small<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    cap: u64,
+) -> Result<Vec<u8>, UnpackError> {
     let size = e
         .header()
         .entry_size()
@@ -219,7 +222,7 @@ fn read_small<R: Read>(e: &mut tar::Entry<'_, R>, cap: u64) -> Result<Vec<u8>, U
 }
 
 /// Parses PAX records (`"<len> <key>=<value>\n"`), keeping the ones used.
-fn parse_pax(data: &[u8]) -> Result<HashMap<String, Vec<u8>>, UnpackError> {
+pub(super) fn parse_pax(data: &[u8]) -> Result<HashMap<String, Vec<u8>>, UnpackError> {
     let bad = || UnpackError::Malformed("a PAX header is malformed".into());
     let mut out = HashMap::new();
     let mut rest = data;
@@ -246,7 +249,7 @@ fn parse_pax(data: &[u8]) -> Result<HashMap<String, Vec<u8>>, UnpackError> {
     Ok(out)
 }
 
-fn pax_num(pax: &HashMap<String, Vec<u8>>, key: &str) -> Option<u64> {
+pub(super) fn pax_num(pax: &HashMap<String, Vec<u8>>, key: &str) -> Option<u64> {
     let v = pax.get(key)?;
     let s = std::str::from_utf8(v).ok()?;
     s.split('.').next()?.parse().ok()
