@@ -13,6 +13,12 @@ use vmlet_protocol::guest::ProcessSpec;
 use vmlet_protocol::{ApiError, ErrorCode};
 use vmm_shim::{Disk, StagedFile, VmConfig, Vmm};
 
+/// Most bytes of command, environment, working directory and user one VM
+/// may have: what its spec carries to the guest, whose frames are at most
+/// [`vmlet_protocol::guest::MAX_GUEST_FRAME`] bytes, with room left for the
+/// spec's disks and hostname.
+pub const MAX_SPEC_BYTES: usize = vmlet_protocol::guest::MAX_GUEST_FRAME as usize - 16 * 1024;
+
 use crate::config::Config;
 use crate::ids;
 use crate::image::{ImageError, ImageStore};
@@ -475,6 +481,25 @@ impl Agent {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
                 "too many arguments or environment variables (at most 4096 each)",
+            ));
+        }
+        // All of it goes to the guest in one spec, whose frame the tether
+        // bounds: refuse here what could never be sent.
+        let spec_bytes: usize = spec
+            .argv
+            .iter()
+            .chain(&spec.env)
+            .chain(&spec.workdir)
+            .chain(&spec.user)
+            .map(|s| s.len() + 8)
+            .sum();
+        if spec_bytes > MAX_SPEC_BYTES {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the command, environment, working directory and user take {spec_bytes} bytes \
+                     (the image's included); at most {MAX_SPEC_BYTES} reach a guest"
+                ),
             ));
         }
         for e in &spec.env {

@@ -261,8 +261,26 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
     let (tx, mut rx) = mpsc::channel::<ServerMessage>(REPLY_QUEUE);
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if write_frame(&mut wr, &m).await.is_err() {
-                break;
+            match write_frame(&mut wr, &m).await {
+                Ok(()) => {}
+                // Too large to frame: nothing was written, so the
+                // connection goes on and the request is told why.
+                Err(FrameError::TooLarge { max, .. }) => {
+                    let e = ServerMessage {
+                        id: m.id,
+                        body: error_body(ApiError::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "the reply is over the API's frame limit of {max} bytes; \
+                                 ask for less (one VM or image rather than all)"
+                            ),
+                        )),
+                    };
+                    if write_frame(&mut wr, &e).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
             }
         }
     });

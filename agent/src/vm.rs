@@ -389,16 +389,48 @@ impl Vm {
     }
 }
 
+/// Most bytes of a VM's command, and of its exit reason, a listing
+/// carries: a listing of every VM must fit one reply (`inspect` has them
+/// whole).
+pub const SUMMARY_TEXT: usize = 1024;
+
 fn summary_of(rec: &VmRecord) -> VmSummary {
+    let mut room = SUMMARY_TEXT;
+    let mut argv = Vec::new();
+    for a in &rec.spec.argv {
+        if a.len() <= room {
+            room -= a.len();
+            argv.push(a.clone());
+        } else {
+            argv.push(cut(a, room));
+            break;
+        }
+    }
     VmSummary {
         id: rec.id.clone(),
         name: rec.name.clone(),
         image: rec.spec.image.clone(),
-        argv: rec.spec.argv.clone(),
+        argv,
         state: rec.state,
         created_ms: rec.created_ms,
-        exit: rec.exit.clone(),
+        exit: rec.exit.clone().map(|mut e| {
+            e.reason = cut(&e.reason, SUMMARY_TEXT);
+            e
+        }),
     }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, ending in `…`
+/// when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Milliseconds since the epoch.

@@ -586,13 +586,13 @@ pub struct VmSummary {
     pub name: Option<String>,
     /// The image it runs.
     pub image: String,
-    /// The command it runs.
+    /// The command it runs, cut to 1 KiB in all (inspect has it whole).
     pub argv: Vec<String>,
     /// Its state.
     pub state: VmState,
     /// Creation time, milliseconds since the epoch.
     pub created_ms: u64,
-    /// How it ended, once it has.
+    /// How it ended, once it has (the reason cut to 1 KiB).
     pub exit: Option<ExitInfo>,
 }
 

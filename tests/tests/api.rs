@@ -299,3 +299,59 @@ async fn a_wait_ends_with_its_connection() {
     // And the VM and the first connection are as they were.
     assert_eq!(c.list(true).await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_commands_are_refused_or_listed_in_part() {
+    use vmlet_tests::oci::{layer_tar, Entry, TestImage};
+    let a = TestAgent::start();
+    let c = a.client().await;
+    let spec = |arg: String| CreateSpec {
+        image: "busybox".into(),
+        argv: vec!["echo".into(), arg],
+        ..Default::default()
+    };
+    // More than a spec can carry to a guest: refused at create, clearly.
+    let e = c.create(spec("x".repeat(200_000))).await.unwrap_err();
+    assert!(e.to_string().contains("reach a guest"), "{e}");
+    // Big commands that fit: a listing of them all carries each in part,
+    // so it fits one reply; inspect has each whole.
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(c.create(spec("y".repeat(90_000))).await.unwrap());
+    }
+    let list = c.list(true).await.unwrap();
+    assert_eq!(list.len(), 12);
+    for v in &list {
+        let bytes: usize = v.argv.iter().map(String::len).sum();
+        assert!(bytes <= 1024 + "…".len(), "{bytes}");
+        assert_eq!(v.argv[0], "echo");
+    }
+    assert_eq!(c.inspect(&ids[0]).await.unwrap().spec.argv[1].len(), 90_000);
+    // An image whose config no container could carry to its guest is
+    // refused at import, and the connection goes on.
+    let image = TestImage {
+        layers: vec![layer_tar(&[Entry::File("f", 0o644, b"x".to_vec())])],
+        run_config: serde_json::json!({"Env": [format!("BIG={}", "z".repeat(1_500_000))]}),
+    };
+    let archive = image.docker_save("big:1");
+    let e = c.image_import(None, &archive[..]).await.unwrap_err();
+    assert!(e.to_string().contains("reach a guest"), "{e}");
+    assert_eq!(c.list(true).await.unwrap().len(), 12);
+    assert_eq!(c.image_list().await.unwrap().len(), 1);
+    // Images each within the limit, but together over a reply's: listing
+    // them all fails with a reason (and asking for one works), and the
+    // connection goes on.
+    for i in 0..12 {
+        let image = TestImage {
+            run_config: serde_json::json!({"Env": [format!("BIG{i}={}", "z".repeat(90_000))]}),
+            ..image.clone()
+        };
+        c.image_import(Some(format!("big{i}:1")), &image.docker_save("x:1")[..])
+            .await
+            .unwrap();
+    }
+    let e = c.image_list().await.unwrap_err();
+    assert!(e.to_string().contains("frame limit"), "{e}");
+    assert_eq!(c.image_inspect("big3:1").await.unwrap().config.env.len(), 1);
+    assert_eq!(c.list(true).await.unwrap().len(), 12);
+}

@@ -486,6 +486,25 @@ impl ImageStore {
             working_dir: run.working_dir.filter(|w| !w.is_empty()),
             user: run.user.filter(|u| !u.is_empty()),
         };
+        // What every container of it would send its guest: refused now
+        // rather than at each create (and kept out of every reply that
+        // lists images).
+        let run_bytes: usize = cfg
+            .entrypoint
+            .iter()
+            .chain(&cfg.cmd)
+            .chain(&cfg.env)
+            .chain(&cfg.working_dir)
+            .chain(&cfg.user)
+            .map(|s| s.len() + 8)
+            .sum();
+        if run_bytes > crate::agent::MAX_SPEC_BYTES {
+            return Err(bad(format!(
+                "the image's config gives its containers {run_bytes} bytes of command, \
+                 environment, working directory and user; at most {} reach a guest",
+                crate::agent::MAX_SPEC_BYTES
+            )));
+        }
 
         let _gc = self.gc_guard();
         // Different layers convert in parallel (bounded by the
