@@ -24,6 +24,7 @@ use vmlet_protocol::api::PoolInfo;
 use crate::agent::Agent;
 use crate::start::Prebooted;
 use crate::vm::Vm;
+use vmm_shim::VmHandle;
 
 /// `IMAGE=N`: keep N guests of IMAGE ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,7 +315,7 @@ async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
     }
 }
 
-async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
+async fn fill_one(agent: &Arc<Agent>, pool: &Arc<Pool>) -> bool {
     let (vm, warmup) = match agent.create_pool_member(&pool.spec.image, pool.spec.warmup.as_deref())
     {
         Ok(m) => m,
@@ -334,6 +335,7 @@ async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
             let mut ready = pool.ready.lock();
             if image_ok && !agent.pools.closed.load(Ordering::SeqCst) {
                 tracing::debug!(vm = %vm.id, image = %pool.spec.image, "pool member ready");
+                watch_member(agent, pool, &vm, pre.handle());
                 ready.push_back((vm, pre));
             } else {
                 drop(ready);
@@ -348,6 +350,28 @@ async fn fill_one(agent: &Arc<Agent>, pool: &Pool) -> bool {
             false
         }
     }
+}
+
+/// Takes the member `vm` out of the ready queue if its VMM exits while it
+/// waits there (killed, crashed, out of memory), so no start is handed a
+/// dead guest: it is discarded, counted as a failure, and the pool
+/// refills. A member taken before that is its VM's to watch.
+fn watch_member(agent: &Arc<Agent>, pool: &Arc<Pool>, vm: &Arc<Vm>, handle: Arc<dyn VmHandle>) {
+    let (agent, pool, id) = (agent.clone(), pool.clone(), vm.id.clone());
+    tokio::spawn(async move {
+        let exit = handle.wait().await;
+        let dead = {
+            let mut ready = pool.ready.lock();
+            let at = ready.iter().position(|(v, _)| v.id == id);
+            at.and_then(|i| ready.remove(i))
+        };
+        if let Some((vm, pre)) = dead {
+            pool.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(vm = %vm.id, image = %pool.spec.image, exit = %exit.description, "a ready pool member's VMM exited; discarding it");
+            discard(&agent, vm, pre).await;
+            pool.wake.notify_one();
+        }
+    });
 }
 
 async fn discard(agent: &Arc<Agent>, vm: Arc<Vm>, pre: Prebooted) {

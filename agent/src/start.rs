@@ -607,6 +607,11 @@ pub async fn preboot(
 }
 
 impl Prebooted {
+    /// The guest's VMM.
+    pub fn handle(&self) -> Arc<dyn VmHandle> {
+        self.handle.clone()
+    }
+
     /// Kills the guest and releases its processes and sockets.
     pub async fn discard(self) {
         self.writer.abort();

@@ -370,3 +370,48 @@ fn a_pool_guest_is_ended_when_its_start_is_refused_or_its_vm_removed() {
     assert_eq!(a.run(&["rm", &refused]).status.code(), Some(0));
     assert!(guest_processes(&a).len() <= 2, "{:?}", guest_processes(&a));
 }
+
+#[test]
+fn a_member_whose_vmm_dies_while_it_waits_is_never_handed_out() {
+    let a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--pool".into(), "busybox=1".into()],
+        ..Default::default()
+    });
+    wait_ready(&a, 1);
+    // The member's QEMU dies while it waits in the pool.
+    let qemu: Vec<i32> = guest_processes(&a)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // It leaves the pool, counted as a failure...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = stdout(&a.run(&["pool"]));
+        let failures = out
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(7))
+            .map(str::to_owned);
+        if failures.as_deref() == Some("1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failure counted:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...so the next start is never given the dead guest: it runs (from a
+    // refilled member, or booted cold).
+    let o = a.run(&["run", "--rm", "busybox", "--", "echo", "alive"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "alive\n");
+    wait_ready(&a, 1);
+}
