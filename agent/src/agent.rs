@@ -260,7 +260,12 @@ impl Agent {
                 end_pool_member(&rec, &dir);
                 continue;
             }
-            if rec.state == VmState::Starting {
+            // Created with a VMM: it held a warm-pool guest, which may
+            // already have been handed its spec (the record says running
+            // only once the process runs). Ended like a half-started VM,
+            // so its command never runs twice.
+            let held_guest = rec.state == VmState::Created && rec.vmm_pid.is_some();
+            if rec.state == VmState::Starting || held_guest {
                 // Half-started when the previous agent died: the start's
                 // caller got no answer, so the VM is ended, not completed.
                 for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
@@ -270,7 +275,11 @@ impl Agent {
                 rec.exit = Some(ExitInfo {
                     code: 255,
                     signal: None,
-                    reason: "the agent restarted while the VM was starting".into(),
+                    reason: if held_guest {
+                        "the agent restarted while the VM held a warm-pool guest".into()
+                    } else {
+                        "the agent restarted while the VM was starting".into()
+                    },
                     at_ms: now_ms(),
                 });
                 rec.vmm_pid = None;

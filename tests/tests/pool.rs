@@ -415,3 +415,25 @@ fn a_member_whose_vmm_dies_while_it_waits_is_never_handed_out() {
     assert_eq!(stdout(&o), "alive\n");
     wait_ready(&a, 1);
 }
+
+#[test]
+fn a_created_vm_holding_a_pool_guest_comes_back_exited_after_a_restart() {
+    let mut a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--pool".into(), "busybox=1".into()],
+        ..Default::default()
+    });
+    wait_ready(&a, 1);
+    let id = create(&a, &["busybox", "--", "echo", "once"]);
+    assert!(!TestAgent::processes_mentioning(&a.vm_dir(&id)).is_empty());
+    // Whether or not its spec had gone out, the new agent cannot know: the
+    // VM is ended, so its command can never run twice, and its guest goes.
+    a.restart();
+    a.assert_no_processes(&id);
+    let info = a.inspect(&id);
+    assert_eq!(info["State"], "exited", "{info}");
+    let reason = info["Exit"]["Reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("warm-pool guest"), "{info}");
+    let o = a.run(&["start", &id]);
+    assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+}
