@@ -117,6 +117,8 @@ pub struct Templates {
     building: Mutex<HashSet<String>>,
     memory_mib: u32,
     vcpus: u32,
+    /// The agent is stopping: no template VM may outlive it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Templates {
@@ -144,6 +146,7 @@ impl Templates {
             building: Mutex::new(HashSet::new()),
             memory_mib,
             vcpus,
+            closed: Default::default(),
         }
     }
 
@@ -227,24 +230,50 @@ pub fn realtime_ns() -> u64 {
 /// Starts one maintenance loop per template, after ending template VMs a
 /// previous agent left half-built.
 pub fn start(agent: &Arc<Agent>) {
-    for ent in std::fs::read_dir(agent.config.templates_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let d = ent.path();
-        if let Some(pid) = std::fs::read_to_string(d.join("vmm.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            crate::agent::kill_if_ours(pid, &d);
-            let _ = std::fs::remove_file(d.join("vmm.pid"));
-        }
-    }
+    end_template_vms(agent);
     gc(agent);
     for s in &agent.templates.slots {
         tokio::spawn(maintain(agent.clone(), s.clone()));
     }
+}
+
+/// Kills every template VM still running: a previous agent's half-built
+/// ones at startup, this agent's own at shutdown. A build's VMM is any
+/// process whose command line names a template's directory (its console,
+/// sockets and disk are there), whether or not its start had returned and
+/// its pid was written to `vmm.pid`.
+fn end_template_vms(agent: &Agent) {
+    let dir = agent.config.templates_dir();
+    let needle = format!("{}/", dir.display());
+    let me = std::process::id();
+    for ent in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let names_it = std::fs::read(ent.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+        if pid != me && names_it {
+            crate::agent::kill_if_ours(pid, &dir);
+        }
+    }
+    for ent in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(ent.path().join("vmm.pid"));
+    }
+}
+
+/// The agent is stopping: ends the template builds in progress. A ready
+/// template is only files; a build's guest would otherwise outlive the
+/// agent (its task is dropped with the runtime, its QEMU not). No build
+/// starts a VMM once this has begun; one that was starting is caught by a
+/// second look.
+pub async fn shut_down(agent: &Agent) {
+    agent
+        .templates
+        .closed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    end_template_vms(agent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    end_template_vms(agent);
 }
 
 /// Removes template directories nothing needs: not a ready template's, not
@@ -412,6 +441,16 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             file: memory.clone(),
             shared: true,
         };
+        if agent
+            .templates
+            .closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the agent is stopping",
+            ));
+        }
         let handle: Arc<dyn VmHandle> = agent
             .vmm
             .start(&cfg)
@@ -428,6 +467,20 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             .into();
         if let Some(pid) = handle.pid() {
             let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
+        }
+        // Written before this check, so a shutdown either finds the pid
+        // or is seen here (no await in between).
+        if agent
+            .templates
+            .closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = handle.kill().await;
+            handle.cleanup().await;
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the agent is stopping",
+            ));
         }
         let snap = async {
             let link = GuestLink::open(&dir, &cfg.vsock_uds, true)?;

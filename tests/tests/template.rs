@@ -182,3 +182,42 @@ fn a_template_of_a_removed_image_is_never_used() {
     let o = a.run(&["create", "busybox", "--", "true"]);
     assert_ne!(o.status.code(), Some(0));
 }
+
+#[test]
+fn a_stopping_agent_leaves_no_template_build_running() {
+    // `--template=busybox` in one argument: the harness does not wait for
+    // the template, so the agent is stopped while its guest boots.
+    let mut a = TestAgent::start_with(AgentOptions {
+        extra: vec!["--template=busybox".into()],
+        ..Default::default()
+    });
+    let dir = a.state_dir().join("templates");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TestAgent::processes_mentioning(&dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no template VM started: {}",
+            templates(&a)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.terminate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = TestAgent::processes_mentioning(&dir);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "template VM processes outlived the agent: {:?}",
+            left.iter()
+                .map(|p| qemu_cmdline(*p as u64)
+                    .chars()
+                    .take(200)
+                    .collect::<String>())
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

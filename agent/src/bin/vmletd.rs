@@ -301,7 +301,9 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down; VMs keep running"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down; VMs keep running"),
     }
-    // Pool members are not containers and no later agent adopts them.
+    // Pool members and template VMs are not containers and no later
+    // agent adopts them.
+    vmlet_agent::templates::shut_down(&pool_agent).await;
     vmlet_agent::pool::drain(&pool_agent).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
