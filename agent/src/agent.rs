@@ -855,6 +855,24 @@ pub(crate) fn kill_if_ours(pid: u32, dir: &std::path::Path) {
     }
 }
 
+/// SIGKILLs every process whose command line names something in `dir`
+/// (a VM's VMM and vsock backend name their VM's directory), whether or
+/// not its pid was ever recorded.
+pub(crate) fn kill_processes_naming(dir: &std::path::Path) {
+    let needle = format!("{}/", dir.display());
+    let me = std::process::id();
+    for ent in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let names_it = fs::read(ent.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+        if pid != me && names_it {
+            kill_if_ours(pid, dir);
+        }
+    }
+}
+
 /// Ends a warm-pool member from its record: kills its processes (if they
 /// are still its own) and removes its directory.
 fn end_pool_member(rec: &VmRecord, dir: &std::path::Path) {

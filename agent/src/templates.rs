@@ -244,18 +244,7 @@ pub fn start(agent: &Arc<Agent>) {
 /// its pid was written to `vmm.pid`.
 fn end_template_vms(agent: &Agent) {
     let dir = agent.config.templates_dir();
-    let needle = format!("{}/", dir.display());
-    let me = std::process::id();
-    for ent in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = ent.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let names_it = std::fs::read(ent.path().join("cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
-        if pid != me && names_it {
-            crate::agent::kill_if_ours(pid, &dir);
-        }
-    }
+    crate::agent::kill_processes_naming(&dir);
     for ent in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let _ = std::fs::remove_file(ent.path().join("vmm.pid"));
     }

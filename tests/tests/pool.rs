@@ -437,3 +437,42 @@ fn a_created_vm_holding_a_pool_guest_comes_back_exited_after_a_restart() {
     assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
+
+#[test]
+fn a_stopping_agent_leaves_no_booting_member_running() {
+    let mut a = TestAgent::start_with(AgentOptions {
+        // One argument: the harness does not wait for the pool to fill, so
+        // the agent is stopped while its member's VMM starts.
+        extra: vec!["--pool=busybox=1".into()],
+        ..Default::default()
+    });
+    // Its QEMU has just been spawned: the start waits for QMP, and the
+    // record does not name the QEMU yet.
+    let qemu_up = || {
+        guest_processes(&a).iter().any(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !qemu_up() {
+        assert!(Instant::now() < deadline, "no pool member started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    a.terminate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !guest_processes(&a).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "pool member processes outlived the agent: {:?}",
+            guest_processes(&a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "stopping took {:?}",
+        t0.elapsed()
+    );
+}
