@@ -53,6 +53,14 @@ pub enum ConvertError {
     /// Decompressing failed.
     #[error("cannot decompress the layer")]
     Decompress(#[source] io::Error),
+    /// The layer unpacks to more than it may.
+    #[error("the layer is over {max} bytes uncompressed ({why})")]
+    TooLarge {
+        /// The limit.
+        max: u64,
+        /// Where the limit comes from.
+        why: String,
+    },
     /// The disk could not be built.
     #[error("{tool} failed: {stderr}")]
     Tool {
@@ -164,6 +172,7 @@ pub fn convert<R: Read>(
     stage: &Path,
     disk: &Path,
     fs_kind: LayerFs,
+    limit: &Limit,
 ) -> Result<Converted, ConvertError> {
     let _ = fs::remove_dir_all(stage);
     fs::create_dir_all(stage).map_err(io_err(stage))?;
@@ -173,10 +182,15 @@ pub fn convert<R: Read>(
     }
     let root = stage.join("root");
     fs::create_dir(&root).map_err(io_err(&root))?;
+    let hit = std::cell::Cell::new(false);
     let r = (|| {
         let t0 = Instant::now();
         let plain = decompress(src).map_err(ConvertError::Decompress)?;
-        let mut h = HashingReader::new(plain);
+        let mut h = HashingReader::new(Capped {
+            inner: plain,
+            left: limit.max,
+            hit: &hit,
+        });
         unpack::unpack(&mut h, &root)?;
         let (diff_id, size) = h.finish().map_err(ConvertError::Decompress)?;
         if let Some(want) = expected {
@@ -201,11 +215,89 @@ pub fn convert<R: Read>(
             mkfs_ms: t1.elapsed().as_millis() as u64,
         })
     })();
+    let r = match r {
+        // Whatever the reading step that noticed it says, the cause is
+        // the size.
+        Err(_) if hit.get() => Err(ConvertError::TooLarge {
+            max: limit.max,
+            why: limit.why.clone(),
+        }),
+        r => r,
+    };
     let _ = fs::remove_dir_all(stage);
     if r.is_err() {
         let _ = fs::remove_file(disk);
     }
     r
+}
+
+/// Most bytes a layer may unpack to (its tar, and anything after the
+/// tar's end that its digest covers), and why.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// The limit.
+    pub max: u64,
+    /// Where it comes from, for the error.
+    pub why: String,
+}
+
+/// Layers unpack to at most this many bytes.
+pub const MAX_LAYER_BYTES: u64 = 64 << 30;
+
+impl Limit {
+    /// For a layer unpacked under `dir`: half the free space of its
+    /// filesystem (layers that convert at once then cannot fill it
+    /// between them), and at most [`MAX_LAYER_BYTES`]. A compressed layer
+    /// can expand without bound; this is where it stops.
+    pub fn for_dir(dir: &Path) -> Limit {
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let half = free / 2;
+        if half < MAX_LAYER_BYTES {
+            Limit {
+                max: half,
+                why: format!("half of the {free} bytes free where the agent unpacks layers"),
+            }
+        } else {
+            Limit {
+                max: MAX_LAYER_BYTES,
+                why: "the agent's limit per layer".into(),
+            }
+        }
+    }
+}
+
+/// A reader that fails once more than `left` bytes would come through it,
+/// and says so in `hit`.
+struct Capped<'a, R> {
+    inner: R,
+    left: u64,
+    hit: &'a std::cell::Cell<bool>,
+}
+
+impl<R: Read> Read for Capped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // One byte more tells a stream that ends at the limit from a
+            // longer one.
+            let mut one = [0u8; 1];
+            if self.inner.read(&mut one)? == 0 {
+                return Ok(0);
+            }
+            self.hit.set(true);
+            return Err(io::Error::other("the layer is over its size limit"));
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got as u64;
+        Ok(got)
+    }
 }
 
 /// Builds a read-only disk image of the tree at `root`.
@@ -399,6 +491,78 @@ mod tests {
             h.join().unwrap().unwrap();
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// A gzip'd tar of one `size`-byte file of zeros, then `trailing`
+    /// zero bytes after the tar's end (which its digest would cover).
+    fn zeros_layer(size: usize, trailing: usize) -> Vec<u8> {
+        use std::io::Write;
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "zeros", &vec![0u8; size][..])
+            .unwrap();
+        let mut t = b.into_inner().unwrap();
+        t.extend(std::iter::repeat_n(0u8, trailing));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&t).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_layer_that_unpacks_past_its_limit_is_refused() {
+        let limit = Limit {
+            max: 256 << 10,
+            why: "the test's".into(),
+        };
+        // File data past the limit, and (the tar itself small) bytes past
+        // the limit after its end.
+        for (what, layer) in [
+            ("file data", zeros_layer(4 << 20, 0)),
+            ("trailing bytes", zeros_layer(1024, 4 << 20)),
+        ] {
+            assert!(layer.len() < 64 << 10, "{what}: the bomb compresses");
+            let d = tempfile::tempdir().unwrap();
+            let disk = d.path().join("disk");
+            let r = convert(
+                &layer[..],
+                None,
+                &d.path().join("stage"),
+                &disk,
+                LayerFs::Erofs,
+                &limit,
+            );
+            assert!(
+                matches!(&r, Err(ConvertError::TooLarge { max, .. }) if *max == 256 << 10),
+                "{what}: {r:?}"
+            );
+            assert!(!disk.exists() && !d.path().join("stage").exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_reader_at_its_limit_ends_cleanly() {
+        let hit = std::cell::Cell::new(false);
+        let data = vec![7u8; 1000];
+        let mut out = Vec::new();
+        Capped {
+            inner: &data[..],
+            left: 1000,
+            hit: &hit,
+        }
+        .read_to_end(&mut out)
+        .unwrap();
+        assert_eq!(out.len(), 1000);
+        assert!(!hit.get());
+        let r = Capped {
+            inner: &data[..],
+            left: 999,
+            hit: &hit,
+        }
+        .read_to_end(&mut Vec::new());
+        assert!(r.is_err() && hit.get());
     }
 
     #[test]

@@ -526,9 +526,9 @@ impl ImageStore {
         for (d, r) in diff_ids.iter().zip(results) {
             if let Err(e) = r {
                 let code = match e {
-                    ConvertError::Unpack(_) | ConvertError::Digest { .. } => {
-                        ErrorCode::InvalidArgument
-                    }
+                    ConvertError::Unpack(_)
+                    | ConvertError::Digest { .. }
+                    | ConvertError::TooLarge { .. } => ErrorCode::InvalidArgument,
                     _ => ErrorCode::Internal,
                 };
                 return Err(api(
@@ -638,6 +638,7 @@ impl ImageStore {
                 &work.join("stage"),
                 &disk,
                 self.fs_kind,
+                &convert::Limit::for_dir(&work),
             )?;
             let (blob, _) = hr.finish().map_err(ConvertError::Decompress)?;
             if let Some(want) = &src.blob_digest {
