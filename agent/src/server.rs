@@ -431,9 +431,12 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 }
                 match attached.get(&attach).cloned() {
                     Some(vm) => {
-                        if let Err(e) = to_guest(&vm, HostMessage::Stdin(data)).await {
+                        // Stdin that comes after the container exited goes
+                        // nowhere; the attach ends with its exit. No error
+                        // on the stream: it could reach the client before
+                        // that end and hide the exit code.
+                        if to_guest(&vm, HostMessage::Stdin(data)).await.is_err() {
                             attached.remove(&attach);
-                            reply(&tx, attach, error_body(e)).await;
                         }
                     }
                     None => {
@@ -482,9 +485,8 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
             },
             Request::CloseStdin { attach } => match attached.remove(&attach) {
                 Some(vm) => {
-                    if let Err(e) = to_guest(&vm, HostMessage::CloseStdin).await {
-                        reply(&tx, attach, error_body(e)).await;
-                    }
+                    // As for stdin: after the exit there is nothing to close.
+                    let _ = to_guest(&vm, HostMessage::CloseStdin).await;
                 }
                 None => reply(&tx, attach, error_body(no_stdin(attach))).await,
             },
