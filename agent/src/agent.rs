@@ -13,12 +13,6 @@ use vmlet_protocol::guest::ProcessSpec;
 use vmlet_protocol::{ApiError, ErrorCode};
 use vmm_shim::{Disk, StagedFile, VmConfig, Vmm};
 
-/// Most bytes of command, environment, working directory and user one VM
-/// may have: what its spec carries to the guest, whose frames are at most
-/// [`vmlet_protocol::guest::MAX_GUEST_FRAME`] bytes, with room left for the
-/// spec's disks and hostname.
-pub const MAX_SPEC_BYTES: usize = vmlet_protocol::guest::MAX_GUEST_FRAME as usize - 16 * 1024;
-
 use crate::config::Config;
 use crate::ids;
 use crate::image::{ImageError, ImageStore};
@@ -26,6 +20,12 @@ use crate::initrd::{self, InitrdError};
 use crate::kernel::{GuestKernel, KernelError};
 use crate::logstore::Log;
 use crate::vm::{now_ms, Vm, VmRecord};
+
+/// Most bytes of command, environment, working directory and user one VM
+/// may have: what its spec carries to the guest, whose frames are at most
+/// [`vmlet_protocol::guest::MAX_GUEST_FRAME`] bytes, with room left for the
+/// spec's disks and hostname.
+pub const MAX_SPEC_BYTES: usize = vmlet_protocol::guest::MAX_GUEST_FRAME as usize - 16 * 1024;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -494,14 +494,13 @@ impl Agent {
         }
         // All of it goes to the guest in one spec, whose frame the tether
         // bounds: refuse here what could never be sent.
-        let spec_bytes: usize = spec
-            .argv
-            .iter()
-            .chain(&spec.env)
-            .chain(&spec.workdir)
-            .chain(&spec.user)
-            .map(|s| s.len() + 8)
-            .sum();
+        let spec_bytes = spec_bytes(
+            spec.argv
+                .iter()
+                .chain(&spec.env)
+                .chain(&spec.workdir)
+                .chain(&spec.user),
+        );
         if spec_bytes > MAX_SPEC_BYTES {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
@@ -853,6 +852,13 @@ pub(crate) fn kill_if_ours(pid: u32, dir: &std::path::Path) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+}
+
+/// What `strings` (a command, environment, working directory, user) take
+/// in a guest's spec, bincode's length prefixes included, for
+/// [`MAX_SPEC_BYTES`].
+pub(crate) fn spec_bytes<'a>(strings: impl IntoIterator<Item = &'a String>) -> usize {
+    strings.into_iter().map(|s| s.len() + 8).sum()
 }
 
 /// SIGKILLs every process whose command line names something in `dir`

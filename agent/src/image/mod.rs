@@ -489,15 +489,14 @@ impl ImageStore {
         // What every container of it would send its guest: refused now
         // rather than at each create (and kept out of every reply that
         // lists images).
-        let run_bytes: usize = cfg
-            .entrypoint
-            .iter()
-            .chain(&cfg.cmd)
-            .chain(&cfg.env)
-            .chain(&cfg.working_dir)
-            .chain(&cfg.user)
-            .map(|s| s.len() + 8)
-            .sum();
+        let run_bytes = crate::agent::spec_bytes(
+            cfg.entrypoint
+                .iter()
+                .chain(&cfg.cmd)
+                .chain(&cfg.env)
+                .chain(&cfg.working_dir)
+                .chain(&cfg.user),
+        );
         if run_bytes > crate::agent::MAX_SPEC_BYTES {
             return Err(bad(format!(
                 "the image's config gives its containers {run_bytes} bytes of command, \
