@@ -658,20 +658,41 @@ impl TestAgent {
 
     /// Waits (bounded) until no process mentions VM `id`'s directory.
     pub fn assert_no_processes(&self, id: &str) {
-        let dir = self.vm_dir(id);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let pids = Self::processes_mentioning(&dir);
-            if pids.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processes of VM {id} still alive: {pids:?}\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        let log = || self.daemon_log();
+        assert_no_processes_under(&self.vm_dir(id), &format!("VM {id}"), &log);
+    }
+}
+
+/// Waits (bounded, 20 s) until no process's command line mentions `dir`;
+/// fails naming `what`, the processes left and `context()` (an agent's log,
+/// say).
+pub fn assert_no_processes_under(dir: &Path, what: &str, context: &dyn Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pids = TestAgent::processes_mentioning(dir);
+        if pids.is_empty() {
+            return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "processes of {what} still alive: {}\n{}",
+            pids.iter()
+                .map(|p| {
+                    let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{p} {}",
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .chars()
+                            .take(160)
+                            .collect::<String>()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -202,22 +202,5 @@ fn a_stopping_agent_leaves_no_template_build_running() {
         std::thread::sleep(Duration::from_millis(50));
     }
     a.terminate();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = TestAgent::processes_mentioning(&dir);
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "template VM processes outlived the agent: {:?}",
-            left.iter()
-                .map(|p| qemu_cmdline(*p as u64)
-                    .chars()
-                    .take(200)
-                    .collect::<String>())
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vmlet_tests::assert_no_processes_under(&dir, "the template build", &String::new);
 }
