@@ -10,7 +10,6 @@ use std::path::Path;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-
 use tar::EntryType;
 
 use super::convert::hex;
