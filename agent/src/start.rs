@@ -98,6 +98,12 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
         return Err((e, None));
     }
     vm.phase(Phase::Admitted);
+    if vm.with(|i| i.stopping) {
+        if let Some(p) = prebooted {
+            p.discard().await;
+        }
+        return Err((stopped_during_start(vm), None));
+    }
 
     let rec = vm.record();
     let (handle, link, mut frames, writer) = match prebooted {
@@ -130,6 +136,8 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
             let cloned = match template {
                 Some(t) => match launch_clone(agent, vm, &rec, &t).await {
                     Ok(l) => Some(l),
+                    // Stopped: not the template's fault, and no cold boot.
+                    Err((e, h)) if vm.with(|i| i.stopping) => return Err((e, h)),
                     Err((e, h)) => {
                         if let Some(h) = h {
                             end_vmm(&*h).await;
@@ -385,12 +393,18 @@ async fn until_hello(
     layers: Vec<DiskSpec>,
     writable: DiskSpec,
 ) -> Result<Launched, BootError> {
-    vm.with(|i| {
+    let stopping = vm.with(|i| {
         i.handle = Some(handle.clone());
         i.rec.vmm_pid = handle.pid();
         i.rec.helper_pids = handle.helper_pids();
         i.rec.confinement = handle.confinement().map(confinement_info);
+        i.stopping
     });
+    // A stop or removal that came while the VMM started found no handle
+    // to kill: it is this start's to honour, now that there is one.
+    if stopping {
+        return Err((stopped_during_start(vm), Some(handle)));
+    }
     agent.persist(vm);
     vm.phase(Phase::VmmSpawned);
     let (frames, wr, boot) = await_hello(&handle, &link, timeout)
@@ -494,6 +508,15 @@ pub(crate) async fn await_hello(
                 format!("the VMM exited during boot ({})", exit.description),
             )),
     }
+}
+
+/// The start's error when the VM was stopped or removed before its VMM
+/// was up.
+fn stopped_during_start(vm: &Vm) -> ApiError {
+    err(
+        ErrorCode::Conflict,
+        format!("VM {} was stopped or removed while it was starting", vm.id),
+    )
 }
 
 /// Whether the host has room for one more starting VM (counted already,

@@ -2,7 +2,10 @@
 //! that a new agent either can still start or has ended and cleaned up,
 //! never a leaked process, socket or half-written record.
 
-use vmlet_tests::{stderr, TestAgent};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use vmlet_tests::{stderr, AgentOptions, TestAgent};
 
 const PHASES: [&str; 7] = [
     "accepted",
@@ -58,4 +61,41 @@ fn an_agent_killed_at_each_phase_of_a_start_leaks_nothing() {
     // And the agent still runs containers.
     let o = a.run(&["run", "--rm", "busybox", "--", "echo", "fine"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "fine\n");
+}
+
+#[test]
+fn a_removal_during_a_start_ends_it_without_waiting_out_the_start() {
+    // A VMM that takes 3 s to begin: a removal comes while the start waits
+    // for it, before there is any VMM handle to kill.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let slow = dir.path().join("slow-qemu");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nsleep 3\nexec /usr/bin/qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = TestAgent::start_with(AgentOptions {
+        env: vec![("VMLET_QEMU".into(), slow.to_string_lossy().into_owned())],
+        ..Default::default()
+    });
+    let o = a.run(&["create", "busybox", "--", "sleep", "1000"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let mut start = a.vmlet().args(["start", &id]).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let o = a.run(&["rm", "-f", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The start ends as soon as its VMM is up, rather than booting the
+    // guest and running the container until the removal gives up waiting.
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the removal took {:?}",
+        t0.elapsed()
+    );
+    assert_ne!(start.wait().unwrap().code(), Some(0));
+    a.assert_no_processes(&id);
+    assert!(!a.vm_dir(&id).exists());
 }
