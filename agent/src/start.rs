@@ -90,19 +90,19 @@ async fn boot(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<Connected, BootError> 
     let prebooted = vm.with(|i| i.prebooted.take());
     // admitted: a start over a limit fails fast rather than degrading
     // every VM on the host. Both counts include this VM (it is starting).
-    let admitted = admit(agent);
-    if let Err(e) = admitted {
+    // A stop or removal that came first ends the start here too.
+    let refused = match admit(agent) {
+        Err(e) => Some(e),
+        Ok(()) => {
+            vm.phase(Phase::Admitted);
+            vm.with(|i| i.stopping).then(|| stopped_during_start(vm))
+        }
+    };
+    if let Some(e) = refused {
         if let Some(p) = prebooted {
             p.discard().await;
         }
         return Err((e, None));
-    }
-    vm.phase(Phase::Admitted);
-    if vm.with(|i| i.stopping) {
-        if let Some(p) = prebooted {
-            p.discard().await;
-        }
-        return Err((stopped_during_start(vm), None));
     }
 
     let rec = vm.record();
@@ -965,18 +965,10 @@ fn exited(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
 /// guest's code if a process could have it (else 255) and its message, cut
 /// to [`MAX_GUEST_REASON`] bytes.
 fn failed(code: i32, message: &str) -> ExitInfo {
-    let mut end = message.len().min(MAX_GUEST_REASON);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut reason = message[..end].to_owned();
-    if end < message.len() {
-        reason.push_str(" […]");
-    }
     ExitInfo {
         code: if (0..=255).contains(&code) { code } else { 255 },
         signal: None,
-        reason,
+        reason: crate::vm::cut(message, MAX_GUEST_REASON),
         at_ms: now_ms(),
     }
 }
@@ -1351,7 +1343,7 @@ mod tests {
         // Cut on a character boundary, and said to be cut.
         let long = "é".repeat(MAX_GUEST_REASON);
         let e = failed(1, &long);
-        assert!(e.reason.len() <= MAX_GUEST_REASON + " […]".len());
-        assert!(e.reason.ends_with(" […]"));
+        assert!(e.reason.len() <= MAX_GUEST_REASON + "…".len());
+        assert!(e.reason.ends_with('…'));
     }
 }

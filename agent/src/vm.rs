@@ -422,7 +422,7 @@ fn summary_of(rec: &VmRecord) -> VmSummary {
 
 /// `s` cut to at most `max` bytes on a character boundary, ending in `…`
 /// when cut.
-pub fn cut(s: &str, max: usize) -> String {
+pub(crate) fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
