@@ -34,7 +34,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,10 +118,15 @@ pub struct Templates {
     memory_mib: u32,
     vcpus: u32,
     /// The agent is stopping: no template VM may outlive it.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl Templates {
+    /// Whether the agent is stopping ([`shut_down`]).
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Templates for `images`, at the agent's default memory and vCPUs.
     pub fn new(images: &[String], memory_mib: u32, vcpus: u32) -> Self {
         let mut seen = std::collections::HashSet::new();
@@ -250,16 +255,18 @@ fn end_template_vms(agent: &Agent) {
     }
 }
 
+/// A build's error once the agent is stopping.
+fn stopping() -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, "the agent is stopping")
+}
+
 /// The agent is stopping: ends the template builds in progress. A ready
 /// template is only files; a build's guest would otherwise outlive the
 /// agent (its task is dropped with the runtime, its QEMU not). No build
 /// starts a VMM once this has begun; one that was starting is caught by a
 /// second look.
 pub async fn shut_down(agent: &Agent) {
-    agent
-        .templates
-        .closed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    agent.templates.closed.store(true, Ordering::SeqCst);
     end_template_vms(agent);
     tokio::time::sleep(Duration::from_millis(200)).await;
     end_template_vms(agent);
@@ -430,15 +437,8 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
             file: memory.clone(),
             shared: true,
         };
-        if agent
-            .templates
-            .closed
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the agent is stopping",
-            ));
+        if agent.templates.is_closed() {
+            return Err(stopping());
         }
         let handle: Arc<dyn VmHandle> = agent
             .vmm
@@ -457,19 +457,12 @@ async fn build(agent: &Arc<Agent>, image: &str, generation: u64) -> Result<Ready
         if let Some(pid) = handle.pid() {
             let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
         }
-        // Written before this check, so a shutdown either finds the pid
-        // or is seen here (no await in between).
-        if agent
-            .templates
-            .closed
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        // A shutdown that began while this VMM started: its scans may
+        // have run before the VMM existed.
+        if agent.templates.is_closed() {
             let _ = handle.kill().await;
             handle.cleanup().await;
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the agent is stopping",
-            ));
+            return Err(stopping());
         }
         let snap = async {
             let link = GuestLink::open(&dir, &cfg.vsock_uds, true)?;
