@@ -412,6 +412,10 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
             }
         };
         streams.retain(|_, h| !h.is_finished());
+        // An attach's stdin goes with its stream: once the stream has ended
+        // (its end is already on its way to the client), stdin for it is
+        // refused like stdin for any unknown attach.
+        attached.retain(|id, _| streams.contains_key(id));
         let ClientMessage { id, body } = msg;
         match body {
             // Stdin is handled in the read loop so its chunks keep their
@@ -455,11 +459,10 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     Err(e) => reply(&tx, id, error_body(e)).await,
                 }
             }
-            Request::ImageImportData { upload, data } => {
-                if let Some(u) = uploads.get_mut(&upload) {
-                    u.write(&data, agent.images.max_upload);
-                }
-            }
+            Request::ImageImportData { upload, data } => match uploads.get_mut(&upload) {
+                Some(u) => u.write(data, agent.images.max_upload).await,
+                None => reply(&tx, upload, error_body(no_upload(upload))).await,
+            },
             Request::ImageImportEnd { upload } => match uploads.remove(&upload) {
                 Some(u) => {
                     let agent = agent.clone();
@@ -471,17 +474,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                         drop(busy);
                     });
                 }
-                None => {
-                    reply(
-                        &tx,
-                        id,
-                        error_body(ApiError::new(
-                            ErrorCode::NotFound,
-                            format!("no upload {upload} on this connection"),
-                        )),
-                    )
-                    .await
-                }
+                None => reply(&tx, id, error_body(no_upload(upload))).await,
             },
             Request::CloseStdin { attach } => match attached.remove(&attach) {
                 Some(vm) => {
@@ -490,13 +483,22 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                 }
                 None => reply(&tx, attach, error_body(no_stdin(attach))).await,
             },
-            Request::Cancel { request } => {
-                if let Some(h) = streams.remove(&request) {
+            Request::Cancel { request } => match streams.remove(&request) {
+                Some(h) => {
                     h.abort();
                     attached.remove(&request);
                     reply(&tx, request, Response::StreamEnd { exit: None }).await;
                 }
-            }
+                // Answered on the id it names, as the stream would have
+                // been; a stream that just ended had its end sent first.
+                None => {
+                    let e = ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("request {request} is not a stream on this connection"),
+                    );
+                    reply(&tx, request, error_body(e)).await;
+                }
+            },
             Request::Hello { .. } => {
                 reply(
                     &tx,
@@ -625,25 +627,39 @@ struct Upload {
 }
 
 impl Upload {
-    fn write(&mut self, data: &[u8], cap: u64) {
+    /// Stores the next chunk. The write runs off the executor: a slow or
+    /// stalled disk holds up this connection's reads (and so its client),
+    /// nobody else's.
+    async fn write(&mut self, data: Vec<u8>, cap: u64) {
         use std::io::Write;
         if self.failed.is_some() {
             return;
         }
+        let len = data.len() as u64;
         let fail = if data.len() > MAX_CHUNK {
             Some(format!("upload chunks are at most {MAX_CHUNK} bytes"))
-        } else if self.size + data.len() as u64 > cap {
+        } else if self.size + len > cap {
             Some(format!(
                 "the upload is larger than this agent's limit of {cap} bytes"
             ))
-        } else {
-            match self.file.as_mut().map(|f| f.write_all(data)) {
-                Some(Ok(())) => None,
-                Some(Err(e)) => Some(format!("cannot store the upload: {e}")),
-                None => Some("the upload is closed".into()),
+        } else if let Some(mut f) = self.file.take() {
+            let written = tokio::task::spawn_blocking(move || {
+                let r = f.write_all(&data);
+                r.map(|()| f)
+            })
+            .await;
+            match written {
+                Ok(Ok(f)) => {
+                    self.file = Some(f);
+                    None
+                }
+                Ok(Err(e)) => Some(format!("cannot store the upload: {e}")),
+                Err(e) => Some(format!("cannot store the upload: {e}")),
             }
+        } else {
+            Some("the upload is closed".into())
         };
-        self.size += data.len() as u64;
+        self.size += len;
         if let Some(msg) = fail {
             let code = if msg.starts_with("cannot") {
                 ErrorCode::Internal
@@ -738,6 +754,13 @@ async fn stdin_acks(vm: &Vm, id: RequestId, tx: &mpsc::Sender<ServerMessage>) {
             std::future::pending::<()>().await;
         }
     }
+}
+
+fn no_upload(upload: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no upload {upload} on this connection"),
+    )
 }
 
 fn no_stdin(attach: RequestId) -> ApiError {

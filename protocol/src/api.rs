@@ -70,7 +70,10 @@ pub enum Request {
     /// Streams the VM's output; with `stdin`, the client may then send
     /// [`Request::Stdin`] referring to this request's id.
     Attach(AttachSpec),
-    /// Bytes for the stdin of the VM attached by request `attach`.
+    /// Bytes for the stdin of the VM attached by request `attach`. No
+    /// reply; stdin for an attach that is not open on this connection (or
+    /// whose stream has ended) gets a [`crate::ErrorCode::NotFound`] error
+    /// on the id `attach`.
     Stdin {
         /// Id of the attach request.
         attach: RequestId,
@@ -130,7 +133,10 @@ pub enum Request {
     },
     /// A stream of every VM's state changes.
     Events,
-    /// Ends the stream started by request `request`.
+    /// Ends the stream started by request `request`: its reply is
+    /// [`Response::StreamEnd`] on that id, or a
+    /// [`crate::ErrorCode::NotFound`] error on that id when it names no
+    /// stream on this connection (it ended already, or never was one).
     Cancel {
         /// Id of the stream request.
         request: RequestId,
@@ -147,8 +153,11 @@ pub enum Request {
         name: Option<String>,
     },
     /// The next bytes of upload `upload`, at most
-    /// [`crate::frame::MAX_CHUNK`]. No reply unless it fails. Sent in
-    /// order on the connection that began the upload.
+    /// [`crate::frame::MAX_CHUNK`]. Sent in order on the connection that
+    /// began the upload. No reply: a chunk that fails (over the size cap,
+    /// say) fails the upload, and [`Request::ImageImportEnd`]'s reply says
+    /// why. A chunk for an upload this connection does not have gets a
+    /// [`crate::ErrorCode::NotFound`] error on the id `upload`.
     ImageImportData {
         /// The upload's id.
         upload: u64,

@@ -360,3 +360,101 @@ async fn big_commands_are_refused_or_listed_in_part() {
     assert_eq!(c.image_inspect("big3:1").await.unwrap().config.env.len(), 1);
     assert_eq!(c.list(true).await.unwrap().len(), 12);
 }
+
+/// Every request that names something this connection does not have gets
+/// an error on the id it names: a cancel of no stream, data for no upload,
+/// and stdin for an attach whose stream has ended.
+#[test]
+fn requests_for_unknown_ids_are_answered_on_those_ids() {
+    use vmlet_protocol::api::{ClientMessage, ServerMessage};
+    use vmlet_protocol::frame::{self, MAX_FRAME_LEN};
+    use vmlet_protocol::ErrorCode;
+
+    let a = TestAgent::start();
+    let mut s = a.raw_client();
+    let send = |s: &mut std::os::unix::net::UnixStream, id, body| {
+        frame::write_frame(s, &ClientMessage { id, body }).expect("write a request")
+    };
+    let read = |s: &mut std::os::unix::net::UnixStream| -> ServerMessage {
+        frame::read_frame(s, MAX_FRAME_LEN)
+            .expect("a reply frame")
+            .expect("a reply before close")
+    };
+    let not_found = |m: &ServerMessage, id| {
+        assert_eq!(m.id, id, "{m:?}");
+        match &m.body {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::NotFound, "{e}"),
+            other => panic!("wanted an error on {id}, got {other:?}"),
+        }
+    };
+
+    send(&mut s, 0, Request::Cancel { request: 77 });
+    not_found(&read(&mut s), 77);
+    send(
+        &mut s,
+        0,
+        Request::ImageImportData {
+            upload: 78,
+            data: b"tar?".to_vec(),
+        },
+    );
+    not_found(&read(&mut s), 78);
+
+    // An attach with stdin, to a container that exits at once.
+    send(
+        &mut s,
+        10,
+        Request::Create(CreateSpec {
+            image: "busybox".into(),
+            argv: vec!["true".into()],
+            stdin_open: true,
+            ..Default::default()
+        }),
+    );
+    let vm = match read(&mut s).body {
+        Response::Created { id } => id,
+        other => panic!("{other:?}"),
+    };
+    send(
+        &mut s,
+        11,
+        Request::Attach(AttachSpec {
+            vm: vm.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            replay: true,
+        }),
+    );
+    send(&mut s, 12, Request::Start { vm: vm.clone() });
+    loop {
+        let m = read(&mut s);
+        if let (11, Response::StreamEnd { exit }) = (m.id, &m.body) {
+            assert_eq!(exit.as_ref().map(|e| e.code), Some(0), "{m:?}");
+            break;
+        }
+        assert!(
+            matches!(m.body, Response::Done | Response::StdinAck { .. }) || m.id == 11,
+            "{m:?}"
+        );
+    }
+    // The stream's task is finished by the time the agent reads what comes
+    // after the client heard its end: a moment's grace for a busy host.
+    std::thread::sleep(Duration::from_millis(300));
+    send(
+        &mut s,
+        0,
+        Request::Stdin {
+            attach: 11,
+            data: b"late\n".to_vec(),
+        },
+    );
+    not_found(&read(&mut s), 11);
+    // The connection goes on serving.
+    send(&mut s, 13, Request::List { all: true });
+    let m = read(&mut s);
+    assert!(
+        matches!(&m.body, Response::List(v) if v.len() == 1),
+        "{m:?}"
+    );
+}
