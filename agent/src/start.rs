@@ -1045,6 +1045,10 @@ const ACK_INTERVAL: Duration = Duration::from_millis(100);
 const ACK_BYTES: u64 = 256 * 1024;
 /// An unchanged Ack goes out this often while the connection is up.
 const ACK_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Output the log could not take (its disk is full or failing) is tried
+/// again after this, doubling up to [`LOG_RETRY_MAX`].
+const LOG_RETRY_MIN: Duration = Duration::from_millis(50);
+const LOG_RETRY_MAX: Duration = Duration::from_secs(1);
 
 async fn next_frame(conn: &mut Option<GuestConn>) -> Option<Result<GuestMessage, FrameError>> {
     match conn {
@@ -1078,6 +1082,15 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     // Until the first StdinAck on a resumed connection: where its writer
     // resumes stdin.
     let mut first_stdin_ack: Option<oneshot::Sender<u64>> = None;
+    // Output the log could not store yet. Nothing more is read from the
+    // guest until it is stored, so output is never lost or reordered: the
+    // guest's writes block (as on a full pipe), and the acks, which count
+    // only stored bytes, tell a resuming tether where to go on from.
+    let mut unstored: Option<(Stream, Vec<u8>)> = None;
+    let mut retry_in = LOG_RETRY_MIN;
+    // A deadline, not a fresh sleep per turn: the other branches (the ack
+    // tick) would restart a sleep before it ever ended.
+    let mut retry_at = tokio::time::Instant::now();
     let mut ack = |log: &LogWriter, acked: &mut (u64, u64)| {
         let now = log.stream_bytes();
         if (now != *acked || last_ack.elapsed() >= ACK_HEARTBEAT)
@@ -1095,15 +1108,21 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     };
     while exit.is_none() {
         tokio::select! {
-            m = next_frame(&mut conn) => match m {
+            m = next_frame(&mut conn), if unstored.is_none() => match m {
                 Some(Ok(GuestMessage::Stdout(d))) => {
-                    store(&vm, &mut log, Stream::Stdout, &d, &noisy);
+                    unstored = store(&vm, &mut log, Stream::Stdout, &d, &noisy);
+                    if unstored.is_some() {
+                        retry_at = tokio::time::Instant::now() + retry_in;
+                    }
                     if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
                         ack(&log, &mut acked);
                     }
                 }
                 Some(Ok(GuestMessage::Stderr(d))) => {
-                    store(&vm, &mut log, Stream::Stderr, &d, &noisy);
+                    unstored = store(&vm, &mut log, Stream::Stderr, &d, &noisy);
+                    if unstored.is_some() {
+                        retry_at = tokio::time::Instant::now() + retry_in;
+                    }
                     if log.stream_bytes().0 - acked.0 + log.stream_bytes().1 - acked.1 >= ACK_BYTES {
                         ack(&log, &mut acked);
                     }
@@ -1172,6 +1191,17 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
                 vmm_exit = Some(e);
                 break;
             }
+            () = tokio::time::sleep_until(retry_at), if unstored.is_some() => {
+                let (stream, data) = unstored.take().expect("checked");
+                unstored = store(&vm, &mut log, stream, &data, &noisy);
+                if unstored.is_some() {
+                    retry_in = (retry_in * 2).min(LOG_RETRY_MAX);
+                    retry_at = tokio::time::Instant::now() + retry_in;
+                } else {
+                    retry_in = LOG_RETRY_MIN;
+                    tracing::info!(vm = %vm.id, "the VM's log takes output again; reading the guest's output");
+                }
+            }
             _ = tick.tick(), if conn.is_some() => ack(&log, &mut acked),
         }
     }
@@ -1229,18 +1259,33 @@ pub async fn session(agent: Arc<Agent>, vm: Arc<Vm>, c: Connected) {
     finish(&agent, &vm, exit).await;
 }
 
+/// Stores a chunk of the guest's output in the VM's log. Returns what the
+/// log could not take (a full or failing disk): the caller stores that
+/// before anything else.
 fn store(
     vm: &Vm,
     log: &mut LogWriter,
     stream: Stream,
     data: &[u8],
     noisy: &crate::ratelimit::RateLimit,
-) {
+) -> Option<(Stream, Vec<u8>)> {
     if log.is_empty() {
         vm.phase(Phase::FirstOutput);
     }
+    let count = |log: &LogWriter| match stream {
+        Stream::Stdout => log.stream_bytes().0,
+        Stream::Stderr => log.stream_bytes().1,
+    };
+    let before = count(log);
+    let mut unstored = None;
     if let Err(e) = log.append(stream, data) {
-        tracing::error!(vm = %vm.id, error = %e, "cannot write the VM's log");
+        // The log keeps every part of a chunk it wrote, and nothing of the
+        // part that failed.
+        let stored = usize::try_from(count(log) - before).unwrap_or(usize::MAX);
+        unstored = Some((stream, data.get(stored..).unwrap_or_default().to_vec()));
+        if let Some(suppressed) = noisy.admit() {
+            tracing::error!(vm = %vm.id, error = %e, suppressed, "cannot write the VM's log; holding the guest's output back until it can");
+        }
     }
     if let Some(e) = log.take_rotate_error() {
         // The output is kept (over the cap) in the current segment; the
@@ -1249,6 +1294,7 @@ fn store(
             tracing::warn!(vm = %vm.id, error = %e, suppressed, "cannot rotate the VM's log");
         }
     }
+    unstored
 }
 
 /// Marks the VM exited, persists it, and removes it if it asked for that.

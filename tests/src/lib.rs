@@ -128,6 +128,9 @@ pub struct AgentOptions {
     pub nofile: Option<u64>,
     /// More environment for vmletd (fault-injection hooks).
     pub env: Vec<(String, String)>,
+    /// Put the state directory on a tmpfs of this many MiB, for a test
+    /// that fills it.
+    pub state_tmpfs_mib: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -158,6 +161,7 @@ impl Default for AgentOptions {
             tether: None,
             nofile: None,
             env: Vec::new(),
+            state_tmpfs_mib: None,
         }
     }
 }
@@ -192,6 +196,18 @@ impl TestAgent {
         )
         .expect("chmod the temp dir");
         let socket = dir.path().join("api.sock");
+        if let Some(mib) = opts.state_tmpfs_mib {
+            let state = dir.path().join("state");
+            std::fs::create_dir(&state).expect("mkdir the state directory");
+            let o = Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={mib}m,mode=0711"))
+                .arg("vmlet-test-state")
+                .arg(&state)
+                .output()
+                .expect("run mount");
+            assert!(o.status.success(), "mount a tmpfs: {}", stderr(&o));
+        }
         let mut a = TestAgent {
             child: None,
             dir,
@@ -901,6 +917,12 @@ impl Drop for TestAgent {
                     }
                 }
             }
+        }
+        if self.opts.state_tmpfs_mib.is_some() {
+            let _ = Command::new("umount")
+                .arg("--lazy")
+                .arg(self.state_dir())
+                .status();
         }
     }
 }

@@ -6,7 +6,9 @@
 //! told how many bytes rotation deleted and gets the rest, contiguous;
 //! the agent keeps serving other VMs; a rotated log survives an agent
 //! restart with its offsets (so nothing is resent twice or skipped); and
-//! removal deletes every segment.
+//! removal deletes every segment. A log whose disk fills up holds the
+//! guest's output back, losing none of it, until there is room again,
+//! and a guest whose disk write finds the host full sees an error.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -349,4 +351,110 @@ fn a_rotated_log_survives_an_agent_restart() {
     vmlet_ok(&a, &["rm", &id]);
     assert!(!a.vm_dir(&id).exists());
     a.assert_no_processes(&id);
+}
+
+/// Fills the filesystem holding `dir`: a file of everything left, to the
+/// last block.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("create the filler");
+    for size in [1 << 20, 4096, 1] {
+        let buf = vec![0u8; size];
+        while f.write_all(&buf).is_ok() {}
+    }
+    path
+}
+
+/// Numbered lines, each padded to 200 bytes, for a while.
+fn numbered_lines(n: u64) -> (String, impl Fn(u64) -> String) {
+    let pad = "x".repeat(200);
+    let script =
+        format!("i=1; while [ $i -le {n} ]; do echo $i {pad}; i=$((i+1)); sleep 0.02; done");
+    (script, move |i| format!("{i} {pad}\n"))
+}
+
+fn assert_lines(logs: &str, n: u64, line: impl Fn(u64) -> String) {
+    let want: String = (1..=n).map(&line).collect();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(
+        logs == want,
+        "lines lost or repeated: {} lines, the first wrong {:?}",
+        lines.len(),
+        (1..=n)
+            .zip(lines.iter().chain(std::iter::repeat(&"")))
+            .find(|(i, l)| format!("{l}\n") != line(*i))
+            .map(|(i, l)| (i, l.split(' ').next().unwrap_or_default().to_string()))
+    );
+}
+
+/// The disk under the agent's state fills up while a container writes.
+/// The agent holds the guest's output back (the guest's writes wait, as on
+/// a full pipe), and once there is room every line is in the log, once, in
+/// order.
+#[test]
+fn output_written_while_the_disk_is_full_is_kept_once_in_order() {
+    let a = TestAgent::start_with(AgentOptions {
+        state_tmpfs_mib: Some(256),
+        ..Default::default()
+    });
+    let (script, line) = numbered_lines(400);
+    let id = a.detach(&["busybox", "--", "sh", "-c", &script]);
+    a.wait_logs_containing(&id, &line(20));
+    let filler = fill(&a.state_dir());
+    let dir = a.vm_dir(&id);
+    let held = log_usage(&dir).0;
+    // Longer than the tether waits for an acknowledgement of its output.
+    std::thread::sleep(Duration::from_secs(8));
+    // No more than what fits in the page the log ended in.
+    let grown = log_usage(&dir).0 - held;
+    assert!(
+        grown <= 4096,
+        "the log grew by {grown} bytes on a full disk"
+    );
+    assert_eq!(a.inspect(&id)["State"], "running");
+    std::fs::remove_file(&filler).expect("free the disk");
+    assert_eq!(exit_code(&a, &id), 0);
+    assert_lines(&vmlet_ok(&a, &["logs", &id]), 400, line);
+    let log = a.daemon_log();
+    assert!(log.contains("holding the guest's output back"), "{log}");
+}
+
+/// A container's write to its disk on a full host disk fails in the
+/// container, and its VM goes on: QEMU does not stop it (a stopped VM's
+/// vsock would not come back), so its output, exit and removal work.
+#[test]
+fn a_write_to_a_full_disk_fails_in_the_container_whose_vm_goes_on() {
+    let a = TestAgent::start_with(AgentOptions {
+        state_tmpfs_mib: Some(256),
+        ..Default::default()
+    });
+    let id = a.detach(&[
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo before; sleep 5; \
+         if dd if=/dev/zero of=/big bs=64k count=128 conv=fsync 2>/dev/null; \
+         then echo written; else echo refused; fi",
+    ]);
+    a.wait_logs_containing(&id, "before\n");
+    let filler = fill(&a.state_dir());
+    // The guest's kernel says when its disk fails; the dd has been refused
+    // by the time it is 10 s past its start.
+    let console = a.vm_dir(&id).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("I/O error")
+    {
+        assert!(Instant::now() < deadline, "the guest saw no I/O error");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    std::fs::remove_file(&filler).expect("free the disk");
+    assert_eq!(exit_code(&a, &id), 0);
+    assert_eq!(vmlet_ok(&a, &["logs", &id]), "before\nrefused\n");
+    // And the next container starts and runs as ever.
+    a.assert_echo_and_exit_codes();
 }

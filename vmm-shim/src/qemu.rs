@@ -282,13 +282,21 @@ pub fn argv(cfg: &VmConfig, paths: &VmPaths, qmp_fd: Option<i32>) -> Vec<String>
     // "file:" takes the rest of the argument as the path: no comma doubling here.
     push(&["-serial", &format!("file:{}", paths.console.display())]);
     for (i, d) in cfg.disks.iter().enumerate() {
+        // A write that finds the host's file system full fails in the guest
+        // (an I/O error on its disk) rather than stopping the whole VM, as
+        // QEMU's default `werror=enospc` would: a stopped VM's vhost-user
+        // vsock backend (vhost-device-vsock 0.3.0) takes no traffic again
+        // after QEMU resumes it, so the container's output, exit and stop
+        // would be lost with it. A container sees a full disk as an error,
+        // as it would on any host.
         push(&[
             "-drive",
             &format!(
-                "id=d{i},file={},format={},if=none,readonly={},cache=writeback",
+                "id=d{i},file={},format={},if=none,readonly={},cache=writeback{}",
                 opt_value(&d.path),
                 d.format(),
-                if d.read_only { "on" } else { "off" }
+                if d.read_only { "on" } else { "off" },
+                if d.read_only { "" } else { ",werror=report" }
             ),
         ]);
         push(&[
@@ -1506,7 +1514,7 @@ mod tests {
             [
                 // The comma in the path is doubled, as QEMU's option syntax wants.
                 "id=d0,file=/img/layer,,0.erofs,format=raw,if=none,readonly=on,cache=writeback",
-                "id=d1,file=/run/vmlet/vm1/rw.img,format=raw,if=none,readonly=off,cache=writeback",
+                "id=d1,file=/run/vmlet/vm1/rw.img,format=raw,if=none,readonly=off,cache=writeback,werror=report",
             ]
         );
         assert_eq!(
