@@ -297,8 +297,31 @@ impl Agent {
             let (log, writer) = match opened {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(vm = %name, error = %e, "cannot open log");
-                    continue;
+                    // Neither left running unaccounted for nor forgotten: a
+                    // VM whose log cannot be reopened is ended and listed
+                    // with the reason (and its log as far as it can still
+                    // be read), so it can be inspected and removed.
+                    tracing::warn!(vm = %name, error = %e, "cannot reopen the VM's log; ending the VM");
+                    if matches!(rec.state, VmState::Created | VmState::Running) {
+                        for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+                            kill_if_ours(*pid, &dir);
+                        }
+                        remove_sockets(&dir);
+                        rec.state = VmState::Exited;
+                        rec.exit = Some(ExitInfo {
+                            code: 255,
+                            signal: None,
+                            reason: crate::vm::cut(
+                                &format!("the agent could not reopen the VM's log: {e}"),
+                                1024,
+                            ),
+                            at_ms: now_ms(),
+                        });
+                        rec.vmm_pid = None;
+                        rec.helper_pids.clear();
+                    }
+                    let log = Log::open_sealed(&dir.join("log")).unwrap_or_else(|_| Log::empty());
+                    (log, None)
                 }
             };
             self.cids.lock().insert(rec.cid);

@@ -397,6 +397,21 @@ impl Log {
         })
     }
 
+    /// A complete log that holds nothing: for a VM whose log cannot be
+    /// read, so the VM can still be listed, inspected and removed.
+    pub fn empty() -> Log {
+        let (_tx, rx) = watch::channel(LogPos {
+            len: 0,
+            stdout: 0,
+            stderr: 0,
+            sealed: true,
+        });
+        Log {
+            shared: Shared::new(Vec::new()),
+            rx,
+        }
+    }
+
     /// Where the log is written so far.
     pub fn pos(&self) -> LogPos {
         *self.rx.borrow()

@@ -503,3 +503,25 @@ fn attach_reconnects_across_a_restart_and_prints_from_the_attach_on_once() {
     assert_sixty_lines_once(&o);
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
+
+/// A running VM whose log the next agent cannot open is neither left
+/// running unaccounted for nor forgotten: it is ended, listed with the
+/// reason, and can be removed.
+#[test]
+fn a_running_vm_whose_log_cannot_be_reopened_is_ended_and_listed() {
+    let mut a = TestAgent::start();
+    let id = a.detach(&["busybox", "--", "sleep", "1000"]);
+    a.kill9();
+    let dir = a.vm_dir(&id);
+    std::fs::rename(dir.join("log"), dir.join("log.kept")).unwrap();
+    std::fs::create_dir(dir.join("log")).unwrap();
+    a.restart();
+    let info = a.inspect(&id);
+    assert_eq!(info["State"], "exited", "{info}");
+    let reason = info["Exit"]["Reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("could not reopen the VM's log"), "{info}");
+    a.assert_no_processes(&id);
+    let o = a.run(&["rm", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!dir.exists(), "rm left {}", dir.display());
+}
