@@ -635,13 +635,13 @@ impl Agent {
 
     /// Deletes image layers that neither an image nor a VM references.
     pub fn gc_images(&self) {
-        let vm_layers: std::collections::HashSet<String> = self
-            .vms
-            .read()
-            .values()
-            .flat_map(|vm| vm.with(|i| i.rec.layers.clone()))
-            .collect();
-        self.images.gc(&vm_layers);
+        self.images.gc(&|| {
+            self.vms
+                .read()
+                .values()
+                .flat_map(|vm| vm.with(|i| i.rec.layers.clone()))
+                .collect()
+        });
         // Pre-staged layers that were just deleted: let their memory go.
         // (Pool members and running VMs keep their layer files open, so a
         // deletion never pulls a disk from under a guest.)

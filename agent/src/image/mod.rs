@@ -686,6 +686,10 @@ impl ImageStore {
         used_by: &dyn Fn(&str) -> Vec<String>,
         force: bool,
     ) -> Result<ImageRecord, ApiError> {
+        // The GC lock's write side first: a create that resolved this image
+        // holds its read side until its VM is registered, so `used_by` sees
+        // that VM. (The lock order is the create's: GC lock, then records.)
+        let _gc = self.gc_lock.write().expect("gc lock");
         let _g = self.records.lock().expect("records lock");
         let r = self.find(reference)?;
         let users = used_by(&r.id);
@@ -705,11 +709,12 @@ impl ImageStore {
         Ok(r)
     }
 
-    /// Deletes every layer that no image record and no VM (`vm_layers`)
+    /// Deletes every layer that no image record and no VM (`vm_layers`,
+    /// asked once the GC lock is held, so a VM being created is in it)
     /// names. Returns the diff ids deleted.
-    pub fn gc(&self, vm_layers: &HashSet<String>) -> Vec<String> {
+    pub fn gc(&self, vm_layers: &dyn Fn() -> HashSet<String>) -> Vec<String> {
         let _g = self.gc_lock.write().expect("gc lock");
-        let mut live: HashSet<String> = vm_layers.clone();
+        let mut live: HashSet<String> = vm_layers();
         for r in self.records() {
             live.extend(r.layers);
         }
@@ -992,6 +997,33 @@ pub fn create_qcow2_overlay(backing: &Path, dest: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A create resolves its image and registers its VM under the GC
+    /// lock's read side. A removal of that image in between waits for the
+    /// VM to be registered, and so refuses (the image is in use) rather
+    /// than leaving a VM whose layers the GC deletes.
+    #[test]
+    fn a_removal_waits_for_a_create_that_resolved_the_image() {
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(ImageStore::open(d.path().to_path_buf()).unwrap());
+        store.ensure_busybox().unwrap();
+        let users: Arc<Mutex<Vec<String>>> = Arc::default();
+        // A create, between resolving the image and registering its VM.
+        let creating = store.gc_guard();
+        store.resolve("busybox").unwrap();
+        let (s2, u2) = (store.clone(), users.clone());
+        let rm = std::thread::spawn(move || {
+            s2.remove("busybox", &|_| u2.lock().unwrap().clone(), false)
+                .map(|_| ())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        users.lock().unwrap().push("vm1".into());
+        drop(creating);
+        let e = rm.join().unwrap().unwrap_err();
+        assert_eq!(e.code, ErrorCode::Conflict, "{e}");
+        assert!(store.find("busybox").is_ok());
+    }
 
     #[test]
     fn config_applies_as_docker_run_does() {
