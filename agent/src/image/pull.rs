@@ -99,6 +99,10 @@ pub enum PullError {
         /// The cap.
         limit: u64,
     },
+    /// The download stopped because another blob of the same pull failed
+    /// (that failure is the one reported).
+    #[error("stopped: another blob of the image failed")]
+    Stopped,
     /// A file operation failed.
     #[error("pull i/o failed at {path}")]
     Io {
@@ -119,7 +123,7 @@ impl PullError {
                 408 | 429 | 500..=599 => ErrorCode::Unavailable,
                 _ => ErrorCode::InvalidArgument,
             },
-            PullError::Io { .. } => ErrorCode::Internal,
+            PullError::Io { .. } | PullError::Stopped => ErrorCode::Internal,
             PullError::Reference(..)
             | PullError::Protocol(_)
             | PullError::Digest { .. }
@@ -365,21 +369,30 @@ fn pull_blocking(store: &ImageStore, r: &Reference) -> Result<ImageRecord, ApiEr
     }
     let files = Downloads::default();
     let next = AtomicUsize::new(0);
+    // The first blob that fails stops the others: the pull has failed, and
+    // the rest would only spend the network and the disk before saying so.
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let tmp = store.tmp_dir();
     let results: Vec<Result<(), PullError>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..PARALLEL.min(wanted.len()))
             .map(|_| {
                 let mut c = client.clone();
-                let (wanted, files, next, tmp) = (&wanted, &files, &next, &tmp);
+                let (wanted, files, next, tmp, stop) = (&wanted, &files, &next, &tmp, &stop);
                 s.spawn(move || -> Result<(), PullError> {
-                    loop {
+                    while !stop.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some((digest, size)) = wanted.get(i) else {
                             return Ok(());
                         };
-                        let (path, n) = c.blob_to_file(tmp, digest, *size, store.max_upload)?;
-                        files.add(digest, path, n);
+                        match c.blob_to_file(tmp, digest, *size, store.max_upload, stop) {
+                            Ok((path, n)) => files.add(digest, path, n),
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
                     }
+                    Ok(())
                 })
             })
             .collect();
@@ -391,8 +404,13 @@ fn pull_blocking(store: &ImageStore, r: &Reference) -> Result<ImageRecord, ApiEr
             })
             .collect()
     });
-    for r in results {
-        r.map_err(wrap)?;
+    // The failure that stopped the others, not theirs.
+    let mut errors: Vec<PullError> = results.into_iter().filter_map(Result::err).collect();
+    if let Some(i) = errors.iter().position(|e| !matches!(e, PullError::Stopped)) {
+        return Err(wrap(errors.swap_remove(i)));
+    }
+    if let Some(e) = errors.pop() {
+        return Err(wrap(e));
     }
     let got = files.paths();
     bytes_downloaded += files.bytes();
@@ -810,6 +828,7 @@ impl Client {
         digest: &str,
         size: u64,
         cap: u64,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<(PathBuf, u64), PullError> {
         let hexd = digest_hex(digest)
             .map_err(|e| protocol(e.message))?
@@ -909,6 +928,10 @@ impl Client {
                 if n == 0 {
                     break;
                 }
+                // Kept, as after a network error: a later pull resumes it.
+                if stop.load(Ordering::Relaxed) {
+                    return Err(PullError::Stopped);
+                }
                 if have + downloaded + n as u64 > limit {
                     drop(f);
                     let _ = fs::remove_file(&partial);
@@ -918,7 +941,13 @@ impl Client {
                     });
                 }
                 hasher.update(&buf[..n]);
-                f.write_all(&buf[..n]).map_err(io_err(&partial))?;
+                if let Err(e) = f.write_all(&buf[..n]) {
+                    // The disk is full or failing: a partial kept would
+                    // hold its space until the agent restarts.
+                    drop(f);
+                    let _ = fs::remove_file(&partial);
+                    return Err(io_err(&partial)(e));
+                }
                 downloaded += n as u64;
             }
         }
@@ -1172,7 +1201,13 @@ mod tests {
         )
         .unwrap();
         let (p, got) = c
-            .blob_to_file(tmp.path(), &bd, blob.len() as u64, 1 << 30)
+            .blob_to_file(
+                tmp.path(),
+                &bd,
+                blob.len() as u64,
+                1 << 30,
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(got, blob.len() as u64);
         assert_eq!(std::fs::read(&p).unwrap(), blob);
@@ -1188,11 +1223,58 @@ mod tests {
 
         // More bytes than the manifest says: refused, partial deleted.
         std::fs::remove_file(&p).unwrap();
-        let e = c.blob_to_file(tmp.path(), &bd, 1000, 1 << 30).unwrap_err();
+        let e = c
+            .blob_to_file(tmp.path(), &bd, 1000, 1 << 30, &Default::default())
+            .unwrap_err();
         assert!(matches!(e, PullError::TooLarge { .. }), "{e}");
         let e = c.manifest("nosuch").unwrap_err();
         assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    /// A blob whose write fails (a full disk: a 64 KiB tmpfs here) leaves
+    /// no partial behind to hold the space. One stopped because another
+    /// blob of the pull failed keeps its partial for the next pull, as
+    /// after a network error.
+    #[test]
+    fn a_failed_write_drops_the_partial_and_a_stop_keeps_it() {
+        let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
+        let bd = digest(&blob);
+        let (b2, bd2) = (blob.clone(), bd.clone());
+        let fake = Fake::start(Arc::new(move |path: &str, _: &str, _: &str| {
+            if path == format!("/v2/x/y/blobs/{bd2}") {
+                (200, vec![], b2.clone())
+            } else {
+                (404, vec![], vec![])
+            }
+        }));
+        let mut c = fake.client();
+        let size = blob.len() as u64;
+        let small = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "vmlet-unit-full"])
+            .arg(small.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        let e = c.blob_to_file(small.path(), &bd, size, 1 << 30, &Default::default());
+        let left = std::fs::read_dir(small.path()).unwrap().count();
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(small.path())
+            .status();
+        let e = e.unwrap_err();
+        assert!(matches!(e, PullError::Io { .. }), "{e:?}");
+        assert_eq!(left, 0, "the partial was kept");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        let e = c
+            .blob_to_file(tmp.path(), &bd, size, 1 << 30, &stop)
+            .unwrap_err();
+        assert!(matches!(e, PullError::Stopped), "{e}");
+        let partial = tmp.path().join(format!("blob-{}.partial", &bd[7..]));
+        assert!(partial.exists(), "a stopped download's partial is gone");
     }
 
     #[test]
