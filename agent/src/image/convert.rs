@@ -395,35 +395,40 @@ impl Converter {
 
     /// Runs `work` for `key` unless `done()` says it is already stored or
     /// another thread is running it, in which case this waits for that
-    /// one and shares its outcome. Blocking: call from a blocking thread.
+    /// one. If that one succeeds, so does this; if it fails, this tries its
+    /// own `work` (its source may be sound where the other's was not: one
+    /// client's bad layer must not fail another's good one). Blocking: call
+    /// from a blocking thread.
     pub fn once<F>(&self, key: &str, done: impl Fn() -> bool, work: F) -> Result<(), ConvertError>
     where
         F: FnOnce() -> Result<(), ConvertError>,
     {
-        let (cell, leader) = {
-            let mut m = self.inflight.lock().expect("inflight lock");
-            if done() {
-                return Ok(());
-            }
-            match m.get(key) {
-                Some(c) => (c.clone(), false),
-                None => {
-                    let c = Arc::new((Mutex::new(None), Condvar::new()));
-                    m.insert(key.to_string(), c.clone());
-                    (c, true)
+        let cell = loop {
+            let (cell, leader) = {
+                let mut m = self.inflight.lock().expect("inflight lock");
+                if done() {
+                    return Ok(());
                 }
+                match m.get(key) {
+                    Some(c) => (c.clone(), false),
+                    None => {
+                        let c = Arc::new((Mutex::new(None), Condvar::new()));
+                        m.insert(key.to_string(), c.clone());
+                        (c, true)
+                    }
+                }
+            };
+            if leader {
+                break cell;
             }
-        };
-        if !leader {
             let mut g = cell.0.lock().expect("cell lock");
             while g.is_none() {
                 g = cell.1.wait(g).expect("cell wait");
             }
-            return match g.as_ref().expect("set") {
-                Ok(()) => Ok(()),
-                Err(e) => Err(ConvertError::Concurrent(key.to_string(), e.clone())),
-            };
-        }
+            if g.as_ref().expect("set").is_ok() {
+                return Ok(());
+            }
+        };
         // The slot is released and waiters woken whatever `work` does.
         let r = {
             let _slot = self.slot();
@@ -431,13 +436,15 @@ impl Converter {
                 Err(ConvertError::Concurrent(key.to_string(), "panicked".into()))
             })
         };
+        // Out of the map before the waiters wake: one that tries again
+        // after a failure finds no finished cell to wait on.
+        self.inflight.lock().expect("inflight lock").remove(key);
         *cell.0.lock().expect("cell lock") = Some(
             r.as_ref()
                 .map(|_| ())
                 .map_err(|e| crate::start::error_chain(e)),
         );
         cell.1.notify_all();
-        self.inflight.lock().expect("inflight lock").remove(key);
         r
     }
 
@@ -491,6 +498,39 @@ mod tests {
             h.join().unwrap().unwrap();
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// A conversion that fails does not fail another thread's conversion
+    /// of the same key that was waiting for it: that one runs its own.
+    #[test]
+    fn a_failed_conversion_leaves_a_waiter_to_try_its_own() {
+        let c = Arc::new(Converter::new(2));
+        let started = Arc::new(std::sync::Barrier::new(2));
+        let (c2, s2) = (c.clone(), started.clone());
+        let bad = std::thread::spawn(move || {
+            c2.once(
+                "sha256:bb",
+                || false,
+                || {
+                    s2.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    Err(ConvertError::Concurrent("x".into(), "bad source".into()))
+                },
+            )
+        });
+        started.wait();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let good = c.once(
+            "sha256:bb",
+            || done.load(Ordering::SeqCst),
+            || {
+                done.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+        );
+        assert!(bad.join().unwrap().is_err());
+        good.unwrap();
+        assert!(done.load(Ordering::SeqCst), "the waiter never ran its own");
     }
 
     /// A gzip'd tar of one `size`-byte file of zeros, then `trailing`
