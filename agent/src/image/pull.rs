@@ -9,8 +9,10 @@
 //! the network keeps it, and the next pull of that blob asks for the rest
 //! (`Range: bytes=N-`) and hashes the part it has first. A blob whose
 //! content does not match its digest, or that grows past its size, is
-//! deleted, so nothing unverified stays in the store. (`tmp/` is emptied
-//! when the agent starts, so partials last as long as the agent.)
+//! deleted, so nothing unverified stays in the store; so is one whose write
+//! fails (a full disk). The first blob that fails stops the pull's other
+//! downloads, and their partials are deleted too. (`tmp/` is emptied when
+//! the agent starts, so partials last as long as the agent.)
 //!
 //! The client is blocking (ureq, rustls): run it on a blocking task.
 
@@ -928,8 +930,11 @@ impl Client {
                 if n == 0 {
                     break;
                 }
-                // Kept, as after a network error: a later pull resumes it.
+                // The pull has failed for another reason than the network:
+                // nothing of it is kept.
                 if stop.load(Ordering::Relaxed) {
+                    drop(f);
+                    let _ = fs::remove_file(&partial);
                     return Err(PullError::Stopped);
                 }
                 if have + downloaded + n as u64 > limit {
@@ -1233,9 +1238,8 @@ mod tests {
     }
 
     /// A blob whose write fails (a full disk: a 64 KiB tmpfs here) leaves
-    /// no partial behind to hold the space. One stopped because another
-    /// blob of the pull failed keeps its partial for the next pull, as
-    /// after a network error.
+    /// no partial behind to hold the space, nor does one stopped because
+    /// another blob of the pull failed.
     #[test]
     fn a_failed_write_drops_the_partial_and_a_stop_keeps_it() {
         let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
@@ -1273,8 +1277,7 @@ mod tests {
             .blob_to_file(tmp.path(), &bd, size, 1 << 30, &stop)
             .unwrap_err();
         assert!(matches!(e, PullError::Stopped), "{e}");
-        let partial = tmp.path().join(format!("blob-{}.partial", &bd[7..]));
-        assert!(partial.exists(), "a stopped download's partial is gone");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]
