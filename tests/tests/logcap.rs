@@ -388,24 +388,37 @@ fn assert_lines(logs: &str, n: u64, line: impl Fn(u64) -> String) {
     );
 }
 
-/// The disk under the agent's state fills up while a container writes.
-/// The agent holds the guest's output back (the guest's writes wait, as on
-/// a full pipe), and once there is room every line is in the log, once, in
-/// order.
+/// The disk under the agent's state fills up while a container writes,
+/// and stays full well after the container has exited. The agent holds
+/// the guest's output back (the guest's writes wait, as on a full pipe),
+/// the guest waits for the agent to take its exit, and once there is room
+/// every line is in the log, once, in order, and the exit code is the
+/// container's.
 #[test]
 fn output_written_while_the_disk_is_full_is_kept_once_in_order() {
     let a = TestAgent::start_with(AgentOptions {
         state_tmpfs_mib: Some(256),
         ..Default::default()
     });
-    let (script, line) = numbered_lines(400);
-    let id = a.detach(&["busybox", "--", "sh", "-c", &script]);
+    let (script, line) = numbered_lines(200);
+    let id = a.detach(&["busybox", "--", "sh", "-c", &format!("{script}; exit 3")]);
     a.wait_logs_containing(&id, &line(20));
     let filler = fill(&a.state_dir());
     let dir = a.vm_dir(&id);
     let held = log_usage(&dir).0;
-    // Longer than the tether waits for an acknowledgement of its output.
-    std::thread::sleep(Duration::from_secs(8));
+    // The container ends while the disk is full (the tether says so on the
+    // console), and the disk stays full for longer than the tether waits
+    // for an acknowledgement of the exit from a host it does not hear.
+    let console = dir.join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("process exited")
+    {
+        assert!(Instant::now() < deadline, "the container never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(15));
     // No more than what fits in the page the log ended in.
     let grown = log_usage(&dir).0 - held;
     assert!(
@@ -414,8 +427,9 @@ fn output_written_while_the_disk_is_full_is_kept_once_in_order() {
     );
     assert_eq!(a.inspect(&id)["State"], "running");
     std::fs::remove_file(&filler).expect("free the disk");
-    assert_eq!(exit_code(&a, &id), 0);
-    assert_lines(&vmlet_ok(&a, &["logs", &id]), 400, line);
+    let o = a.run(&["wait", &id]);
+    assert_eq!(stdout(&o).trim(), "3", "{}", stderr(&o));
+    assert_lines(&vmlet_ok(&a, &["logs", &id]), 200, line);
     let log = a.daemon_log();
     assert!(log.contains("holding the guest's output back"), "{log}");
 }

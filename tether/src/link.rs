@@ -552,6 +552,13 @@ impl<C: Connector> Link<C> {
         let mut progress = Instant::now();
         loop {
             let heard = self.apply_acks();
+            // A host heard from after the report was written is alive and
+            // has yet to acknowledge it (its log may be full, holding the
+            // output back): its patience for the acknowledgement starts
+            // again.
+            if heard && self.report.as_ref().is_some_and(|r| r.written) {
+                self.delivery.send_replace(Some(Instant::now()));
+            }
             let outstanding = self.outstanding();
             // Silence matters while output waits for its ack, and, once the
             // host's heartbeat was heard, whenever the reader is free to

@@ -44,9 +44,11 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 /// the report.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(120);
 /// How long to wait for the host to acknowledge the exit report once it is
-/// written on a connection. Longer than the link's stall patience, so a
-/// connection that died silently is redialled (and the report written
-/// again) before the tether gives up.
+/// written on a connection, from when the host was last heard from (a host
+/// that goes on sending its heartbeat is alive, and may be holding the
+/// output back while its log's disk is full: it is waited for). Longer than
+/// the link's stall patience, so a connection that died silently is
+/// redialled (and the report written again) before the tether gives up.
 const ACK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Why the session could not go on.
@@ -376,8 +378,8 @@ async fn fail(
 /// writes the report again on every new connection until then, so a host
 /// that went away (the agent restarting) has up to [`DELIVERY_PATIENCE`]
 /// to come back for it; once the report is written on a connection, the
-/// host has [`ACK_PATIENCE`] to acknowledge it, unless that connection
-/// breaks first.
+/// host has [`ACK_PATIENCE`] from when it was last heard to acknowledge
+/// it, unless that connection breaks first.
 async fn finish(role: Role, mut delivery: link::Delivery, ack: impl Future<Output = ()>) {
     let deadline = Instant::now() + DELIVERY_PATIENCE;
     tokio::pin!(ack);
