@@ -10,8 +10,9 @@
 //! (`Range: bytes=N-`) and hashes the part it has first. A blob whose
 //! content does not match its digest, or that grows past its size, is
 //! deleted, so nothing unverified stays in the store; so is one whose write
-//! fails (a full disk). The first blob that fails stops the pull's other
-//! downloads, and their partials are deleted too. (`tmp/` is emptied when
+//! fails (a full disk). The first blob that fails for another reason than
+//! the network or a busy registry stops the pull's other downloads, and
+//! their partials are deleted too. (`tmp/` is emptied when
 //! the agent starts, so partials last as long as the agent.)
 //!
 //! The client is blocking (ureq, rustls): run it on a blocking task.
@@ -371,8 +372,9 @@ fn pull_blocking(store: &ImageStore, r: &Reference) -> Result<ImageRecord, ApiEr
     }
     let files = Downloads::default();
     let next = AtomicUsize::new(0);
-    // The first blob that fails stops the others: the pull has failed, and
-    // the rest would only spend the network and the disk before saying so.
+    // The first blob that fails for good (not the network's or a busy
+    // registry's failure) stops the others: the pull has failed, and the
+    // rest would only spend the network and the disk before saying so.
     let stop = std::sync::atomic::AtomicBool::new(false);
     let tmp = store.tmp_dir();
     let results: Vec<Result<(), PullError>> = std::thread::scope(|s| {
@@ -389,7 +391,13 @@ fn pull_blocking(store: &ImageStore, r: &Reference) -> Result<ImageRecord, ApiEr
                         match c.blob_to_file(tmp, digest, *size, store.max_upload, stop) {
                             Ok((path, n)) => files.add(digest, path, n),
                             Err(e) => {
-                                stop.store(true, Ordering::Relaxed);
+                                // A network failure or a busy registry
+                                // leaves the others to finish their
+                                // downloads, kept for the next pull to
+                                // resume; any other failure is final.
+                                if e.code() != ErrorCode::Unavailable {
+                                    stop.store(true, Ordering::Relaxed);
+                                }
                                 return Err(e);
                             }
                         }
