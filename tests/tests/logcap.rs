@@ -366,6 +366,19 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+/// Waits (bounded) until the VM's console says `needle`.
+fn wait_console(a: &TestAgent, id: &str, needle: &str) {
+    let console = a.vm_dir(id).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(Instant::now() < deadline, "no {needle:?} on the console");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Numbered lines, each padded to 200 bytes, for a while.
 fn numbered_lines(n: u64) -> (String, impl Fn(u64) -> String) {
     let pad = "x".repeat(200);
@@ -409,15 +422,7 @@ fn output_written_while_the_disk_is_full_is_kept_once_in_order() {
     // The container ends while the disk is full (the tether says so on the
     // console), and the disk stays full for longer than the tether waits
     // for an acknowledgement of the exit from a host it does not hear.
-    let console = dir.join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("process exited")
-    {
-        assert!(Instant::now() < deadline, "the container never ended");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_console(&a, &id, "process exited");
     std::thread::sleep(Duration::from_secs(15));
     // No more than what fits in the page the log ended in.
     let grown = log_usage(&dir).0 - held;
@@ -456,15 +461,7 @@ fn a_write_to_a_full_disk_fails_in_the_container_whose_vm_goes_on() {
     let filler = fill(&a.state_dir());
     // The guest's kernel says when its disk fails; the dd has been refused
     // by the time it is 10 s past its start.
-    let console = a.vm_dir(&id).join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("I/O error")
-    {
-        assert!(Instant::now() < deadline, "the guest saw no I/O error");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_console(&a, &id, "I/O error");
     std::thread::sleep(Duration::from_secs(10));
     std::fs::remove_file(&filler).expect("free the disk");
     assert_eq!(exit_code(&a, &id), 0);
