@@ -1109,9 +1109,28 @@ async fn kill(vm: &Arc<Vm>, signal: i32) -> Result<Response, ApiError> {
             format!("VM {} is {}, not running", vm.id, vm.state()),
         ));
     }
-    to_guest(vm, HostMessage::Signal(signal)).await?;
+    // The queue is shared with stdin: behind stdin that the process does
+    // not read, a signal waits for room that may never come.
+    match tokio::time::timeout(SIGNAL_PATIENCE, to_guest(vm, HostMessage::Signal(signal))).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the signal could not be queued for VM {} within {}: its guest's queue is \
+                     full of stdin its process does not read; `vmlet stop` or `vmlet rm -f` \
+                     ends it",
+                    vm.id,
+                    secs(SIGNAL_PATIENCE)
+                ),
+            ))
+        }
+    }
     Ok(Response::Done)
 }
+
+/// How long a `kill` waits for room in its guest's queue.
+const SIGNAL_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Queues `m` for `vm`'s guest, waiting while the queue is full for as
 /// long as the guest may still take it (a slow guest slows its sender).

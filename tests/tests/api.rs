@@ -458,3 +458,74 @@ fn requests_for_unknown_ids_are_answered_on_those_ids() {
         "{m:?}"
     );
 }
+
+/// A kill queued behind stdin that the container never reads fails in
+/// bounded time with a clear error, rather than hanging its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_behind_unread_stdin_fails_in_bounded_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use vmlet_protocol::ErrorCode;
+
+    let a = TestAgent::start();
+    let feeder = Arc::new(a.client().await);
+    let id = feeder
+        .create(CreateSpec {
+            image: "busybox".into(),
+            argv: vec!["sleep".into(), "1000".into()],
+            stdin_open: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let attach = feeder
+        .stream(Request::Attach(AttachSpec {
+            vm: id.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            replay: true,
+        }))
+        .await
+        .unwrap();
+    feeder.start(&id).await.unwrap();
+    // Stdin the process never reads, until every queue on the way is full
+    // and the sends block.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (f2, s2, attach_id) = (feeder.clone(), sent.clone(), attach.id);
+    let feeding = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..1000 {
+            if f2.stdin(attach_id, chunk.clone()).await.is_err() {
+                return;
+            }
+            s2.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = sent.load(Ordering::SeqCst);
+        assert!(now < 1000, "64 MiB of stdin went in: nothing blocked");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let other = a.client().await;
+    let e = tokio::time::timeout(Duration::from_secs(40), other.kill(&id, 15))
+        .await
+        .expect("the kill hung")
+        .expect_err("a signal got through a full queue");
+    match e {
+        vmlet_protocol::client::ClientError::Api(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("stdin"), "{e}");
+        }
+        e => panic!("{e}"),
+    }
+    // And the VM can still be ended.
+    other.remove(&id, true).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(20), feeding).await;
+    drop(attach);
+}
