@@ -99,7 +99,11 @@ pub enum Request {
         /// Grace period before the VM is killed.
         timeout_ms: u64,
     },
-    /// Sends a signal to the container process.
+    /// Sends a signal to the container process. The signal shares the
+    /// guest's queue with stdin: when the container does not read stdin
+    /// and the queue is full, the agent waits at most 10 s for room, then
+    /// answers [`crate::ErrorCode::Unavailable`] ([`Request::Stop`] or a
+    /// forced [`Request::Remove`] still end the VM).
     Kill {
         /// VM id or name.
         vm: String,
