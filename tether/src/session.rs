@@ -342,9 +342,11 @@ pub(crate) async fn run_on<C: Connector>(
         }
     }
 
-    let delivery = out
-        .report(&GuestMessage::Exited { code, signal: sig })
-        .await?;
+    let Some(delivery) =
+        queue_report(role, &out, &GuestMessage::Exited { code, signal: sig }).await?
+    else {
+        return Ok(());
+    };
     finish(role, delivery, async move {
         ack_rx.recv().await;
     })
@@ -362,7 +364,10 @@ async fn fail(
     code: i32,
 ) -> Result<(), Error> {
     log!("{role}cannot start the process (exit code {code}): {message}");
-    let delivery = out.report(&GuestMessage::Failed { message, code }).await?;
+    let Some(delivery) = queue_report(role, out, &GuestMessage::Failed { message, code }).await?
+    else {
+        return Ok(());
+    };
     finish(role, delivery, async move {
         while let Some(m) = inbound.recv().await {
             if m == HostMessage::ExitAck {
@@ -372,6 +377,24 @@ async fn fail(
     })
     .await;
     Ok(())
+}
+
+/// Queues the final report, waiting at most [`DELIVERY_PATIENCE`]: the
+/// outbox has no room while the link holds as much unacknowledged output as
+/// it may and no host comes to take it. `None` if that long passed (the
+/// report is lost, as it would be in [`finish`]).
+async fn queue_report(
+    role: Role,
+    out: &Outbox,
+    report: &GuestMessage,
+) -> Result<Option<link::Delivery>, Error> {
+    match tokio::time::timeout(DELIVERY_PATIENCE, out.report(report)).await {
+        Ok(r) => Ok(Some(r?)),
+        Err(_) => {
+            log!("{role}no host took the output before the exit report within {DELIVERY_PATIENCE:?}; the report is lost");
+            Ok(None)
+        }
+    }
 }
 
 /// Waits for the host's acknowledgement of the final report. The link
