@@ -268,23 +268,12 @@ impl Agent {
             if rec.state == VmState::Starting || held_guest {
                 // Half-started when the previous agent died: the start's
                 // caller got no answer, so the VM is ended, not completed.
-                for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
-                    kill_if_ours(*pid, &dir);
-                }
-                rec.state = VmState::Exited;
-                rec.exit = Some(ExitInfo {
-                    code: 255,
-                    signal: None,
-                    reason: if held_guest {
-                        "the agent restarted while the VM held a warm-pool guest".into()
-                    } else {
-                        "the agent restarted while the VM was starting".into()
-                    },
-                    at_ms: now_ms(),
-                });
-                rec.vmm_pid = None;
-                rec.helper_pids.clear();
-                remove_sockets(&dir);
+                let reason = if held_guest {
+                    "the agent restarted while the VM held a warm-pool guest"
+                } else {
+                    "the agent restarted while the VM was starting"
+                };
+                end_loaded(&mut rec, &dir, reason.into());
             }
             // A VM that never started can still be started, and a running
             // one is adopted by `adopt_running`: their logs stay writable.
@@ -303,22 +292,8 @@ impl Agent {
                     // be read), so it can be inspected and removed.
                     tracing::warn!(vm = %name, error = %e, "cannot reopen the VM's log; ending the VM");
                     if matches!(rec.state, VmState::Created | VmState::Running) {
-                        for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
-                            kill_if_ours(*pid, &dir);
-                        }
-                        remove_sockets(&dir);
-                        rec.state = VmState::Exited;
-                        rec.exit = Some(ExitInfo {
-                            code: 255,
-                            signal: None,
-                            reason: crate::vm::cut(
-                                &format!("the agent could not reopen the VM's log: {e}"),
-                                1024,
-                            ),
-                            at_ms: now_ms(),
-                        });
-                        rec.vmm_pid = None;
-                        rec.helper_pids.clear();
+                        let reason = format!("the agent could not reopen the VM's log: {e}");
+                        end_loaded(&mut rec, &dir, reason);
                     }
                     let log = Log::open_sealed(&dir.join("log")).unwrap_or_else(|_| Log::empty());
                     (log, None)
@@ -875,6 +850,25 @@ pub(crate) fn kill_if_ours(pid: u32, dir: &std::path::Path) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+}
+
+/// Ends a VM found in the state directory that cannot go on: kills its
+/// VMM and helpers (only if their command lines name `dir`), removes its
+/// sockets, and marks it exited with `reason`.
+fn end_loaded(rec: &mut VmRecord, dir: &std::path::Path, reason: String) {
+    for pid in rec.vmm_pid.iter().chain(&rec.helper_pids) {
+        kill_if_ours(*pid, dir);
+    }
+    remove_sockets(dir);
+    rec.state = VmState::Exited;
+    rec.exit = Some(ExitInfo {
+        code: 255,
+        signal: None,
+        reason,
+        at_ms: now_ms(),
+    });
+    rec.vmm_pid = None;
+    rec.helper_pids.clear();
 }
 
 /// What `strings` (a command, environment, working directory, user) take
