@@ -217,14 +217,16 @@ async fn a_non_replaying_attach_says_where_it_begins_from_version_2_only() {
     c.remove(&id, true).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stdin_for_an_exited_container_does_not_stall_its_connection() {
-    let a = TestAgent::start();
-    let c = a.client().await;
+/// A busybox VM created with an open stdin, running `argv` once started,
+/// and an attach to it with stdin.
+async fn attached_with_stdin(
+    c: &vmlet_protocol::client::Client,
+    argv: &[&str],
+) -> (String, vmlet_protocol::client::ResponseStream) {
     let id = c
         .create(CreateSpec {
             image: "busybox".into(),
-            argv: vec!["true".into()],
+            argv: argv.iter().map(|s| s.to_string()).collect(),
             stdin_open: true,
             ..Default::default()
         })
@@ -240,6 +242,14 @@ async fn stdin_for_an_exited_container_does_not_stall_its_connection() {
         }))
         .await
         .unwrap();
+    (id, attach)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_for_an_exited_container_does_not_stall_its_connection() {
+    let a = TestAgent::start();
+    let c = a.client().await;
+    let (id, attach) = attached_with_stdin(&c, &["true"]).await;
     c.start(&id).await.unwrap();
     assert_eq!(c.wait(&id).await.unwrap().code, 0);
     // The container is gone and nothing takes its guest's queue any more. A
@@ -469,25 +479,7 @@ async fn a_kill_behind_unread_stdin_fails_in_bounded_time() {
 
     let a = TestAgent::start();
     let feeder = Arc::new(a.client().await);
-    let id = feeder
-        .create(CreateSpec {
-            image: "busybox".into(),
-            argv: vec!["sleep".into(), "1000".into()],
-            stdin_open: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let attach = feeder
-        .stream(Request::Attach(AttachSpec {
-            vm: id.clone(),
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            replay: true,
-        }))
-        .await
-        .unwrap();
+    let (id, attach) = attached_with_stdin(&feeder, &["sleep", "1000"]).await;
     feeder.start(&id).await.unwrap();
     // Stdin the process never reads, until every queue on the way is full
     // and the sends block.

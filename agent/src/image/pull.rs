@@ -1249,7 +1249,7 @@ mod tests {
     /// no partial behind to hold the space, nor does one stopped because
     /// another blob of the pull failed.
     #[test]
-    fn a_failed_write_drops_the_partial_and_a_stop_keeps_it() {
+    fn a_failed_write_or_a_stop_leaves_no_partial() {
         let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
         let bd = digest(&blob);
         let (b2, bd2) = (blob.clone(), bd.clone());
