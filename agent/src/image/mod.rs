@@ -737,7 +737,8 @@ impl ImageStore {
         gone
     }
 
-    fn rw_template(&self) -> PathBuf {
+    /// The blank ext4 every VM's writable disk is an overlay of.
+    pub fn rw_template(&self) -> PathBuf {
         self.dir.join("rw-template.ext4")
     }
 
