@@ -19,7 +19,6 @@ pub mod kernel;
 pub mod logstore;
 pub mod pool;
 pub mod ratelimit;
-pub mod readahead;
 pub mod server;
 pub mod start;
 pub mod state;

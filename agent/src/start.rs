@@ -344,19 +344,6 @@ pub(crate) async fn launch(
         .instrument(tracing::info_span!("disks"))
         .await
         .map_err(|e| (e, None))?;
-    // What the guest will read first, into the host's page cache while
-    // QEMU starts, rather than block by block while the guest waits: the
-    // layer disks and the blank template under the writable overlay (the
-    // overlay itself was just written).
-    let mut reads: Vec<PathBuf> = disks
-        .iter()
-        .filter(|d| d.read_only)
-        .map(|d| d.path.clone())
-        .collect();
-    reads.push(agent.images.rw_template());
-    tokio::task::spawn_blocking(move || {
-        crate::readahead::read_ahead(&reads, crate::readahead::BUDGET)
-    });
 
     // config-cloned
     let clone = tracing::info_span!("config-clone").entered();

@@ -737,8 +737,7 @@ impl ImageStore {
         gone
     }
 
-    /// The blank ext4 every VM's writable disk is an overlay of.
-    pub fn rw_template(&self) -> PathBuf {
+    fn rw_template(&self) -> PathBuf {
         self.dir.join("rw-template.ext4")
     }
 
