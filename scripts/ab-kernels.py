@@ -91,11 +91,28 @@ def main():
         for _, d, p in agents:
             p.terminate()
             p.wait()
+        # VMs outlive their agent by design: whatever still names one of
+        # our directories (a VM a start left running when this was
+        # interrupted, its QEMU and vhost-device-vsock) is killed.
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if int(pid) != os.getpid() and any(d.encode() in cmdline for _, d, _ in agents):
+                try:
+                    os.kill(int(pid), 9)
+                except OSError:
+                    pass
+        time.sleep(0.5)
+        for _, d, _ in agents:
             shutil.rmtree(d, ignore_errors=True)
-        # The agents' cgroup parents, empty by now (rmdir refuses any other).
+        # The agents' cgroup parents and any VM cgroups left in them, empty
+        # by now (rmdir refuses any other), the deepest first.
         for dirpath, dirnames, _ in os.walk("/sys/fs/cgroup", topdown=False):
             for name in dirnames:
-                if name.startswith(tag):
+                if tag in os.path.join(dirpath, name):
                     try:
                         os.rmdir(os.path.join(dirpath, name))
                     except OSError:
