@@ -437,11 +437,11 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> Result<(), FrameEr
                     Some(vm) => {
                         // Stdin that comes after the container exited goes
                         // nowhere; the attach ends with its exit. No error
-                        // on the stream: it could reach the client before
-                        // that end and hide the exit code.
-                        if to_guest(&vm, HostMessage::Stdin(data)).await.is_err() {
-                            attached.remove(&attach);
-                        }
+                        // on the stream, for this chunk or any later one
+                        // (the entry goes with the stream, above): it
+                        // could reach the client before that end and hide
+                        // the exit code.
+                        let _ = to_guest(&vm, HostMessage::Stdin(data)).await;
                     }
                     None => {
                         reply(&tx, attach, error_body(no_stdin(attach))).await;
@@ -1109,17 +1109,16 @@ async fn kill(vm: &Arc<Vm>, signal: i32) -> Result<Response, ApiError> {
             format!("VM {} is {}, not running", vm.id, vm.state()),
         ));
     }
-    // The queue is shared with stdin: behind stdin that the process does
-    // not read, a signal waits for room that may never come.
+    // Stdin has a queue of its own: the signals' fills only while no
+    // connection to the guest takes it.
     match tokio::time::timeout(SIGNAL_PATIENCE, to_guest(vm, HostMessage::Signal(signal))).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "the signal could not be queued for VM {} within {}: its guest's queue is \
-                     full of stdin its process does not read; `vmlet stop` or `vmlet rm -f` \
-                     ends it",
+                    "the signal could not be queued for VM {} within {}: its guest takes no \
+                     messages (its connection is down); `vmlet stop` or `vmlet rm -f` ends it",
                     vm.id,
                     secs(SIGNAL_PATIENCE)
                 ),
@@ -1149,7 +1148,7 @@ async fn to_guest(vm: &Vm, m: HostMessage) -> Result<(), ApiError> {
         return Err(exited());
     }
     tokio::select! {
-        r = vm.to_guest.send(m) => r.map_err(|_| exited()),
+        r = vm.queue_for(&m).send(m) => r.map_err(|_| exited()),
         _ = state.wait_for(over) => Err(exited()),
     }
 }

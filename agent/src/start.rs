@@ -783,9 +783,11 @@ fn spawn_reader(mut rd: OwnedReadHalf) -> Frames {
 /// Owns the write half of one guest connection: `opening` first (the spec
 /// on a cold boot, `Prepare` for a pooled VM, `Resume` on a reconnect),
 /// then, if `gate` is set, the message it delivers (a pooled VM's spec at
-/// hand-off), then stdin, signals and acks from the VM's queue, in order.
-/// A later connection's writer waits for this one to end (the queue's
-/// lock), so messages never interleave.
+/// hand-off), then signals and acks from the VM's control queue, and stdin
+/// from its stdin queue while the tether has taken all but
+/// [`REPLAY_CAP`](crate::stdin::REPLAY_CAP) of what was written; each queue
+/// in order, the control queue first. A later connection's writer waits
+/// for this one to end (the queues' lock), so messages never interleave.
 fn spawn_writer(
     mut wr: OwnedWriteHalf,
     opening: HostMessage,
@@ -795,7 +797,8 @@ fn spawn_writer(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let queue = vm.to_guest_rx.clone();
-        let mut rx = queue.lock().await;
+        let mut queues = queue.lock().await;
+        let crate::vm::GuestQueues { control, stdin } = &mut *queues;
         if write_frame(&mut wr, &opening).await.is_err() {
             return;
         }
@@ -829,15 +832,19 @@ fn spawn_writer(
             }
         }
         let mut taken = vm.stdin_acked.subscribe();
-        while let Some(m) = rx.recv().await {
-            if matches!(m, HostMessage::Stdin(_)) {
-                // Bounded: wait for the tether to take some first.
-                while vm.stdin_replay.lock().held() >= crate::stdin::REPLAY_CAP {
-                    if taken.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        loop {
+            // The tether buffers what it has not taken: bounded by this.
+            let window = vm.stdin_replay.lock().held() < crate::stdin::REPLAY_CAP;
+            let m = tokio::select! {
+                biased;
+                m = control.recv() => m,
+                r = taken.changed(), if !window => match r {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                },
+                m = stdin.recv(), if window => m,
+            };
+            let Some(m) = m else { return };
             let Ok(frame) = vmlet_protocol::frame::encode(&m) else {
                 return;
             };

@@ -178,3 +178,139 @@ fn kill_signal_and_vmm_killed_from_outside() {
     assert!(socks.is_empty(), "sockets left: {socks:?}");
     assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
 }
+
+/// Writes up to `total` bytes into `stdin` from a thread, counting what the
+/// pipe took; stops at the first error (the client has exited).
+fn push_stdin(
+    mut stdin: std::process::ChildStdin,
+    total: usize,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pushed = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = pushed.clone();
+    std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 << 10];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if stdin.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n;
+            count.fetch_add(n, Ordering::Relaxed);
+        }
+    });
+    pushed
+}
+
+/// Spawns `vmlet args…` with piped stdio and `total` bytes pushed into
+/// its stdin.
+fn spawn_pushing(
+    a: &TestAgent,
+    args: &[&str],
+    total: usize,
+) -> (
+    std::process::Child,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::process::Stdio;
+    let mut child = a
+        .vmlet()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmlet");
+    let pushed = push_stdin(child.stdin.take().expect("stdin"), total);
+    (child, pushed)
+}
+
+/// More stdin than every buffer between the client and the process holds,
+/// and a process that never reads it: what goes the other way (output and
+/// its acknowledgements) and signals must still pass, as they would past a
+/// full pipe on one host.
+#[test]
+fn output_and_signals_pass_stdin_the_process_does_not_read() {
+    use std::sync::atomic::Ordering;
+    const STDIN: usize = 24 << 20;
+    let a = TestAgent::start();
+
+    // Output beyond what the guest may hold unacknowledged (8 MiB), after
+    // the stdin has backed up.
+    let (child, _pushed) = spawn_pushing(
+        &a,
+        &[
+            "run",
+            "-i",
+            "--name",
+            "unread-out",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; head -c 20000000 /dev/zero",
+        ],
+        STDIN,
+    );
+    let t = Instant::now();
+    let o = wait_output(child, Duration::from_secs(180), "run -i with unread stdin");
+    eprintln!("20 MB of output past unread stdin in {:?}", t.elapsed());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.stdout.len(), 20_000_000, "{}", stderr(&o));
+    assert!(o.stdout.iter().all(|&b| b == 0));
+    // Not by redialling: the output's acknowledgements came through, and
+    // the connection was never taken for dead.
+    let id = a.inspect("unread-out")["Id"].as_str().unwrap().to_string();
+    let console = std::fs::read_to_string(a.vm_dir(&id).join("console.log")).unwrap();
+    assert!(
+        !console.contains("taking the connection for dead"),
+        "{console}"
+    );
+    assert_eq!(a.run(&["rm", &id]).status.code(), Some(0));
+
+    // A signal, once the stdin is backed up all the way to the client.
+    let (child, pushed) = spawn_pushing(
+        &a,
+        &[
+            "run",
+            "-i",
+            "--rm",
+            "--name",
+            "unread-stdin",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 1; done",
+        ],
+        STDIN,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // (Not found until the client's create.)
+    while !stdout(&a.run(&["inspect", "unread-stdin"])).contains("\"running\"") {
+        assert!(Instant::now() < deadline, "never running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut last = (usize::MAX, Instant::now());
+    loop {
+        let now = pushed.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stdin never backed up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stuck = pushed.load(Ordering::Relaxed);
+    assert!(stuck < STDIN, "all {stuck} bytes of stdin were taken");
+    eprintln!("stdin backed up after {stuck} bytes");
+    let k = a.run(&["kill", "-s", "TERM", "unread-stdin"]);
+    assert_eq!(k.status.code(), Some(0), "{}", stderr(&k));
+    let o = wait_output(child, Duration::from_secs(60), "run -i killed");
+    assert_eq!(stdout(&o), "ready\ngot TERM\n", "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    a.assert_no_container_processes();
+}

@@ -21,9 +21,16 @@
 //! report (`Exited`, `Failed`) is kept until `ExitAck` and written again on
 //! every new connection, after the output.
 //!
-//! Host → guest messages get no such care: stdin bytes (and signals) the
-//! host wrote into a connection that broke are lost, and it is the host's
-//! business to know what it sent.
+//! Host → guest stdin is counted instead ([`GuestMessage::StdinAck`]): a
+//! chunk counts once the session's stdin queue took it, and the host writes
+//! again, from the count, whatever a broken connection lost. Stdin goes to
+//! that queue through a buffer of the connection's own, never through the
+//! reader: a process that does not read its stdin stops the count, and
+//! with it the host's stdin (the host keeps at most a window uncounted),
+//! but not the reader, so acknowledgements, signals and the exit's
+//! acknowledgement still pass. The buffer is dropped with its connection,
+//! uncounted, to be written again on the next. Signals are not written
+//! again.
 //!
 //! # Backpressure
 //!
@@ -48,7 +55,7 @@ use vmlet_protocol::frame::{self, FrameError, MAX_CHUNK, MAX_FRAME_LEN};
 use vmlet_protocol::guest::{GuestMessage, HostMessage};
 
 use crate::log;
-use crate::pump::Output;
+use crate::pump::{Output, StdinOp};
 
 /// How the link connects and reconnects.
 #[derive(Debug, Clone)]
@@ -207,12 +214,14 @@ fn encode(msg: &GuestMessage) -> Option<Vec<u8>> {
 /// Starts the link on an already connected `first` stream. `hello` is sent
 /// first on every connection. Host messages go to `inbound`, except `Ack`
 /// and `Resume` (the link's own), a second `Spec`, and a `Resume` before
-/// any spec (both logged and dropped).
+/// any spec (both logged and dropped), and stdin (`Stdin`, `CloseStdin`),
+/// which goes to `stdin`, in order, counted as it is taken.
 pub(crate) fn start<C: Connector>(
     connector: C,
     first: C::Stream,
     hello: &GuestMessage,
     inbound: mpsc::Sender<HostMessage>,
+    stdin_ops: mpsc::Sender<StdinOp>,
     policy: Policy,
     queue: usize,
 ) -> (Outbox, JoinHandle<()>) {
@@ -227,6 +236,7 @@ pub(crate) fn start<C: Connector>(
         out: rx,
         out_open: true,
         inbound,
+        stdin_ops,
         host: Arc::new(FromHost {
             spec_seen: AtomicBool::new(false),
             acks: acks_tx,
@@ -260,8 +270,8 @@ struct FromHost {
     /// the link to take them (a reader blocked on the link could stall a
     /// host that blocks on writing while the link blocks on the host).
     acks: watch::Sender<Acks>,
-    /// Stdin bytes taken from the host and handed to the session: they
-    /// reach the process whatever happens to the connection.
+    /// Stdin bytes taken from the host and handed to the session's stdin
+    /// queue: they reach the process whatever happens to the connection.
     stdin: watch::Sender<u64>,
 }
 
@@ -277,9 +287,9 @@ struct Acks {
     /// How many of them were `Ack`s: the agent sends them from its session
     /// only, so once one came on a connection, silence means trouble.
     beats: u64,
-    /// The reader waits for the session to take stdin: the host is not
-    /// heard from then because the guest does not read, not because the
-    /// host is gone.
+    /// The reader waits for the session to take a message: the host is
+    /// not heard from then because the guest does not read, not because
+    /// the host is gone.
     backpressured: bool,
     /// The host sent `ExitAck`.
     exit_acked: bool,
@@ -450,6 +460,8 @@ struct Link<C: Connector> {
     /// False once every [`Outbox`] is gone.
     out_open: bool,
     inbound: mpsc::Sender<HostMessage>,
+    /// The session's stdin queue.
+    stdin_ops: mpsc::Sender<StdinOp>,
     host: Arc<FromHost>,
     acks: watch::Receiver<Acks>,
     /// Stdin bytes taken, and what the current connection was told of it.
@@ -482,9 +494,16 @@ impl<C: Connector> Link<C> {
             // Decided per connection: the spec may arrive on this one.
             let resuming = self.host.spec_seen.load(Ordering::Acquire);
             let (first_tx, first_rx) = oneshot::channel();
+            let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
+            let stdin = tokio::spawn(forward_stdin(
+                stdin_rx,
+                self.stdin_ops.clone(),
+                self.host.clone(),
+            ));
             let mut reader = tokio::spawn(read_loop(
                 rd,
                 self.inbound.clone(),
+                stdin_tx,
                 self.host.clone(),
                 resuming.then_some(first_tx),
             ));
@@ -492,6 +511,11 @@ impl<C: Connector> Link<C> {
                 .serve(&mut wr, &mut reader, resuming.then_some(first_rx))
                 .await;
             reader.abort();
+            // What this connection's stdin buffer still holds is not
+            // counted: the next connection is told the count and gets it
+            // again from there, so the buffer must be gone before then.
+            stdin.abort();
+            let _ = stdin.await;
             self.beating = false;
             // A reader cut off while it waited on the session leaves the
             // flag set.
@@ -807,12 +831,36 @@ fn kind(m: &HostMessage) -> &'static str {
     }
 }
 
+/// Hands one connection's stdin to the session's queue, in order, counting
+/// each chunk once the queue took it. Once the queue is gone (the session
+/// is over) stdin is counted and dropped, as a closed pipe's is.
+async fn forward_stdin(
+    mut ops: mpsc::UnboundedReceiver<StdinOp>,
+    queue: mpsc::Sender<StdinOp>,
+    host: Arc<FromHost>,
+) {
+    while let Some(op) = ops.recv().await {
+        let n = match &op {
+            StdinOp::Data(b) => b.len() as u64,
+            StdinOp::Close => 0,
+        };
+        // Cancelled here (the connection ended), the chunk was not taken.
+        let _ = queue.send(op).await;
+        if n > 0 {
+            host.stdin.send_modify(|c| *c += n);
+        }
+    }
+}
+
 /// Reads host messages until the stream ends; returns why it ended.
 /// `first`, on a resuming connection, gets the offsets of the host's
-/// opening `Resume`, or `None` if it opened with anything else.
+/// opening `Resume`, or `None` if it opened with anything else. Stdin goes
+/// to `stdin`, which never makes the reader wait: the host writes no more
+/// than its window past the count.
 async fn read_loop<S: AsyncRead>(
     mut rd: ReadHalf<S>,
     inbound: mpsc::Sender<HostMessage>,
+    stdin: mpsc::UnboundedSender<StdinOp>,
     host: Arc<FromHost>,
     mut first: Option<oneshot::Sender<Option<[u64; 2]>>>,
 ) -> String {
@@ -868,13 +916,18 @@ async fn read_loop<S: AsyncRead>(
                 host.acks.send_modify(|a| a.exit_acked = true);
                 Some(m)
             }
+            HostMessage::Stdin(b) => {
+                // The forwarder lives as long as this reader.
+                let _ = stdin.send(StdinOp::Data(b));
+                None
+            }
+            HostMessage::CloseStdin => {
+                let _ = stdin.send(StdinOp::Close);
+                None
+            }
             m => Some(m),
         };
         let Some(m) = forward else { continue };
-        let stdin = match &m {
-            HostMessage::Stdin(b) => b.len() as u64,
-            _ => 0,
-        };
         match inbound.try_send(m) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -892,11 +945,6 @@ async fn read_loop<S: AsyncRead>(
                     return "nobody listens to the host any more".to_owned();
                 }
             }
-        }
-        // Counted once handed over, never before: a chunk lost with a
-        // reader cut off mid-send is not counted, so it is resent.
-        if stdin > 0 {
-            host.stdin.send_modify(|n| *n += stdin);
         }
     }
 }
@@ -1004,16 +1052,26 @@ mod tests {
         Outbox,
         mpsc::Receiver<HostMessage>,
         JoinHandle<()>,
+        mpsc::Receiver<StdinOp>,
     ) {
         let pairs = Pairs::default();
         let mut host = pairs.next();
         let first = pairs.0.lock().unwrap().pop_front().unwrap();
         let (in_tx, mut in_rx) = mpsc::channel(16);
-        let (out, task) = start(pairs.clone(), first, &hello(), in_tx, policy, queue);
+        let (stdin_tx, stdin_rx) = mpsc::channel(2);
+        let (out, task) = start(
+            pairs.clone(),
+            first,
+            &hello(),
+            in_tx,
+            stdin_tx,
+            policy,
+            queue,
+        );
         assert_eq!(recv(&mut host).await, Some(hello()));
         send(&mut host, spec()).await;
         assert_eq!(in_rx.recv().await, Some(spec()));
-        (pairs, host, out, in_rx, task)
+        (pairs, host, out, in_rx, task, stdin_rx)
     }
 
     /// Splits the complete frames off the front of `buf`.
@@ -1039,7 +1097,7 @@ mod tests {
             retain_cap: 4 << 20,
             ..fast()
         };
-        let (_pairs, mut host, out, mut in_rx, task) = started(policy, 2).await;
+        let (_pairs, mut host, out, mut in_rx, task, _stdin) = started(policy, 2).await;
         let sender = tokio::spawn(async move {
             out.send(&GuestMessage::Started { pid: 7 }).await.unwrap();
             for i in 0..200u8 {
@@ -1075,7 +1133,7 @@ mod tests {
     /// everything queued meanwhile.
     #[tokio::test]
     async fn reconnects_and_resumes_where_the_host_stopped() {
-        let (pairs, mut host1, out, _in_rx, task) = started(fast(), 2).await;
+        let (pairs, mut host1, out, _in_rx, task, _stdin) = started(fast(), 2).await;
         out.output(Output::Stdout, b"one".to_vec()).await.unwrap();
         assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"one");
         drop(host1);
@@ -1114,10 +1172,10 @@ mod tests {
     /// its clients resume.
     #[tokio::test]
     async fn stdin_taken_is_acknowledged_and_told_to_every_new_host() {
-        let (pairs, mut host1, _out, mut in_rx, task) = started(fast(), 2).await;
+        let (pairs, mut host1, _out, _in_rx, task, mut stdin) = started(fast(), 2).await;
         for i in 0..3u8 {
             send(&mut host1, HostMessage::Stdin(vec![i; 1000])).await;
-            assert_eq!(in_rx.recv().await, Some(HostMessage::Stdin(vec![i; 1000])));
+            assert_eq!(stdin.recv().await, Some(StdinOp::Data(vec![i; 1000])));
         }
         let mut last = 0;
         while last < 3000 {
@@ -1158,7 +1216,7 @@ mod tests {
             retain_cap: 10_000,
             ..fast()
         };
-        let (pairs, host1, out, _in_rx, task) = started(policy, 1).await;
+        let (pairs, host1, out, _in_rx, task, _stdin) = started(policy, 1).await;
         drop(host1);
         let mut sent = 0usize;
         loop {
@@ -1211,7 +1269,7 @@ mod tests {
             retain_cap: cap,
             ..fast()
         };
-        let (_pairs, mut host, out, _in_rx, task) = started(policy, 2).await;
+        let (_pairs, mut host, out, _in_rx, task, _stdin) = started(policy, 2).await;
         let data = Rng::new(7).bytes(1 << 20);
         let (mut w, r) = os_pipe();
         let writer = {
@@ -1283,7 +1341,7 @@ mod tests {
             retain_cap: 300_000,
             ..fast()
         };
-        let (pairs, mut conn, out, mut in_rx, task) = started(policy, 4).await;
+        let (pairs, mut conn, out, mut in_rx, task, _stdin) = started(policy, 4).await;
         let lens = [
             1_500_000 + rng.below(1000) as usize,
             700_000 + rng.below(1000) as usize,
@@ -1404,7 +1462,7 @@ mod tests {
     /// acknowledged, never again.
     #[tokio::test]
     async fn exit_report_is_sent_again_until_acknowledged() {
-        let (pairs, mut host1, out, mut in_rx, task) = started(fast(), 2).await;
+        let (pairs, mut host1, out, mut in_rx, task, _stdin) = started(fast(), 2).await;
         out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
         let mut delivery = out.report(&exited()).await.unwrap();
         assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
@@ -1461,7 +1519,7 @@ mod tests {
     /// resent, and the output goes on live.
     #[tokio::test]
     async fn spec_on_reconnect_is_ignored_and_output_goes_on() {
-        let (pairs, mut host1, out, mut in_rx, task) = started(fast(), 2).await;
+        let (pairs, mut host1, out, mut in_rx, task, _stdin) = started(fast(), 2).await;
         out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
         assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
         send(
@@ -1501,7 +1559,7 @@ mod tests {
             stall_patience: Duration::from_millis(300),
             ..fast()
         };
-        let (pairs, mut host1, out, _in_rx, task) = started(policy, 2).await;
+        let (pairs, mut host1, out, _in_rx, task, _stdin) = started(policy, 2).await;
         out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
         assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
         // host1 stays open but silent: no ack, no close.
@@ -1543,7 +1601,7 @@ mod tests {
             silence_patience: Duration::from_millis(300),
             ..fast()
         };
-        let (pairs, mut host1, _out, _in_rx, task) = started(policy, 2).await;
+        let (pairs, mut host1, _out, _in_rx, task, _stdin) = started(policy, 2).await;
         let host2 = pairs.next();
         // No heartbeat yet (a start still under way): silence is fine.
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -1570,15 +1628,96 @@ mod tests {
         task.abort();
     }
 
-    /// A host is not taken for dead while the guest is the one not
-    /// reading: the reader waits for the session to take stdin.
+    /// Stdin the session does not take holds back neither the host's
+    /// other messages nor its acknowledgements: only the count stops, at
+    /// what the stdin queue took.
     #[tokio::test]
-    async fn silence_while_stdin_backs_up_is_not_death() {
+    async fn untaken_stdin_holds_back_only_the_count() {
+        let (_pairs, mut host, _out, mut in_rx, task, mut stdin) = started(fast(), 2).await;
+        for i in 0..6u8 {
+            send(&mut host, HostMessage::Stdin(vec![i; 100])).await;
+        }
+        send(&mut host, HostMessage::CloseStdin).await;
+        send(&mut host, HostMessage::Signal(15)).await;
+        send(&mut host, HostMessage::ExitAck).await;
+        let got = timeout(Duration::from_secs(5), in_rx.recv()).await.unwrap();
+        assert_eq!(got, Some(HostMessage::Signal(15)));
+        assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
+        // The queue holds 2 chunks: only those are counted.
+        let mut told = 0;
+        while let Ok(Some(m)) = timeout(Duration::from_millis(300), recv_any(&mut host)).await {
+            if let GuestMessage::StdinAck { received } = m {
+                told = received;
+            }
+        }
+        assert_eq!(told, 200);
+        for i in 0..6u8 {
+            assert_eq!(stdin.recv().await, Some(StdinOp::Data(vec![i; 100])));
+        }
+        assert_eq!(stdin.recv().await, Some(StdinOp::Close));
+        let mut told = 0;
+        while told < 600 {
+            match timeout(Duration::from_secs(5), recv_any(&mut host)).await {
+                Ok(Some(GuestMessage::StdinAck { received })) => told = received,
+                other => panic!("expected the count to reach 600, got {other:?}"),
+            }
+        }
+        assert_eq!(told, 600);
+        task.abort();
+    }
+
+    /// Stdin a connection held but the session did not take is dropped
+    /// with the connection, uncounted: the next host writes it again from
+    /// the count, and it arrives once, in order.
+    #[tokio::test]
+    async fn stdin_held_by_a_lost_connection_arrives_once() {
+        let (pairs, mut host1, _out, _in_rx, task, mut stdin) = started(fast(), 2).await;
+        for i in 0..5u8 {
+            send(&mut host1, HostMessage::Stdin(vec![i; 10])).await;
+        }
+        // Until the queue (2) is full and the rest waits on the connection.
+        let t = Instant::now();
+        while stdin.len() < 2 {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            sleep(Duration::from_millis(10)).await;
+        }
+        sleep(Duration::from_millis(100)).await;
+        drop(host1);
+        let mut host2 = pairs.next();
+        assert_eq!(recv_any(&mut host2).await, Some(hello()));
+        send(
+            &mut host2,
+            HostMessage::Resume {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        assert_eq!(
+            recv_any(&mut host2).await,
+            Some(GuestMessage::StdinAck { received: 20 })
+        );
+        for i in 2..5u8 {
+            send(&mut host2, HostMessage::Stdin(vec![i; 10])).await;
+        }
+        for i in 0..5u8 {
+            let got = timeout(Duration::from_secs(5), stdin.recv()).await.unwrap();
+            assert_eq!(got, Some(StdinOp::Data(vec![i; 10])));
+        }
+        sleep(Duration::from_millis(100)).await;
+        assert!(stdin.try_recv().is_err(), "stdin arrived twice");
+        task.abort();
+    }
+
+    /// A host is not taken for dead while the guest is the one not
+    /// reading: the reader waits for the session to take a message.
+    #[tokio::test]
+    async fn silence_while_the_session_backs_up_is_not_death() {
         let policy = Policy {
             silence_patience: Duration::from_millis(300),
             ..fast()
         };
-        let (pairs, mut host1, _out, mut in_rx, task) = started(policy, 2).await;
+        let (pairs, mut host1, _out, mut in_rx, task, _stdin) = started(policy, 2).await;
         let _host2 = pairs.next();
         send(
             &mut host1,
@@ -1589,8 +1728,8 @@ mod tests {
         )
         .await;
         // More than the session's queue (16) holds, nobody taking it.
-        for i in 0..20u8 {
-            send(&mut host1, HostMessage::Stdin(vec![i; 10])).await;
+        for i in 0..20 {
+            send(&mut host1, HostMessage::Signal(i)).await;
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
@@ -1598,8 +1737,8 @@ mod tests {
             1,
             "redialled while backed up"
         );
-        for i in 0..20u8 {
-            assert_eq!(in_rx.recv().await, Some(HostMessage::Stdin(vec![i; 10])));
+        for i in 0..20 {
+            assert_eq!(in_rx.recv().await, Some(HostMessage::Signal(i)));
         }
         // Free again, then silent: taken for dead.
         let t = Instant::now();
@@ -1621,7 +1760,15 @@ mod tests {
         let mut host = pairs.next();
         let first = pairs.0.lock().unwrap().pop_front().unwrap();
         let (in_tx, mut in_rx) = mpsc::channel(4);
-        let (_out, task) = start(pairs.clone(), first, &hello(), in_tx, fast(), 2);
+        let (_out, task) = start(
+            pairs.clone(),
+            first,
+            &hello(),
+            in_tx,
+            mpsc::channel(2).0,
+            fast(),
+            2,
+        );
         assert_eq!(recv(&mut host).await, Some(hello()));
         send(
             &mut host,
@@ -1644,7 +1791,15 @@ mod tests {
         let host1 = pairs.next();
         let first = pairs.0.lock().unwrap().pop_front().unwrap();
         let (in_tx, mut in_rx) = mpsc::channel(4);
-        let (_out, task) = start(pairs.clone(), first, &hello(), in_tx, fast(), 2);
+        let (_out, task) = start(
+            pairs.clone(),
+            first,
+            &hello(),
+            in_tx,
+            mpsc::channel(2).0,
+            fast(),
+            2,
+        );
         drop(host1);
         let mut host2 = pairs.next();
         assert_eq!(recv(&mut host2).await, Some(hello()));

@@ -141,7 +141,15 @@ mod tests {
         let (in_tx, _in_rx) = mpsc::channel::<HostMessage>(1);
         // (Without a spec the link is not resuming: fine for one connection.)
         let hello = GuestMessage::Started { pid: 1 };
-        let (out, _task) = link::start(Pairs::default(), a, &hello, in_tx, Policy::default(), 4);
+        let (out, _task) = link::start(
+            Pairs::default(),
+            a,
+            &hello,
+            in_tx,
+            mpsc::channel(1).0,
+            Policy::default(),
+            4,
+        );
 
         let pattern = |seed: u8, len: usize| -> Vec<u8> {
             (0..len)
@@ -233,7 +241,15 @@ mod tests {
         let (a, _host) = UnixStream::pair().unwrap();
         let (in_tx, _in_rx) = mpsc::channel::<HostMessage>(1);
         let hello = GuestMessage::Started { pid: 1 };
-        let (out, _task) = link::start(Pairs::default(), a, &hello, in_tx, Policy::default(), 4);
+        let (out, _task) = link::start(
+            Pairs::default(),
+            a,
+            &hello,
+            in_tx,
+            mpsc::channel(1).0,
+            Policy::default(),
+            4,
+        );
         let (mut w, r) = os_pipe();
         w.write_all(b"last words").await.unwrap();
         let (draining, rx) = watch::channel(false);
@@ -266,7 +282,15 @@ mod tests {
             ..Policy::default()
         };
         let hello = GuestMessage::Started { pid: 1 };
-        let (out, _task) = link::start(pairs.clone(), first, &hello, in_tx, policy, 1);
+        let (out, _task) = link::start(
+            pairs.clone(),
+            first,
+            &hello,
+            in_tx,
+            mpsc::channel(1).0,
+            policy,
+            1,
+        );
         let spec = HostMessage::Spec(Default::default());
         vmlet_protocol::aio::write_frame(&mut host1, &spec)
             .await

@@ -22,7 +22,7 @@ use vmlet_protocol::guest::{GuestMessage, HostMessage, GUEST_PROTOCOL_VERSION, T
 
 use crate::console::{boottime_us, chain};
 use crate::link::{self, Connector, Outbox, Policy};
-use crate::pump::{self, Output, StdinOp};
+use crate::pump::{self, Output};
 use crate::{log, process, rootfs};
 
 /// How long the first connection may take: the vsock transport comes up
@@ -166,7 +166,18 @@ pub(crate) async fn run_on<C: Connector>(
         },
     };
     let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
-    let (out, link) = link::start(connector, first, &hello, in_tx, policy, OUTBOX_QUEUE);
+    // Stdin bypasses `inbound`: a process that does not read it must not
+    // hold back the messages that are not stdin (signals, ExitAck).
+    let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+    let (out, link) = link::start(
+        connector,
+        first,
+        &hello,
+        in_tx,
+        stdin_tx,
+        policy,
+        OUTBOX_QUEUE,
+    );
     // Ends the link with the session: nobody is left to talk to (and a
     // rehearsal's host is gone).
     let _link = AbortOnDrop(link);
@@ -293,11 +304,10 @@ pub(crate) async fn run_on<C: Connector>(
             DRAIN_PATIENCE,
         )),
     ];
-    let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
     tokio::spawn(pump::stdin(stdin, stdin_rx));
     let exited = Arc::new(AtomicBool::new(false));
     let (ack_tx, mut ack_rx) = mpsc::channel(1);
-    tokio::spawn(dispatch(inbound, stdin_tx, pid, exited.clone(), ack_tx));
+    tokio::spawn(dispatch(inbound, pid, exited.clone(), ack_tx));
     // The console is an emulated UART: every byte written costs the guest
     // a trap into the VMM. So the start's one line waits until the process
     // runs and its output is being pumped (failures above log the argv).
@@ -431,28 +441,19 @@ async fn finish(role: Role, mut delivery: link::Delivery, ack: impl Future<Outpu
     }
 }
 
-/// Routes host messages while the process runs.
+/// Routes host messages while the process runs. Never waits on the
+/// process: stdin has its own queue (the link's), so a signal overtakes
+/// stdin the process has not read, as it would a full pipe.
 async fn dispatch(
     mut inbound: mpsc::Receiver<HostMessage>,
-    stdin: mpsc::Sender<StdinOp>,
     pid: Pid,
     exited: Arc<AtomicBool>,
     ack: mpsc::Sender<()>,
 ) {
     while let Some(m) = inbound.recv().await {
         match m {
-            // Stdin arrives here once: the link counts what it hands over
-            // and the host writes again, from that count, what a broken
-            // connection lost (signals are not written again).
-            //
-            // Waits while the stdin queue is full: the host is then slowed
-            // down, as a writer to a pipe would be.
-            HostMessage::Stdin(bytes) => {
-                let _ = stdin.send(StdinOp::Data(bytes)).await;
-            }
-            HostMessage::CloseStdin => {
-                let _ = stdin.send(StdinOp::Close).await;
-            }
+            // The link sends stdin to the stdin queue, never here.
+            HostMessage::Stdin(_) | HostMessage::CloseStdin => {}
             HostMessage::Signal(n) => {
                 if exited.load(Ordering::Relaxed) {
                     continue;
