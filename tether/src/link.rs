@@ -591,21 +591,6 @@ impl<C: Connector> Link<C> {
             if heard || !watched {
                 progress = Instant::now();
             }
-            let taken = *self.stdin.borrow_and_update();
-            if self.stdin_told != Some(taken) {
-                let frame = encode(&GuestMessage::StdinAck { received: taken });
-                if let Some(f) = frame {
-                    tokio::select! {
-                        biased;
-                        why = &mut *reader => return ended(why),
-                        r = write(wr, &f) => if let Err(e) = r {
-                            return format!("write failed: {e}");
-                        },
-                    }
-                }
-                self.stdin_told = Some(taken);
-                continue;
-            }
             let patience = if outstanding {
                 self.policy.stall_patience
             } else {
@@ -615,6 +600,23 @@ impl<C: Connector> Link<C> {
             let stall = || {
                 format!("nothing from the host for {patience:?}; taking the connection for dead")
             };
+            let taken = *self.stdin.borrow_and_update();
+            if self.stdin_told != Some(taken) {
+                let frame = encode(&GuestMessage::StdinAck { received: taken });
+                if let Some(f) = frame {
+                    // A host that stopped reading is watched as for output.
+                    tokio::select! {
+                        biased;
+                        why = &mut *reader => return ended(why),
+                        () = sleep_until(stalled), if watched => return stall(),
+                        r = write(wr, &f) => if let Err(e) = r {
+                            return format!("write failed: {e}");
+                        },
+                    }
+                }
+                self.stdin_told = Some(taken);
+                continue;
+            }
             if let Some(next) = self.next() {
                 // A write blocked on a host that went away must not wait
                 // forever for the kernel to fail it: the reader's end of
@@ -1645,12 +1647,18 @@ mod tests {
         assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
         // The queue holds 2 chunks: only those are counted.
         let mut told = 0;
-        while let Ok(Some(m)) = timeout(Duration::from_millis(300), recv_any(&mut host)).await {
-            if let GuestMessage::StdinAck { received } = m {
-                told = received;
+        while told < 200 {
+            match timeout(Duration::from_secs(5), recv_any(&mut host)).await {
+                Ok(Some(GuestMessage::StdinAck { received })) => told = received,
+                other => panic!("expected the count to reach 200, got {other:?}"),
             }
         }
         assert_eq!(told, 200);
+        let more = timeout(Duration::from_millis(300), recv_any(&mut host)).await;
+        assert!(
+            more.is_err(),
+            "counted what the queue did not take: {more:?}"
+        );
         for i in 0..6u8 {
             assert_eq!(stdin.recv().await, Some(StdinOp::Data(vec![i; 100])));
         }
@@ -1706,6 +1714,48 @@ mod tests {
         }
         sleep(Duration::from_millis(100)).await;
         assert!(stdin.try_recv().is_err(), "stdin arrived twice");
+        task.abort();
+    }
+
+    /// A host that sends stdin but stops reading the guest's counts is
+    /// taken for dead once it falls silent too, like one that stops reading
+    /// output: the count's write does not wait for it forever.
+    #[tokio::test]
+    async fn a_host_that_stops_reading_the_stdin_count_is_redialled() {
+        let policy = Policy {
+            silence_patience: Duration::from_millis(300),
+            ..fast()
+        };
+        let (pairs, mut host1, _out, _in_rx, task, mut stdin) = started(policy, 2).await;
+        tokio::spawn(async move { while stdin.recv().await.is_some() {} });
+        let _host2 = pairs.next();
+        send(
+            &mut host1,
+            HostMessage::Ack {
+                stdout: 0,
+                stderr: 0,
+            },
+        )
+        .await;
+        // Each count the guest writes is a frame of its own, and each costs
+        // the socket's buffer far more than its bytes: a few thousand fill
+        // it, and the count's write then blocks.
+        // (The guest may hang up while this host still writes.)
+        let one = frame::encode(&HostMessage::Stdin(vec![0])).unwrap();
+        for _ in 0..20_000 {
+            if host1.write_all(&one).await.is_err() {
+                break;
+            }
+        }
+        let t = Instant::now();
+        while !pairs.0.lock().unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "still waiting on a host that reads nothing"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+        drop(host1);
         task.abort();
     }
 

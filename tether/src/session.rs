@@ -462,6 +462,12 @@ async fn dispatch(
                     log!("cannot send signal {n} to {pid}: {e}");
                 }
             }
+            // Only an exit can be acknowledged: one taken before it would
+            // end the session as soon as the report is queued, perhaps
+            // before any host read it.
+            HostMessage::ExitAck if !exited.load(Ordering::Relaxed) => {
+                log!("ignoring an exit acknowledgement: the process has not exited");
+            }
             HostMessage::ExitAck => {
                 let _ = ack.try_send(());
             }
@@ -502,4 +508,31 @@ fn send_signal(pid: Pid, n: i32) -> Result<(), Errno> {
     // SAFETY: kill takes plain integers; `pid` is the container's main
     // process (positive), never 0 or -1, and `n` is a valid signal number.
     Errno::result(unsafe { libc::kill(pid.as_raw(), n) }).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `ExitAck` before the exit is dropped; one after it is taken.
+    #[tokio::test]
+    async fn only_an_exit_is_acknowledged() {
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let exited = Arc::new(AtomicBool::new(false));
+        let (ack_tx, mut ack_rx) = mpsc::channel(1);
+        // No signal is sent: the pid is never used.
+        tokio::spawn(dispatch(
+            in_rx,
+            Pid::from_raw(i32::MAX),
+            exited.clone(),
+            ack_tx,
+        ));
+        in_tx.send(HostMessage::ExitAck).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(ack_rx.try_recv().is_err(), "acknowledged before the exit");
+        exited.store(true, Ordering::Relaxed);
+        in_tx.send(HostMessage::ExitAck).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ack_rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()));
+    }
 }
