@@ -115,6 +115,9 @@ struct Pool {
     image_id: Mutex<Option<String>>,
     ready: Mutex<VecDeque<(Arc<Vm>, Prebooted)>>,
     filling: AtomicU64,
+    /// Members taken whose refill waits for their start (see
+    /// [`REFILL_HOLD`]); counted as present meanwhile.
+    held: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     failures: AtomicU64,
@@ -145,6 +148,7 @@ impl Pools {
                         image_id: Mutex::new(None),
                         ready: Mutex::new(VecDeque::new()),
                         filling: AtomicU64::new(0),
+                        held: AtomicU64::new(0),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                         failures: AtomicU64::new(0),
@@ -179,7 +183,7 @@ impl Pools {
             match got {
                 Some(m) => {
                     p.hits.fetch_add(1, Ordering::Relaxed);
-                    p.wake.notify_one();
+                    hold_refill(p, m.0.clone());
                     return Some(m);
                 }
                 None => {
@@ -241,6 +245,26 @@ impl Pools {
     }
 }
 
+/// How long a taken member's refill may wait for the start it was taken
+/// for. Under TCG a boot takes a core for about a second: one that begins
+/// beside a hand-off slows the container's first output (both cores busy:
+/// the guest's vCPU and the refill's QEMU, with the agent and the vsock
+/// backends between them), while a refill that waits the ~20 ms until that
+/// output delays the pool by as much.
+const REFILL_HOLD: Duration = Duration::from_millis(250);
+
+/// Wakes `pool`'s refill for the member `vm` once `vm`'s process has
+/// output something or ended, at most [`REFILL_HOLD`] after the take.
+fn hold_refill(pool: &Arc<Pool>, vm: Arc<Vm>) {
+    pool.held.fetch_add(1, Ordering::Relaxed);
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFILL_HOLD, vm.first_output_or_end()).await;
+        pool.held.fetch_sub(1, Ordering::Relaxed);
+        pool.wake.notify_one();
+    });
+}
+
 /// Starts one refill loop per pool.
 pub fn start(agent: &Arc<Agent>) {
     for p in &agent.pools.pools {
@@ -283,7 +307,9 @@ async fn refill_loop(agent: Arc<Agent>, pool: Arc<Pool>) {
             continue;
         }
         let want = u64::from(pool.spec.size);
-        let have = pool.ready.lock().len() as u64 + pool.filling.load(Ordering::Relaxed);
+        let have = pool.ready.lock().len() as u64
+            + pool.filling.load(Ordering::Relaxed)
+            + pool.held.load(Ordering::Relaxed);
         let (_, memory) = agent.live_usage();
         let fits = memory + u64::from(agent.config.memory_mib) <= agent.config.max_total_memory_mib;
         if have < want && fits {
@@ -424,6 +450,66 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(30);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmlet_protocol::api::{Phase, VmState};
+
+    fn pool() -> Arc<Pool> {
+        let spec = PoolSpec {
+            image: "busybox".into(),
+            size: 1,
+            warmup: None,
+        };
+        Pools::new(&[spec], 1, 256, 1).pools[0].clone()
+    }
+
+    /// Whether the refill loop was woken (takes the wake-up).
+    async fn woken(p: &Pool) -> bool {
+        tokio::time::timeout(Duration::from_millis(1), p.wake.notified())
+            .await
+            .is_ok()
+    }
+
+    /// A taken member's refill waits for its first output, and counts the
+    /// member as present until then.
+    #[tokio::test(start_paused = true)]
+    async fn a_refill_waits_for_the_taken_members_first_output() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool();
+        let vm = crate::vm::tests::test_vm(d.path());
+        hold_refill(&p, vm.clone());
+        tokio::time::sleep(REFILL_HOLD / 2).await;
+        assert_eq!(p.held.load(Ordering::Relaxed), 1);
+        assert!(!woken(&p).await, "refilled before the first output");
+        vm.phase(Phase::Accepted);
+        vm.phase(Phase::FirstOutput);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(p.held.load(Ordering::Relaxed), 0);
+        assert!(woken(&p).await, "no refill after the first output");
+    }
+
+    /// A member whose process is silent, or whose VM ends, holds its
+    /// refill back no longer than `REFILL_HOLD`, or than its end.
+    #[tokio::test(start_paused = true)]
+    async fn a_refill_waits_no_longer_than_the_hold_or_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool();
+        let silent = crate::vm::tests::test_vm(&d.path().join("a"));
+        hold_refill(&p, silent);
+        tokio::time::sleep(REFILL_HOLD - Duration::from_millis(10)).await;
+        assert!(!woken(&p).await, "refilled before the hold ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(p.held.load(Ordering::Relaxed), 0);
+        assert!(woken(&p).await, "no refill after the hold");
+
+        let ended = crate::vm::tests::test_vm(&d.path().join("b"));
+        hold_refill(&p, ended.clone());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ended
+            .transition(&[VmState::Created], VmState::Exited)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(p.held.load(Ordering::Relaxed), 0);
+        assert!(woken(&p).await, "no refill after the VM ended");
+    }
 
     #[test]
     fn warm_ups_are_split_as_a_shell_would_and_find_their_pool() {

@@ -175,6 +175,8 @@ pub struct Vm {
     /// Set once a client has been told the exit (a stream's end or a
     /// wait): what an auto-remove of a VM that outlived an agent waits for.
     exit_told: watch::Sender<bool>,
+    /// Set when the first output is stored ([`Vm::first_output_or_end`]).
+    first_output: watch::Sender<bool>,
     /// The VM was running when this agent started (it outlived the one
     /// that started it): a client of that agent may be reconnecting.
     outlived_agent: std::sync::atomic::AtomicBool,
@@ -198,6 +200,7 @@ impl Vm {
             state_tx,
             persisting: Mutex::new(false),
             exit_told: watch::channel(false).0,
+            first_output: watch::channel(false).0,
             outlived_agent: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 rec,
@@ -286,8 +289,22 @@ impl Vm {
             tracing::debug!(vm = %self.id, phase = phase.name(), at_us, "phase reached");
         }
         drop(g);
+        if phase == Phase::FirstOutput {
+            self.first_output.send_replace(true);
+        }
         crash_point(phase);
         at_us
+    }
+
+    /// Returns once the VM's process has output something or the VM has
+    /// ended, whichever comes first.
+    pub async fn first_output_or_end(&self) {
+        let mut out = self.first_output.subscribe();
+        let mut state = self.subscribe();
+        tokio::select! {
+            _ = out.wait_for(|o| *o) => {}
+            _ = state.wait_for(|s| matches!(s, VmState::Exited | VmState::Removed)) => {}
+        }
     }
 
     /// Writes the record to `vm.json` in the VM's directory, atomically.
@@ -480,9 +497,21 @@ fn crash_point(phase: Phase) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::logstore::LogLimits;
+
+    /// A VM in `dir` (made if missing), as created.
+    pub(crate) fn test_vm(dir: &std::path::Path) -> Arc<Vm> {
+        std::fs::create_dir_all(dir).unwrap();
+        let (log, writer) = Log::open(&dir.join("log"), LogLimits::DEFAULT).unwrap();
+        Vm::new(
+            record("0123456789abcdef"),
+            dir.to_owned(),
+            log,
+            Some(writer),
+        )
+    }
 
     fn record(id: &str) -> VmRecord {
         VmRecord {
