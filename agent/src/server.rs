@@ -1148,7 +1148,16 @@ async fn to_guest(vm: &Vm, m: HostMessage) -> Result<(), ApiError> {
         return Err(exited());
     }
     tokio::select! {
-        r = vm.queue_for(&m).send(m) => r.map_err(|_| exited()),
+        r = async {
+            // Stdin in its own queue: a signal overtakes stdin the process
+            // has not read, as on one host it would not wait for a pipe.
+            match m {
+                HostMessage::Stdin(data) => vm.stdin.push(data).await,
+                HostMessage::CloseStdin => vm.stdin.close(),
+                m => return vm.to_guest.send(m).await.map_err(|_| exited()),
+            }
+            Ok(())
+        } => r,
         _ = state.wait_for(over) => Err(exited()),
     }
 }

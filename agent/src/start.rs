@@ -797,8 +797,7 @@ fn spawn_writer(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let queue = vm.to_guest_rx.clone();
-        let mut queues = queue.lock().await;
-        let crate::vm::GuestQueues { control, stdin } = &mut *queues;
+        let mut control = queue.lock().await;
         if write_frame(&mut wr, &opening).await.is_err() {
             return;
         }
@@ -842,7 +841,7 @@ fn spawn_writer(
                     Ok(()) => continue,
                     Err(_) => return,
                 },
-                m = stdin.recv(), if window => m,
+                m = vm.stdin.next(), if window => Some(m),
             };
             let Some(m) = m else { return };
             let Ok(frame) = vmlet_protocol::frame::encode(&m) else {

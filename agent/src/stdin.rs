@@ -13,6 +13,12 @@
 
 use std::collections::VecDeque;
 
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use vmlet_protocol::api::STDIN_WINDOW;
+use vmlet_protocol::frame::MAX_CHUNK;
+use vmlet_protocol::guest::HostMessage;
+
 /// Most stdin the agent holds unacknowledged for one VM; the writer waits
 /// for the tether's count before writing more, which slows the clients
 /// through the VM's queue. It is also the window of stdin the tether may
@@ -112,9 +118,152 @@ impl StdinReplay {
     }
 }
 
+/// Most stdin bytes one VM's queue holds before its writers wait: the
+/// window a client keeps per attach, so a client that keeps to it is never
+/// made to wait, and stdin for one VM never holds up its connection's
+/// requests for others.
+pub const QUEUE_CAP: usize = STDIN_WINDOW;
+
+/// Stdin on its way to one VM's guest, ahead of the writer of the guest
+/// connection: chunks in order, then the close. Bounded in bytes, not in
+/// chunks (small chunks are joined), so the bound holds whatever the chunk
+/// sizes.
+#[derive(Debug, Default)]
+pub struct StdinQueue {
+    inner: Mutex<Queued>,
+    /// Woken when bytes are taken.
+    room: Notify,
+    /// Woken when bytes or the close arrive.
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    chunks: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// A close was queued; `close_taken` once the writer took it.
+    closed: bool,
+    close_taken: bool,
+}
+
+impl StdinQueue {
+    /// Queues `data` after what is queued, waiting while the queue holds
+    /// [`QUEUE_CAP`] bytes or more. Dropped once a close was queued.
+    pub async fn push(&self, data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a take in between is seen.
+            room.as_mut().enable();
+            {
+                let mut q = self.inner.lock();
+                if q.closed {
+                    return;
+                }
+                if q.bytes < QUEUE_CAP {
+                    q.bytes += data.len();
+                    match q.chunks.back_mut() {
+                        Some(last) if last.len() + data.len() <= MAX_CHUNK => {
+                            last.extend_from_slice(&data)
+                        }
+                        _ => q.chunks.push_back(data),
+                    }
+                    drop(q);
+                    self.ready.notify_one();
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Queues the close, after every chunk queued so far.
+    pub fn close(&self) {
+        self.inner.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().bytes
+    }
+
+    /// The next message for the guest (`Stdin`, then `CloseStdin` once),
+    /// waiting until there is one. Cancel safe: nothing is taken unless
+    /// returned.
+    pub async fn next(&self) -> HostMessage {
+        loop {
+            let ready = self.ready.notified();
+            {
+                let mut q = self.inner.lock();
+                if let Some(c) = q.chunks.pop_front() {
+                    q.bytes -= c.len();
+                    drop(q);
+                    self.room.notify_waiters();
+                    return HostMessage::Stdin(c);
+                }
+                if q.closed && !q.close_taken {
+                    q.close_taken = true;
+                    return HostMessage::CloseStdin;
+                }
+            }
+            ready.await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Chunks come out in order, small ones joined, then the close once;
+    /// nothing after the close.
+    #[tokio::test]
+    async fn the_queue_keeps_order_joins_small_chunks_and_closes_once() {
+        let q = StdinQueue::default();
+        q.push(b"ab".to_vec()).await;
+        q.push(Vec::new()).await;
+        q.push(b"cd".to_vec()).await;
+        q.push(vec![7; MAX_CHUNK]).await;
+        q.close();
+        q.push(b"late".to_vec()).await;
+        assert_eq!(q.bytes(), 4 + MAX_CHUNK);
+        assert_eq!(q.next().await, HostMessage::Stdin(b"abcd".to_vec()));
+        assert_eq!(q.next().await, HostMessage::Stdin(vec![7; MAX_CHUNK]));
+        assert_eq!(q.next().await, HostMessage::CloseStdin);
+        let more = tokio::time::timeout(Duration::from_millis(50), q.next()).await;
+        assert!(more.is_err(), "{more:?}");
+        assert_eq!(q.bytes(), 0);
+    }
+
+    /// A writer within the window never waits, even in one-byte chunks;
+    /// past it, it waits until bytes are taken.
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_waits_only_past_the_window() {
+        let q = Arc::new(StdinQueue::default());
+        for _ in 0..QUEUE_CAP / 4096 {
+            tokio::time::timeout(Duration::from_secs(1), q.push(vec![1; 4096]))
+                .await
+                .expect("a push within the window waited");
+        }
+        // Small chunks cost no more than their bytes.
+        assert_eq!(q.bytes(), QUEUE_CAP);
+        let q2 = q.clone();
+        let past = tokio::spawn(async move { q2.push(vec![2]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!past.is_finished(), "a push past the window did not wait");
+        assert!(matches!(q.next().await, HostMessage::Stdin(c) if c.len() == MAX_CHUNK));
+        tokio::time::timeout(Duration::from_secs(1), past)
+            .await
+            .expect("the push did not go on once bytes were taken")
+            .unwrap();
+        assert_eq!(q.bytes(), QUEUE_CAP - MAX_CHUNK + 1);
+    }
 
     fn flat(v: Vec<Vec<u8>>) -> Vec<u8> {
         v.concat()

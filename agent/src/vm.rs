@@ -30,15 +30,6 @@ use crate::logstore::{Log, LogWriter};
 /// senders (stdin writers) are slowed down rather than buffered without end.
 pub const TO_GUEST_QUEUE: usize = 64;
 
-/// The receiving ends of a VM's two queues towards its guest.
-#[derive(Debug)]
-pub struct GuestQueues {
-    /// Signals and acknowledgements.
-    pub control: mpsc::Receiver<HostMessage>,
-    /// Stdin and its close, in order.
-    pub stdin: mpsc::Receiver<HostMessage>,
-}
-
 /// What is persisted of a VM in `vms/<id>/vm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {
@@ -153,13 +144,14 @@ pub struct Vm {
     pub log: Log,
     /// Messages for the guest but stdin: signals, acks. Kept apart from
     /// stdin so that stdin the process does not read holds none of them
-    /// back (see [`Vm::queue_for`]).
+    /// back.
     pub to_guest: mpsc::Sender<HostMessage>,
-    /// Stdin for the guest, written only while the tether keeps up.
-    pub stdin_to_guest: mpsc::Sender<HostMessage>,
-    /// The receiving ends, taken by the writer of each guest connection in
-    /// turn.
-    pub to_guest_rx: Arc<tokio::sync::Mutex<GuestQueues>>,
+    /// The receiving end, taken by the writer of each guest connection in
+    /// turn (its lock also keeps two writers from taking stdin at once).
+    pub to_guest_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<HostMessage>>>,
+    /// Stdin for the guest and its close, written only while the tether
+    /// keeps up.
+    pub stdin: crate::stdin::StdinQueue,
     /// Stdin bytes the guest has taken since its process started; `None`
     /// while unknown (a VM adopted after an agent restart, until its
     /// tether reconnects and says).
@@ -185,16 +177,15 @@ pub struct Vm {
 impl Vm {
     /// Creates the in-memory VM around its record.
     pub fn new(rec: VmRecord, dir: PathBuf, log: Log, writer: Option<LogWriter>) -> Arc<Vm> {
-        let (to_guest, control) = mpsc::channel(TO_GUEST_QUEUE);
-        let (stdin_to_guest, stdin) = mpsc::channel(TO_GUEST_QUEUE);
+        let (to_guest, rx) = mpsc::channel(TO_GUEST_QUEUE);
         let (state_tx, _) = watch::channel(rec.state);
         Arc::new(Vm {
             id: rec.id.clone(),
             dir,
             log,
             to_guest,
-            stdin_to_guest,
-            to_guest_rx: Arc::new(tokio::sync::Mutex::new(GuestQueues { control, stdin })),
+            to_guest_rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            stdin: Default::default(),
             stdin_acked: watch::channel(None).0,
             stdin_replay: Mutex::default(),
             state_tx,
@@ -227,16 +218,6 @@ impl Vm {
     /// The current state.
     pub fn state(&self) -> VmState {
         *self.state_tx.borrow()
-    }
-
-    /// The queue `m` goes to the guest in: stdin (and its close) in the
-    /// stdin queue, the rest ahead of it. A signal overtakes stdin the
-    /// process has not read, as on one host it would not wait for a pipe.
-    pub fn queue_for(&self, m: &HostMessage) -> &mpsc::Sender<HostMessage> {
-        match m {
-            HostMessage::Stdin(_) | HostMessage::CloseStdin => &self.stdin_to_guest,
-            _ => &self.to_guest,
-        }
     }
 
     /// A receiver of state changes.

@@ -22,6 +22,13 @@ pub const API_VERSION: u32 = 2;
 /// The oldest API version this crate still speaks.
 pub const MIN_API_VERSION: u32 = 1;
 
+/// Most stdin bytes a client keeps sent to one VM beyond the last
+/// `StdinAck` it was told. Within it the agent takes every `Stdin` without
+/// waiting, so stdin that one VM does not read never holds up other
+/// requests on the same connection; beyond it the agent may stop reading
+/// the connection until the guest takes some.
+pub const STDIN_WINDOW: usize = 4 << 20;
+
 /// Identifies one request on one connection.
 pub type RequestId = u64;
 

@@ -248,7 +248,11 @@ impl Client {
         }
     }
 
-    /// Sends stdin bytes for the attach request `attach`.
+    /// Sends stdin bytes for the attach request `attach`. Keep at most
+    /// [`STDIN_WINDOW`](crate::api::STDIN_WINDOW) bytes sent beyond the
+    /// last `StdinAck` of the attach: within it the agent never stops
+    /// reading this connection for stdin, so the connection's other
+    /// requests are not held up by a VM that does not read its stdin.
     pub async fn stdin(&self, attach: RequestId, data: Vec<u8>) -> Result<(), ClientError> {
         self.send(0, Request::Stdin { attach, data }).await
     }

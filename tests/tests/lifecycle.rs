@@ -314,3 +314,84 @@ fn output_and_signals_pass_stdin_the_process_does_not_read() {
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     a.assert_no_container_processes();
 }
+
+/// One client connection, two VMs: stdin that one VM's process does not
+/// read, sent within the protocol's window in small chunks, holds up
+/// neither the other VM's stdin nor a kill on the same connection.
+#[test]
+fn stdin_one_vm_does_not_read_holds_up_no_other_request_on_its_connection() {
+    use vmlet_protocol::api::{AttachSpec, CreateSpec, Request, Response, STDIN_WINDOW};
+    let a = TestAgent::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = vmlet_protocol::client::Client::connect(&a.socket)
+            .await
+            .expect("connect");
+        let spec = |argv: &[&str]| CreateSpec {
+            image: "busybox".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stdin_open: true,
+            ..Default::default()
+        };
+        let attach = |vm: &str| {
+            Request::Attach(AttachSpec {
+                vm: vm.into(),
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                replay: true,
+            })
+        };
+        let deaf = c.create(spec(&["sleep", "1000"])).await.unwrap();
+        let echo = c.create(spec(&["cat"])).await.unwrap();
+        let sd = c.stream(attach(&deaf)).await.unwrap();
+        let mut se = c.stream(attach(&echo)).await.unwrap();
+        c.start(&deaf).await.unwrap();
+        c.start(&echo).await.unwrap();
+        let limit = Duration::from_secs(60);
+        // The whole window, in 4 KiB chunks, without waiting for a count.
+        let t = Instant::now();
+        for _ in 0..STDIN_WINDOW / 4096 {
+            tokio::time::timeout(limit, c.stdin(sd.id, vec![b'x'; 4096]))
+                .await
+                .expect("stdin within the window was held up")
+                .unwrap();
+        }
+        eprintln!("{STDIN_WINDOW} bytes sent in {:?}", t.elapsed());
+        tokio::time::timeout(limit, c.stdin(se.id, b"hello\n".to_vec()))
+            .await
+            .expect("the other VM's stdin was held up")
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(limit, async {
+            while got != b"hello\n" {
+                match se.next().await {
+                    Some(Response::Output { data, .. }) => got.extend_from_slice(&data),
+                    Some(Response::StdinAck { .. }) => {}
+                    other => panic!("the echo VM's stream said {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("the other VM's stdin never arrived");
+        tokio::time::timeout(limit, c.kill(&deaf, 9))
+            .await
+            .expect("the kill was held up")
+            .unwrap();
+        let exit = tokio::time::timeout(limit, c.wait(&deaf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.code, 137, "{exit:?}");
+        c.close_stdin(se.id).await.unwrap();
+        let exit = tokio::time::timeout(limit, c.wait(&echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.code, 0, "{exit:?}");
+        drop(sd);
+        c.remove(&deaf, true).await.unwrap();
+        c.remove(&echo, true).await.unwrap();
+    });
+    a.assert_no_container_processes();
+}

@@ -880,9 +880,9 @@ fn attach_request(vm: &str, stdin: bool, replay: bool) -> Request {
     })
 }
 
-/// At most this much stdin is kept that the guest has not acknowledged
-/// (the agent keeps as much for a broken guest connection).
-const MAX_UNACKED_STDIN: usize = 8 << 20;
+/// At most this much stdin is kept that the guest has not acknowledged: the
+/// protocol's window, within which the agent takes stdin without waiting.
+const MAX_UNACKED_STDIN: usize = vmlet_protocol::api::STDIN_WINDOW;
 
 /// The stdin a client sent that the guest has not acknowledged yet, and
 /// whether the client's stdin has ended.
