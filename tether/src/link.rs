@@ -1029,6 +1029,28 @@ mod tests {
         vmlet_protocol::aio::write_frame(s, &m).await.unwrap();
     }
 
+    /// Reads stdin counts until one says `n`; fails on any other frame, a
+    /// count past `n`, or 5 s of silence.
+    async fn count_reaches(host: &mut UnixStream, n: u64) {
+        let mut told = 0;
+        while told < n {
+            match timeout(Duration::from_secs(5), recv_any(host)).await {
+                Ok(Some(GuestMessage::StdinAck { received })) => told = received,
+                other => panic!("expected the count to reach {n}, got {other:?}"),
+            }
+        }
+        assert_eq!(told, n);
+    }
+
+    /// The link's next connection, from a host that takes its hello and
+    /// resumes at `stdout` (stderr 0).
+    async fn resume_at(pairs: &Pairs, stdout: u64) -> UnixStream {
+        let mut host = pairs.next();
+        assert_eq!(recv_any(&mut host).await, Some(hello()));
+        send(&mut host, HostMessage::Resume { stdout, stderr: 0 }).await;
+        host
+    }
+
     /// Reads output frames until `n` payload bytes of `which` arrived.
     async fn recv_output(s: &mut UnixStream, which: Output, n: usize) -> Vec<u8> {
         let mut got = Vec::new();
@@ -1146,17 +1168,8 @@ mod tests {
         }
         let delivery = out.report(&exited()).await.unwrap();
 
-        let mut host2 = pairs.next();
-        assert_eq!(recv(&mut host2).await, Some(hello()));
         // Only "o" was stored (the rest was lost in the old connection).
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 1,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 1).await;
         assert_eq!(recv_output(&mut host2, Output::Stdout, 2).await, b"ne");
         let want: Vec<u8> = (0..50u8).flat_map(|i| vec![i; 1000]).collect();
         assert!(recv_output(&mut host2, Output::Stderr, want.len()).await == want);
@@ -1193,16 +1206,7 @@ mod tests {
             }
         }
         drop(host1);
-        let mut host2 = pairs.next();
-        assert_eq!(recv_any(&mut host2).await, Some(hello()));
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 0,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 0).await;
         assert_eq!(
             recv_any(&mut host2).await,
             Some(GuestMessage::StdinAck { received: 3000 })
@@ -1236,16 +1240,7 @@ mod tests {
         // half of it is data), one taken past it, and the channel slot.
         assert!((5..=12).contains(&sent), "sent {sent}");
 
-        let mut host2 = pairs.next();
-        assert_eq!(recv(&mut host2).await, Some(hello()));
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 0,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 0).await;
         // What the link held, then (acknowledged) what waited in the outbox.
         let want: Vec<u8> = (0..sent).flat_map(|i| vec![i as u8; 1000]).collect();
         let mut got = Vec::new();
@@ -1473,45 +1468,18 @@ mod tests {
         drop(host1);
         delivery.wait_for(Option::is_none).await.unwrap();
 
-        let mut host2 = pairs.next();
-        assert_eq!(recv(&mut host2).await, Some(hello()));
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 1,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 1).await;
         assert_eq!(recv_output(&mut host2, Output::Stdout, 2).await, b"bc");
         assert_eq!(recv(&mut host2).await, Some(exited()));
         drop(host2);
 
-        let mut host3 = pairs.next();
-        assert_eq!(recv(&mut host3).await, Some(hello()));
-        send(
-            &mut host3,
-            HostMessage::Resume {
-                stdout: 3,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host3 = resume_at(&pairs, 3).await;
         assert_eq!(recv(&mut host3).await, Some(exited()));
         send(&mut host3, HostMessage::ExitAck).await;
         assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
         drop(host3);
 
-        let mut host4 = pairs.next();
-        assert_eq!(recv(&mut host4).await, Some(hello()));
-        send(
-            &mut host4,
-            HostMessage::Resume {
-                stdout: 3,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host4 = resume_at(&pairs, 3).await;
         quiet(&mut host4).await;
         task.abort();
     }
@@ -1565,16 +1533,7 @@ mod tests {
         out.output(Output::Stdout, b"abc".to_vec()).await.unwrap();
         assert_eq!(recv_output(&mut host1, Output::Stdout, 3).await, b"abc");
         // host1 stays open but silent: no ack, no close.
-        let mut host2 = pairs.next();
-        assert_eq!(recv(&mut host2).await, Some(hello()));
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 0,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 0).await;
         assert_eq!(recv_output(&mut host2, Output::Stdout, 3).await, b"abc");
         send(
             &mut host2,
@@ -1646,14 +1605,7 @@ mod tests {
         assert_eq!(got, Some(HostMessage::Signal(15)));
         assert_eq!(in_rx.recv().await, Some(HostMessage::ExitAck));
         // The queue holds 2 chunks: only those are counted.
-        let mut told = 0;
-        while told < 200 {
-            match timeout(Duration::from_secs(5), recv_any(&mut host)).await {
-                Ok(Some(GuestMessage::StdinAck { received })) => told = received,
-                other => panic!("expected the count to reach 200, got {other:?}"),
-            }
-        }
-        assert_eq!(told, 200);
+        count_reaches(&mut host, 200).await;
         let more = timeout(Duration::from_millis(300), recv_any(&mut host)).await;
         assert!(
             more.is_err(),
@@ -1663,14 +1615,7 @@ mod tests {
             assert_eq!(stdin.recv().await, Some(StdinOp::Data(vec![i; 100])));
         }
         assert_eq!(stdin.recv().await, Some(StdinOp::Close));
-        let mut told = 0;
-        while told < 600 {
-            match timeout(Duration::from_secs(5), recv_any(&mut host)).await {
-                Ok(Some(GuestMessage::StdinAck { received })) => told = received,
-                other => panic!("expected the count to reach 600, got {other:?}"),
-            }
-        }
-        assert_eq!(told, 600);
+        count_reaches(&mut host, 600).await;
         task.abort();
     }
 
@@ -1691,16 +1636,7 @@ mod tests {
         }
         sleep(Duration::from_millis(100)).await;
         drop(host1);
-        let mut host2 = pairs.next();
-        assert_eq!(recv_any(&mut host2).await, Some(hello()));
-        send(
-            &mut host2,
-            HostMessage::Resume {
-                stdout: 0,
-                stderr: 0,
-            },
-        )
-        .await;
+        let mut host2 = resume_at(&pairs, 0).await;
         assert_eq!(
             recv_any(&mut host2).await,
             Some(GuestMessage::StdinAck { received: 20 })

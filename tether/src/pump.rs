@@ -132,6 +132,24 @@ mod tests {
     use vmlet_protocol::frame::MAX_FRAME_LEN;
     use vmlet_protocol::guest::HostMessage;
 
+    /// A link on `stream` alone, with a stdin queue nobody reads.
+    fn one_connection(
+        stream: UnixStream,
+        inbound: mpsc::Sender<HostMessage>,
+    ) -> (link::Outbox, tokio::task::JoinHandle<()>) {
+        let hello = GuestMessage::Started { pid: 1 };
+        let stdin = mpsc::channel(1).0;
+        link::start(
+            Pairs::default(),
+            stream,
+            &hello,
+            inbound,
+            stdin,
+            Policy::default(),
+            4,
+        )
+    }
+
     /// Two pumps push several MiB each through real pipes and the link at
     /// once, against a slow host: every chunk is at most MAX_CHUNK, and
     /// each stream arrives whole and in order.
@@ -141,15 +159,7 @@ mod tests {
         let (in_tx, _in_rx) = mpsc::channel::<HostMessage>(1);
         // (Without a spec the link is not resuming: fine for one connection.)
         let hello = GuestMessage::Started { pid: 1 };
-        let (out, _task) = link::start(
-            Pairs::default(),
-            a,
-            &hello,
-            in_tx,
-            mpsc::channel(1).0,
-            Policy::default(),
-            4,
-        );
+        let (out, _task) = one_connection(a, in_tx);
 
         let pattern = |seed: u8, len: usize| -> Vec<u8> {
             (0..len)
@@ -240,16 +250,7 @@ mod tests {
     async fn draining_gives_up_on_a_silent_pipe() {
         let (a, _host) = UnixStream::pair().unwrap();
         let (in_tx, _in_rx) = mpsc::channel::<HostMessage>(1);
-        let hello = GuestMessage::Started { pid: 1 };
-        let (out, _task) = link::start(
-            Pairs::default(),
-            a,
-            &hello,
-            in_tx,
-            mpsc::channel(1).0,
-            Policy::default(),
-            4,
-        );
+        let (out, _task) = one_connection(a, in_tx);
         let (mut w, r) = os_pipe();
         w.write_all(b"last words").await.unwrap();
         let (draining, rx) = watch::channel(false);
