@@ -303,6 +303,19 @@ impl Vm {
         crate::state::write_atomic_mode(&self.dir.join("vm.json"), &data, 0o600)
     }
 
+    /// [`Vm::persist`] without waiting for the disk: the record is in
+    /// place (a restarted agent reads it) when this returns, and durable
+    /// once the returned [`Unsynced`](crate::state::Unsynced) is synced.
+    /// `None` once the VM's directory is being deleted.
+    pub fn persist_unsynced(&self) -> std::io::Result<Option<crate::state::Unsynced>> {
+        let removed = self.persisting.lock();
+        if *removed {
+            return Ok(None);
+        }
+        let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
+        crate::state::write_atomic_unsynced(&self.dir.join("vm.json"), &data, 0o600).map(Some)
+    }
+
     /// Ends the VM's persists, for the deletion of its directory: a persist
     /// racing the deletion (a start's, as its VM exits and is auto-removed)
     /// would leave a file in it, and the deletion would fail. Hold the
