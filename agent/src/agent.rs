@@ -123,7 +123,7 @@ pub struct Agent {
     /// this host ever share one.
     cids: parking_lot::Mutex<std::collections::BTreeSet<u32>>,
     events: broadcast::Sender<Event>,
-    /// Syncs the records of VMs just created ([`Agent::persist_created`]).
+    /// Syncs the records written by [`Agent::persist_unsynced`].
     syncer: crate::state::Syncer,
 }
 
@@ -461,14 +461,30 @@ impl Agent {
         }
     }
 
-    /// Writes the record of a VM that has just been created, not started,
-    /// without waiting for the disk: the create's caller waits for the
-    /// record to be in place, which is all a restarted agent needs, and
-    /// not for its flush (~1.5 ms here, 30 ms and more while the disk is
-    /// busy). A created VM has no output or exit to lose; a power loss
-    /// before the flush, which no VM on the host outlives, may lose the
-    /// creation itself.
-    fn persist_created(&self, vm: &Vm) {
+    /// [`Agent::persist`] on a blocking thread, so that the disk's flush
+    /// holds up no runtime thread; returns once the record is on disk.
+    pub async fn persist_durably(self: &Arc<Self>, vm: &Arc<Vm>) {
+        let (agent, v) = (self.clone(), vm.clone());
+        if tokio::task::spawn_blocking(move || agent.persist(&v))
+            .await
+            .is_err()
+        {
+            // The runtime is shutting down: write it here.
+            self.persist(vm);
+        }
+    }
+
+    /// Writes the VM's record without waiting for the disk: it is in place
+    /// (what a restarted agent reads) when this returns, and the agent's
+    /// sync thread flushes it right after. For the records of a create and
+    /// of a start, whose callers then wait for the record to be in place,
+    /// not for its flush (~1.5 ms here, 30 ms and more while QEMU or the
+    /// logs keep the disk busy), and do not hold a runtime thread in the
+    /// meantime. A power loss before the flush may lose that change (a
+    /// creation; a start, which then reads as cut short), but no VM on the
+    /// host outlives a power loss anyway. What one would lose, the exit and
+    /// its code, is written with [`Agent::persist`].
+    pub fn persist_unsynced(&self, vm: &Vm) {
         match vm.persist_unsynced() {
             Ok(Some(pending)) => self.syncer.submit(pending),
             Ok(None) => {}
@@ -563,7 +579,7 @@ impl Agent {
                     i.rec.from_pool = true;
                     i.prebooted = Some(pre);
                 });
-                self.persist_created(&vm);
+                self.persist_unsynced(&vm);
                 vm
             }
             None => self.new_vm(spec, image.id, image.layers, memory_mib, vcpus, false)?,
@@ -785,7 +801,7 @@ impl Agent {
             root: None,
         };
         let vm = Vm::new(rec, dir, log, Some(writer));
-        self.persist_created(&vm);
+        self.persist_unsynced(&vm);
         Ok(vm)
     }
 

@@ -56,8 +56,9 @@ pub async fn start(agent: &Arc<Agent>, vm: &Arc<Vm>) -> Result<(), ApiError> {
             tokio::spawn(session(agent.clone(), vm.clone(), conn).instrument(span));
             // Running, on disk. The session may already be finishing the
             // VM; persists are serialised and snapshot under their lock, so
-            // whichever is written last has the newest state.
-            agent.persist(vm);
+            // whichever is written last has the newest state. Not waiting
+            // for the flush: the session carries the first output now.
+            agent.persist_unsynced(vm);
             Ok(())
         }
         Err((e, handle)) => {
@@ -405,7 +406,7 @@ async fn until_hello(
     if stopping {
         return Err((stopped_during_start(vm), Some(handle)));
     }
-    agent.persist(vm);
+    agent.persist_unsynced(vm);
     vm.phase(Phase::VmmSpawned);
     let (frames, wr, boot) = await_hello(&handle, &link, timeout)
         .await
@@ -1319,7 +1320,7 @@ pub async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
     // On disk before anyone hears of it: a waiting `rm` deletes the VM's
     // directory the moment it sees `exited`, and a record written into a
     // directory being deleted would make the deletion fail.
-    agent.persist(vm);
+    agent.persist_durably(vm).await;
     vm.set_state(VmState::Exited);
     agent.emit(vm);
     if vm.record().spec.auto_remove {
