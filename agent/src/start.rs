@@ -1307,7 +1307,10 @@ fn store(
 /// Marks the VM exited, persists it, and removes it if it asked for that.
 pub async fn finish(agent: &Arc<Agent>, vm: &Arc<Vm>, exit: ExitInfo) {
     if let Some(w) = vm.with(|i| i.log_writer.take()) {
-        w.seal();
+        // The seal flushes the log: on a blocking thread, as the record's
+        // flush below. Lost only to a runtime shutting down, which ends
+        // the log's readers all the same.
+        let _ = tokio::task::spawn_blocking(move || w.seal()).await;
     }
     vm.phase(Phase::Exited);
     tracing::info!(vm = %vm.id, code = exit.code, reason = %exit.reason, "exited");
