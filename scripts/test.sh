@@ -17,6 +17,8 @@ cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings
 # The hostile tether (tests only) is behind a feature the line above leaves off.
 cargo clippy -q -p vmlet-tether --features hostile --all-targets -- -D warnings
+# The API docs build without a broken link (the engine's developers read them).
+RUSTDOCFLAGS="-D warnings" cargo doc -q --no-deps --workspace
 # Every decoder of untrusted bytes, fuzzed for a bounded time (20 s each;
 # installs the nightly toolchain and cargo-fuzz if missing).
 scripts/fuzz.sh 20

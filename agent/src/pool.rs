@@ -411,7 +411,7 @@ async fn discard(agent: &Arc<Agent>, vm: Arc<Vm>, pre: Prebooted) {
 /// Refills stop first. A member still booting is killed through its record
 /// and its refill then ends by itself (a boot that outruns the kill is
 /// discarded when it is prepared); drain waits for them, at most
-/// [`DRAIN_PATIENCE`], so no member outlives the agent.
+/// `DRAIN_PATIENCE`, so no member outlives the agent.
 pub async fn drain(agent: &Arc<Agent>) {
     agent.pools.closed.store(true, Ordering::SeqCst);
     for p in &agent.pools.pools {

@@ -8,7 +8,7 @@
 //! other connection.
 //!
 //! A connection holds one of [`MAX_CONNECTIONS`] slots, so none may hold it
-//! for nothing: one that says no hello within [`HELLO_TIMEOUT`], or that
+//! for nothing: one that says no hello within `HELLO_TIMEOUT`, or that
 //! sits idle (no request in flight, no stream, no frame received) for the
 //! configured idle timeout, is sent a `TimedOut` error and closed. A
 //! connection with a request or stream in progress (a `wait`, `logs -f`,

@@ -9,7 +9,8 @@
 //! allocate more than one frame's worth of memory.
 //!
 //! The core has no runtime dependency. The `tokio` feature adds async frame
-//! I/O ([`aio`]); the `client` feature adds the engine's client ([`client`]).
+//! I/O (module `aio`); the `client` feature adds the engine's client (module
+//! `client`).
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;

@@ -5,7 +5,7 @@
 //! seccomp filter (the last is QEMU's own `-sandbox`, see [`crate::qemu::argv`]).
 //!
 //! - **User**: the VMM's processes drop to [`Credentials`] in the forked child, before exec
-//!   ([`crate::process::Process::spawn`]), so QEMU never holds root, not even briefly (QEMU's
+//!   (`Process::spawn` in `process.rs`), so QEMU never holds root, not even briefly (QEMU's
 //!   own `-runas` would parse its whole command line and open its files as root first).
 //! - **Cgroup**: one per VM, with the VMM and its helpers in it. The child joins it, also
 //!   before exec, by writing `0` to the cgroup's `cgroup.procs` (v2) or `tasks` (v1) through

@@ -31,7 +31,7 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet";
 /// TSC frequency comes from kvmclock, so no hints are given there.
 pub const TCG_TIMER_HINTS: &str = "tsc_early_khz=2000000 lpj=4000000 no_timer_check";
 
-/// The timer hints a TCG guest gets on this host (see [`tsc_hints`]); worked out once, on
+/// The timer hints a TCG guest gets on this host (see `tsc_hints`); worked out once, on
 /// first use (~60 ms of measuring). A caller that knows it will start TCG guests calls it
 /// ahead, so no start pays for the measurement.
 pub fn tcg_timer_hints() -> &'static str {

@@ -2,7 +2,7 @@
 //! device and the host a hybrid-vsock Unix socket, with no `AF_VSOCK` on the host.
 //!
 //! The backend keeps serving after QEMU disconnects and leaves its sockets behind when
-//! killed, so whoever spawned it must kill it and remove them ([`VsockBackend::shutdown`]).
+//! killed, so whoever spawned it must kill it and remove them (`VsockBackend::shutdown`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

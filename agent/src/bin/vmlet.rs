@@ -187,7 +187,7 @@ enum ImageCmd {
     },
     /// Pull an image from a registry. Prints the image id.
     Pull {
-        /// [http://]host[:port]/repo[:tag|@sha256:…]
+        #[arg(help = "[http://]host[:port]/repo[:tag|@sha256:…]")]
         reference: String,
     },
     /// List images.
