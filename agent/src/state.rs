@@ -63,10 +63,10 @@ pub fn write_atomic_unsynced(path: &Path, data: &[u8], mode: u32) -> io::Result<
     })
 }
 
-/// How many files may wait for [`Syncer`]'s thread; past that a caller
-/// syncs its own, so a disk slower than the writes holds back the writers
-/// rather than growing a queue.
-const SYNC_QUEUE: usize = 256;
+/// How many files may wait for [`Syncer`]'s thread, each holding two file
+/// descriptors; past that a caller syncs its own, so a disk slower than
+/// the writes holds back the writers rather than growing a queue.
+const SYNC_QUEUE: usize = 64;
 
 /// A thread that syncs [`Unsynced`] files in the order they come, so the
 /// threads that wrote them never wait for the disk. A failed sync is
