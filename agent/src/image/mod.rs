@@ -27,7 +27,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -233,6 +233,10 @@ pub struct ImageStore {
     converter: Converter,
     /// Serialises changes to image records.
     records: Mutex<()>,
+    /// Every image record as last read from `images/`; emptied by each
+    /// change the store makes there, read again on the next lookup. So a
+    /// create resolves its image without reading one file per image.
+    cache: parking_lot::Mutex<Option<Arc<Vec<ImageRecord>>>>,
     /// Imports hold it shared; GC holds it exclusively, so a layer
     /// converted for an import whose record is not written yet is never
     /// collected.
@@ -272,6 +276,7 @@ impl ImageStore {
             fs_kind: LayerFs::Erofs,
             converter: Converter::new(parallel),
             records: Mutex::new(()),
+            cache: parking_lot::Mutex::new(None),
             gc_lock: RwLock::new(()),
             max_upload: DEFAULT_MAX_UPLOAD,
             blank_overlays: overlay::BlankOverlays::default(),
@@ -329,8 +334,30 @@ impl ImageStore {
         })
     }
 
-    /// Every image record.
+    /// Every image record, newest first.
     pub fn records(&self) -> Vec<ImageRecord> {
+        self.cached_records().as_ref().clone()
+    }
+
+    /// [`ImageStore::records`], shared: read from `images/` only after a
+    /// change. Read under the cache's lock, so a change made during the
+    /// read empties the cache after it, not before.
+    fn cached_records(&self) -> Arc<Vec<ImageRecord>> {
+        let mut cache = self.cache.lock();
+        if let Some(v) = &*cache {
+            return v.clone();
+        }
+        let v = Arc::new(self.read_records());
+        *cache = Some(v.clone());
+        v
+    }
+
+    /// Empties the cache of records: call after every change to `images/`.
+    fn records_changed(&self) {
+        *self.cache.lock() = None;
+    }
+
+    fn read_records(&self) -> Vec<ImageRecord> {
         let mut v: Vec<ImageRecord> = fs::read_dir(self.dir.join("images"))
             .into_iter()
             .flatten()
@@ -348,7 +375,7 @@ impl ImageStore {
     /// unique id prefix of at least 4 hex digits.
     pub fn find(&self, reference: &str) -> Result<ImageRecord, ApiError> {
         ids::validate_image(reference)?;
-        let recs = self.records();
+        let recs = self.cached_records();
         if reference.starts_with("sha256:") {
             if let Some(r) = recs.iter().find(|r| r.id == reference) {
                 return Ok(r.clone());
@@ -608,7 +635,10 @@ impl ImageStore {
     fn write_record(&self, r: &ImageRecord) -> Result<(), ApiError> {
         let p = self.image_path(&r.id[7..]);
         let data = serde_json::to_vec_pretty(r).expect("record serialises");
-        write_atomic(&p, &data).map_err(|e| internal("cannot write the image record", e))
+        let written = write_atomic(&p, &data);
+        // Even a failed write may have replaced the file.
+        self.records_changed();
+        written.map_err(|e| internal("cannot write the image record", e))
     }
 
     /// Converts a layer unless it is stored already.
@@ -704,7 +734,9 @@ impl ImageStore {
             ));
         }
         let p = self.image_path(&r.id[7..]);
-        fs::remove_file(&p).map_err(|e| internal("cannot remove the image record", e))?;
+        let removed = fs::remove_file(&p);
+        self.records_changed();
+        removed.map_err(|e| internal("cannot remove the image record", e))?;
         tracing::info!(image = %r.id, "image removed");
         Ok(r)
     }
@@ -1023,6 +1055,23 @@ mod tests {
         let e = rm.join().unwrap().unwrap_err();
         assert_eq!(e.code, ErrorCode::Conflict, "{e}");
         assert!(store.find("busybox").is_ok());
+    }
+
+    /// Lookups read the records from a cache; every change the store
+    /// makes to them is seen by the next lookup.
+    #[test]
+    fn lookups_see_every_change_to_the_records() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(d.path().to_path_buf()).unwrap();
+        store.ensure_busybox().unwrap();
+        let id = store.find("busybox").unwrap().id;
+        assert_eq!(store.find("other:1").unwrap_err().code, ErrorCode::NotFound);
+        store.add_names(&id, &["other:1".into()]).unwrap();
+        assert_eq!(store.find("other:1").unwrap().id, id);
+        assert_eq!(store.records().len(), 1);
+        store.remove("other:1", &|_| Vec::new(), false).unwrap();
+        assert_eq!(store.find("busybox").unwrap_err().code, ErrorCode::NotFound);
+        assert!(store.records().is_empty());
     }
 
     #[test]
