@@ -675,6 +675,21 @@ impl Agent {
         (n, m + self.pools.memory_held_mib())
     }
 
+    /// The limits a start is admitted against and what counts against
+    /// them now ([`Agent::live_usage`]), with the pools' refill bound.
+    pub fn capacity(&self) -> vmlet_protocol::api::CapacityInfo {
+        let (vms, memory_mib) = self.live_usage();
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        vmlet_protocol::api::CapacityInfo {
+            vms: clamp(vms),
+            max_vms: clamp(self.config.max_vms),
+            memory_mib,
+            max_memory_mib: self.config.max_total_memory_mib,
+            pool_refill: clamp(self.config.pool_refill.max(1)),
+            pool_filling: clamp(self.pools.filling()),
+        }
+    }
+
     /// The lowest vsock CID no guest of this host uses.
     /// Templates whose disks back a clone that is starting or running.
     pub fn template_refs(&self) -> std::collections::HashSet<String> {

@@ -205,6 +205,14 @@ impl Pools {
             .sum()
     }
 
+    /// Pool members booting now, over all pools.
+    pub fn filling(&self) -> usize {
+        self.pools
+            .iter()
+            .map(|p| p.filling.load(Ordering::Relaxed) as usize)
+            .sum()
+    }
+
     /// CIDs of pool members, so no VM is given one of them.
     pub fn cids(&self) -> Vec<u32> {
         self.pools

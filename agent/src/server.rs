@@ -883,6 +883,7 @@ async fn handle(agent: Arc<Agent>, id: RequestId, body: Request, tx: &Tx, versio
         },
         Request::Pools => Ok(Response::Pools(agent.pools.info())),
         Request::Templates => Ok(Response::Templates(agent.templates.info())),
+        Request::Capacity => Ok(Response::Capacity(agent.capacity())),
         Request::Prestage { image } => agent.prestage(&image).await.map(|_| Response::Done),
         Request::List { all } => Ok(Response::List(agent.list(all))),
         Request::Inspect { vm } => agent

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// The newest API version this crate speaks.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 /// The oldest API version this crate still speaks.
 pub const MIN_API_VERSION: u32 = 1;
 
@@ -216,6 +216,10 @@ pub enum Request {
     /// The guest templates: snapshots of booted guests that starts restore
     /// instead of booting. Answer: [`Response::Templates`].
     Templates,
+    /// API version 3 on: the host's limits and how much of them is in use,
+    /// and how many pool members may boot at once. Answer:
+    /// [`Response::Capacity`].
+    Capacity,
 }
 
 /// What a container VM should run.
@@ -358,6 +362,30 @@ pub enum Response {
         /// Bytes of stderr before the stream's first.
         stderr: u64,
     },
+    /// Answer to [`Request::Capacity`].
+    Capacity(CapacityInfo),
+}
+
+/// The limits a start is admitted against (`vmletd --max-vms`,
+/// `--max-total-memory`), what counts against them now, and how many
+/// pool members may boot at once (`--pool-refill`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityInfo {
+    /// VMs starting or running, and created VMs holding a pool member's
+    /// booted guest.
+    pub vms: u32,
+    /// Most such VMs at once.
+    pub max_vms: u32,
+    /// Guest memory those VMs and every pool member (ready or booting)
+    /// hold, MiB.
+    pub memory_mib: u64,
+    /// Most guest memory at once, MiB: a start that would pass it is
+    /// refused, and a pool does not refill past it.
+    pub max_memory_mib: u64,
+    /// Most pool members booting at once, over all pools.
+    pub pool_refill: u32,
+    /// Pool members booting now.
+    pub pool_filling: u32,
 }
 
 /// One guest template: a guest of one image booted once, its tether ready,
@@ -744,8 +772,9 @@ mod tests {
     fn negotiation() {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(API_VERSION));
-        assert_eq!(negotiate(2, 9), Some(2));
-        assert_eq!(negotiate(3, 9), None);
+        assert_eq!(negotiate(2, 9), Some(API_VERSION));
+        assert_eq!(negotiate(1, 2), Some(2));
+        assert_eq!(negotiate(API_VERSION + 1, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

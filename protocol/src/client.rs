@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aio::{read_frame, write_frame};
 use crate::api::{
-    ClientMessage, CreateSpec, ExitInfo, ImageInfo, Request, RequestId, Response, ServerMessage,
-    VersionInfo, VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
+    CapacityInfo, ClientMessage, CreateSpec, ExitInfo, ImageInfo, Request, RequestId, Response,
+    ServerMessage, VersionInfo, VmInfo, VmSummary, API_VERSION, MIN_API_VERSION,
 };
 use crate::error::ApiError;
 use crate::frame::{FrameError, MAX_FRAME_LEN};
@@ -51,6 +51,16 @@ pub enum ClientError {
     /// The agent answered with something this request does not expect.
     #[error("unexpected reply from vmletd: {0}")]
     Unexpected(String),
+    /// The request needs a newer API version than the connection speaks.
+    #[error(
+        "vmletd speaks API version {agent}; this request needs version {needs} (upgrade vmletd)"
+    )]
+    TooOld {
+        /// The version the request needs.
+        needs: u32,
+        /// The connection's version.
+        agent: u32,
+    },
 }
 
 impl ClientError {
@@ -60,7 +70,7 @@ impl ClientError {
             ClientError::Api(e) => e.retryable(),
             ClientError::Connect { .. } | ClientError::Closed | ClientError::Frame(_) => true,
             ClientError::Io(_) => false,
-            ClientError::Unexpected(_) => false,
+            ClientError::Unexpected(_) | ClientError::TooOld { .. } => false,
         }
     }
 }
@@ -412,6 +422,21 @@ impl Client {
             })
             .await?,
         )
+    }
+
+    /// The host's limits, what counts against them, and how many pool
+    /// members may boot at once (API version 3).
+    pub async fn capacity(&self) -> Result<CapacityInfo, ClientError> {
+        if self.version < 3 {
+            return Err(ClientError::TooOld {
+                needs: 3,
+                agent: self.version,
+            });
+        }
+        match self.call(Request::Capacity).await? {
+            Response::Capacity(c) => Ok(c),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// The agent's version.

@@ -287,10 +287,20 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
             "busybox=1".into(),
             "--max-total-memory".into(),
             "768".into(),
+            "--max-vms".into(),
+            "7".into(),
+            "--pool-refill".into(),
+            "2".into(),
         ],
         ..Default::default()
     });
-    wait_ready(&a, 1);
+    let out = wait_ready(&a, 1);
+    // The limits, and the member's share of them, are visible.
+    assert!(
+        out.contains("host: 0 of at most 7 VMs; 256 of at most 768 MiB of guest memory"),
+        "{out}"
+    );
+    assert!(out.contains("at most 2 at once"), "{out}");
     // Each create takes the booted member; the pool refills while the
     // guests it and the created VMs hold still fit.
     let first = create(&a, &["busybox", "--", "true"]);
@@ -307,6 +317,11 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
     // Three guests are the budget: the pool must not boot a fourth.
     std::thread::sleep(Duration::from_secs(8));
     let pool = stdout(&a.run(&["pool"]));
+    assert!(
+        pool.contains("host: 3 of at most 7 VMs; 768 of at most 768 MiB"),
+        "{pool}"
+    );
+    assert!(pool.contains("refill: 0 pool member(s) booting"), "{pool}");
     assert_eq!(
         pool.lines()
             .nth(1)

@@ -483,6 +483,18 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         .unwrap_or_else(|| "-".into())
                 );
             }
+            // An agent older than API version 3 cannot say.
+            if client.version() >= 3 {
+                let c = client.capacity().await?;
+                println!(
+                    "\nhost: {} of at most {} VMs; {} of at most {} MiB of guest memory, pool members included",
+                    c.vms, c.max_vms, c.memory_mib, c.max_memory_mib
+                );
+                println!(
+                    "refill: {} pool member(s) booting, at most {} at once",
+                    c.pool_filling, c.pool_refill
+                );
+            }
             Ok(0)
         }
         Cmd::Template { json } => {
