@@ -419,7 +419,17 @@ fn another_process_cannot_pose_as_a_guests_tether() {
         assert!(Instant::now() < deadline, "no tether listener appeared");
         std::thread::sleep(Duration::from_millis(5));
     };
-    let mut forged = UnixStream::connect(&listener).expect("connect to the listener");
+    // The file appears at bind(), a moment before listen(): until then a
+    // connect is refused.
+    let mut forged = loop {
+        match UnixStream::connect(&listener) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                assert!(Instant::now() < deadline, "the listener never listened");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => break r.expect("connect to the listener"),
+        }
+    };
     forged
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
