@@ -294,13 +294,15 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
         ],
         ..Default::default()
     });
-    let out = wait_ready(&a, 1);
+    wait_ready(&a, 1);
     // The limits, and the member's share of them, are visible.
+    let info = stdout(&a.run(&["info"]));
+    assert!(info.contains("VMs: 0 of at most 7"), "{info}");
     assert!(
-        out.contains("host: 0 of at most 7 VMs; 256 of at most 768 MiB of guest memory"),
-        "{out}"
+        info.contains("guest memory: 256 of at most 768 MiB"),
+        "{info}"
     );
-    assert!(out.contains("at most 2 at once"), "{out}");
+    assert!(info.contains("at most 2 at once"), "{info}");
     // Each create takes the booted member; the pool refills while the
     // guests it and the created VMs hold still fit.
     let first = create(&a, &["busybox", "--", "true"]);
@@ -317,11 +319,13 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
     // Three guests are the budget: the pool must not boot a fourth.
     std::thread::sleep(Duration::from_secs(8));
     let pool = stdout(&a.run(&["pool"]));
+    let info = stdout(&a.run(&["info"]));
+    assert!(info.contains("VMs: 3 of at most 7"), "{info}");
     assert!(
-        pool.contains("host: 3 of at most 7 VMs; 768 of at most 768 MiB"),
-        "{pool}"
+        info.contains("guest memory: 768 of at most 768 MiB"),
+        "{info}"
     );
-    assert!(pool.contains("refill: 0 pool member(s) booting"), "{pool}");
+    assert!(info.contains("pool refills: 0 booting"), "{info}");
     assert_eq!(
         pool.lines()
             .nth(1)

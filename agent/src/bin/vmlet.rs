@@ -160,6 +160,9 @@ enum Cmd {
     Events,
     /// Show the warm pools: guests booted ahead of demand.
     Pool,
+    /// Show the host's limits (VMs, guest memory), what counts against
+    /// them now, and how many pool members may boot at once.
+    Info,
     /// Show the guest templates (snapshots starts restore instead of booting).
     Template {
         /// Print JSON instead of a table.
@@ -483,18 +486,22 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         .unwrap_or_else(|| "-".into())
                 );
             }
-            // An agent older than API version 3 cannot say.
-            if client.version() >= 3 {
-                let c = client.capacity().await?;
-                println!(
-                    "\nhost: {} of at most {} VMs; {} of at most {} MiB of guest memory, pool members included",
-                    c.vms, c.max_vms, c.memory_mib, c.max_memory_mib
-                );
-                println!(
-                    "refill: {} pool member(s) booting, at most {} at once",
-                    c.pool_filling, c.pool_refill
-                );
-            }
+            Ok(0)
+        }
+        Cmd::Info => {
+            let c = client.capacity().await?;
+            println!(
+                "VMs: {} of at most {} (starting, running, or holding a pool member's guest)",
+                c.vms, c.max_vms
+            );
+            println!(
+                "guest memory: {} of at most {} MiB (pool members included)",
+                c.memory_mib, c.max_memory_mib
+            );
+            println!(
+                "pool refills: {} booting, at most {} at once",
+                c.pool_filling, c.pool_refill
+            );
             Ok(0)
         }
         Cmd::Template { json } => {
