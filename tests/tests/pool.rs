@@ -278,6 +278,14 @@ fn guest_processes(a: &TestAgent) -> Vec<i32> {
     TestAgent::processes_mentioning(&a.state_dir().join("vms"))
 }
 
+/// Asserts that `vmlet info` prints each of `lines`.
+fn info_says(a: &TestAgent, lines: &[&str]) {
+    let info = stdout(&a.run(&["info"]));
+    for l in lines {
+        assert!(info.contains(l), "no {l:?} in:\n{info}");
+    }
+}
+
 #[test]
 fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
     // Room for three guests of 256 MiB.
@@ -296,13 +304,14 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
     });
     wait_ready(&a, 1);
     // The limits, and the member's share of them, are visible.
-    let info = stdout(&a.run(&["info"]));
-    assert!(info.contains("VMs: 0 of at most 7"), "{info}");
-    assert!(
-        info.contains("guest memory: 256 of at most 768 MiB"),
-        "{info}"
+    info_says(
+        &a,
+        &[
+            "VMs: 0 of at most 7",
+            "guest memory: 256 of at most 768 MiB",
+            "at most 2 at once",
+        ],
     );
-    assert!(info.contains("at most 2 at once"), "{info}");
     // Each create takes the booted member; the pool refills while the
     // guests it and the created VMs hold still fit.
     let first = create(&a, &["busybox", "--", "true"]);
@@ -319,13 +328,14 @@ fn created_vms_holding_pool_guests_count_against_the_memory_limit() {
     // Three guests are the budget: the pool must not boot a fourth.
     std::thread::sleep(Duration::from_secs(8));
     let pool = stdout(&a.run(&["pool"]));
-    let info = stdout(&a.run(&["info"]));
-    assert!(info.contains("VMs: 3 of at most 7"), "{info}");
-    assert!(
-        info.contains("guest memory: 768 of at most 768 MiB"),
-        "{info}"
+    info_says(
+        &a,
+        &[
+            "VMs: 3 of at most 7",
+            "guest memory: 768 of at most 768 MiB",
+            "pool refills: 0 booting",
+        ],
     );
-    assert!(info.contains("pool refills: 0 booting"), "{info}");
     assert_eq!(
         pool.lines()
             .nth(1)
