@@ -483,7 +483,7 @@ impl Agent {
     /// meantime. A power loss before the flush may lose that change (a
     /// creation; a start, which then reads as cut short), but no VM on the
     /// host outlives a power loss anyway. What one would lose, the exit and
-    /// its code, is written with [`Agent::persist`].
+    /// its code, is written with [`Agent::persist_durably`].
     pub fn persist_unsynced(&self, vm: &Vm) {
         match vm.persist_unsynced() {
             Ok(Some(pending)) => self.syncer.submit(pending),
