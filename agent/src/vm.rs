@@ -294,13 +294,8 @@ impl Vm {
     /// lock, so whichever is written last holds a record at least as new
     /// as every earlier one's.
     pub fn persist(&self) -> std::io::Result<()> {
-        let removed = self.persisting.lock();
-        if *removed {
-            return Ok(());
-        }
-        let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
-        // The spec (environment included) is the agent's: 0600.
-        crate::state::write_atomic_mode(&self.dir.join("vm.json"), &data, 0o600)
+        self.write_record(|path, data| crate::state::write_atomic_mode(path, data, 0o600))
+            .map(|_| ())
     }
 
     /// [`Vm::persist`] without waiting for the disk: the record is in
@@ -308,12 +303,22 @@ impl Vm {
     /// once the returned [`Unsynced`](crate::state::Unsynced) is synced.
     /// `None` once the VM's directory is being deleted.
     pub fn persist_unsynced(&self) -> std::io::Result<Option<crate::state::Unsynced>> {
+        self.write_record(|path, data| crate::state::write_atomic_unsynced(path, data, 0o600))
+    }
+
+    /// Snapshots the record and has `write` store it at `vm.json`, under
+    /// the persist lock; `None` once the directory is being deleted. The
+    /// spec (environment included) is the agent's: writers use 0600.
+    fn write_record<T>(
+        &self,
+        write: impl FnOnce(&std::path::Path, &[u8]) -> std::io::Result<T>,
+    ) -> std::io::Result<Option<T>> {
         let removed = self.persisting.lock();
         if *removed {
             return Ok(None);
         }
         let data = serde_json::to_vec_pretty(&self.record()).expect("record serialises");
-        crate::state::write_atomic_unsynced(&self.dir.join("vm.json"), &data, 0o600).map(Some)
+        write(&self.dir.join("vm.json"), &data).map(Some)
     }
 
     /// Ends the VM's persists, for the deletion of its directory: a persist
